@@ -1,0 +1,173 @@
+"""The phase-one build loop: pack the data, run the teacher unit by unit, write, finish.
+
+Resume is by rerunning the same command: the packed data, teacher and settings are fingerprinted
+and compared with the unfinished cache; committed units are skipped, the rest is computed again.
+Units are always computed in the same batches, so a resumed cache is byte-identical to an
+uninterrupted one on deterministic hardware.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import threading
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from unidistill import __version__
+from unidistill.cache_builder.capture import TeacherRunner
+from unidistill.cache_builder.config import BuildConfig
+from unidistill.cache_builder.data import iter_documents, pack_documents
+from unidistill.cache_builder.teacher import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_source,
+)
+from unidistill.errors import CacheError, ConfigError
+from unidistill.fingerprint import ids_fingerprint, tokenizer_fingerprint, weights_fingerprint
+from unidistill.storage.layout import CacheLayout, index_dtype_for
+from unidistill.storage.writer import CacheWriter
+
+
+class UnitWriterThread:
+    """Writes units in the background through a bounded queue, so the teacher never waits
+    for compression and disk unless the writer falls more than ``depth`` units behind."""
+
+    def __init__(self, writer: CacheWriter, depth: int = 2, on_commit=None):
+        self.writer = writer
+        self.on_commit = on_commit
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self.write_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="unidistill-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain after a failure; the main thread reports it
+            unit, arrays = item
+            try:
+                t0 = time.perf_counter()
+                self.writer.write_unit(unit, arrays)
+                self.write_seconds += time.perf_counter() - t0
+                if self.on_commit:
+                    self.on_commit(unit)
+            except BaseException as e:  # reported to the main thread at the next submit/close
+                self._error = e
+
+    def _raise_if_failed(self):
+        if self._error is None:
+            return
+        e = self._error
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(f"out of disk space while writing the cache at {self.writer.root}: {e}. "
+                             "Committed units are kept; free space and rerun the same command "
+                             "to resume.") from e
+        raise CacheError(f"writing the cache at {self.writer.root} failed: {type(e).__name__}: {e}. "
+                         "Committed units are kept; rerun the same command to resume.") from e
+
+    def submit(self, unit: int, arrays: dict):
+        self._raise_if_failed()
+        self._queue.put((unit, arrays))
+
+    def close(self):
+        """Wait until every submitted unit is written, then re-raise a writer failure."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+
+def prepare(cfg: BuildConfig, log=print):
+    """Everything that can fail on bad input, before any output is written."""
+    source = resolve_model_source(cfg.teacher, cfg.gguf_file)
+    device = resolve_device(cfg.device)
+    model_config = load_config(source)
+    n_layers = model_config.num_hidden_layers
+    vocab = model_config.vocab_size
+    layers = cfg.resolve_layers(n_layers)
+    if cfg.top_k > vocab:
+        raise ConfigError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({vocab}); "
+                          f"use 1 <= --top-k <= {vocab}")
+    tokenizer = load_tokenizer(source)
+    log(f"packing {cfg.data} into sequences of {cfg.seq_len} tokens ...")
+    docs = iter_documents(cfg.data, data_config=cfg.data_config, split=cfg.split,
+                          text_field=cfg.text_field)
+    ids = pack_documents(docs, tokenizer, cfg.seq_len, cfg.max_sequences)
+    return source, device, model_config, layers, tokenizer, ids
+
+
+def build_cache(cfg: BuildConfig, *, progress: bool = True, log=print) -> dict:
+    """Build (or resume) the cache described by ``cfg``; returns the final manifest."""
+    source, device, model_config, layers, tokenizer, ids = prepare(cfg, log)
+    log(f"{ids.shape[0]} sequences x {cfg.seq_len} tokens; loading teacher {source.path} on {device} ...")
+    model = load_model(source, cfg.dtype, str(device))
+    layout = CacheLayout(
+        n_sequences=int(ids.shape[0]), seq_len=cfg.seq_len, top_k=cfg.top_k,
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        hidden_size=int(model_config.hidden_size), layers=tuple(layers),
+        hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size)
+    settings = {
+        "teacher": {**source.describe(), "architecture": type(model).__name__,
+                    "n_layers": model_config.num_hidden_layers,
+                    "hidden_size": model_config.hidden_size,
+                    "vocab_size": layout.vocab_size,
+                    "weights_fingerprint": weights_fingerprint(model),
+                    "dtype": cfg.dtype},
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
+                      "eos_token_id": tokenizer.eos_token_id},
+        "data": {"source": cfg.data, "config": cfg.data_config, "split": cfg.split,
+                 "text_field": cfg.text_field, "max_sequences": cfg.max_sequences,
+                 "packing": "documents joined with EOS, remainder dropped",
+                 "ids_fingerprint": ids_fingerprint(ids)},
+    }
+    writer = CacheWriter.open(cfg.out, layout, settings, overwrite=cfg.overwrite)
+    pending = writer.pending_units()
+    done_units = layout.n_units - len(pending)
+    if done_units:
+        log(f"resuming {cfg.out}: {done_units}/{layout.n_units} units already committed")
+    runner = TeacherRunner(model, layers, cfg.top_k, index_dtype=index_dtype_for(layout.vocab_size),
+                           hidden_dtype=cfg.hidden_dtype)
+    todo_tokens = sum(np.subtract(*layout.unit_range(u)[::-1]) for u in pending) * cfg.seq_len
+    bar = tqdm(total=int(todo_tokens), unit="tok", unit_scale=True, desc="cache-build",
+               disable=not progress, smoothing=0.1)
+    thread = UnitWriterThread(writer)
+    t_start = time.perf_counter()
+    teacher_seconds = 0.0
+    try:
+        for unit in pending:
+            start, stop = layout.unit_range(unit)
+            parts = []
+            for s in range(start, stop, cfg.batch_size):
+                batch = ids[s:min(s + cfg.batch_size, stop)]
+                t0 = time.perf_counter()
+                parts.append(runner(batch))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                teacher_seconds += time.perf_counter() - t0
+                bar.update(batch.size)
+            thread.submit(unit, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    finally:
+        runner.close()
+        bar.close()
+        thread.close()  # writes what was queued: finished units are never thrown away
+    wall = time.perf_counter() - t_start
+    build = {"units_computed_this_run": len(pending), "wall_seconds": round(wall, 3),
+             "teacher_seconds": round(teacher_seconds, 3),
+             "writer_seconds": round(thread.write_seconds, 3),
+             "tokens_per_second": round(todo_tokens / wall, 1) if wall > 0 else None,
+             "device": str(device), "unidistill_version": __version__,
+             "config": {k: v for k, v in asdict(cfg).items() if k != "overwrite"}}
+    manifest = writer.finalize({"build": build})
+    log(f"cache complete: {cfg.out} ({layout.n_sequences * cfg.seq_len} tokens, "
+        f"fingerprint {manifest['fingerprint'][:16]})")
+    return manifest

@@ -1,0 +1,127 @@
+"""One teacher forward that returns exactly what the cache stores.
+
+Hidden states are captured by forward hooks on the chosen decoder blocks only (never all of
+``output_hidden_states``), the head is applied chunk by chunk over positions so the full
+[B, L, V] fp32 logits never exist at once, and top-k, tail mass and dtype casts happen on the
+teacher's device so only the compact results are copied to the host.
+
+Layer indices follow Hugging Face ``hidden_states``: 0 = embedding output, i = output of block i,
+n = last block after the final norm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from unidistill.errors import ConfigError
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks (``model.model.layers`` in Llama-family models)."""
+    n = model.config.num_hidden_layers
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for module in base.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ConfigError(f"could not find the {n} decoder blocks of {type(model).__name__}; "
+                      "unidistill supports decoder-only models with a ModuleList of blocks")
+
+
+def _hidden_output(out):
+    return out if torch.is_tensor(out) else out[0]
+
+
+def top_k_with_tail(logits: torch.Tensor, k: int):
+    """log-probs of the k most likely ids and the log of the mass outside them, in fp32.
+
+    logits (N, V) -> ids (N, k), logp (N, k) sorted descending, log_tail (N,).
+    The tail is a logsumexp over the other ids, exact even when the top-k hold ~all the mass
+    (1 - sum(p) would cancel); it is -inf when k == V.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)                      # (N, V)
+    values, ids = logp.topk(k, dim=-1, sorted=True)                       # (N, k)
+    log_tail = logp.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)     # (N,)
+    return ids, values, log_tail
+
+
+class TeacherRunner:
+    """Runs the teacher on batches of ids and returns numpy arrays in storage dtypes."""
+
+    def __init__(self, model, layers, top_k: int, *, index_dtype: np.dtype,
+                 hidden_dtype: str = "float16", rows_per_chunk: int = 1024):
+        self.model = model
+        self.layers = sorted(layers)
+        self.top_k = top_k
+        self.index_dtype = np.dtype(index_dtype)
+        self.hidden_dtype = hidden_dtype
+        self.rows_per_chunk = rows_per_chunk
+        self.base = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.n_layers = model.config.num_hidden_layers
+        bad = [j for j in self.layers if not 0 <= j <= self.n_layers]
+        if bad:
+            raise ConfigError(f"teacher layers {bad} are out of range: this teacher has "
+                              f"{self.n_layers} blocks, so valid layers are 0..{self.n_layers} "
+                              "(0 = embeddings, n = last block)")
+        self._captured: dict[int, torch.Tensor] = {}
+        blocks = decoder_blocks(model)
+        self._hooks = []
+        for j in self.layers:
+            if j == 0:
+                module = model.get_input_embeddings()
+            elif j < self.n_layers:
+                module = blocks[j - 1]
+            else:
+                continue  # the last layer is the base model's normed output
+            self._hooks.append(module.register_forward_hook(self._make_hook(j)))
+
+    def _make_hook(self, j):
+        def hook(_module, _inputs, output):
+            self._captured[j] = _hidden_output(output)
+        return hook
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _to_storage(self, j: int, h: torch.Tensor) -> torch.Tensor:
+        if self.hidden_dtype == "bfloat16":
+            return h.to(torch.bfloat16).view(torch.int16)  # raw bits, stored as uint16
+        h16 = h.to(torch.float16)
+        if not torch.isfinite(h16).all():
+            peak = h.float().abs().max().item()
+            raise ConfigError(f"teacher hidden states of layer {j} reach |x| = {peak:.4g}, beyond "
+                              "float16's range (65504); rebuild with --hidden-dtype bfloat16")
+        return h16
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        device = self.head.weight.device
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(device)
+        b, length = ids.shape
+        self._captured.clear()
+        final = self.base(input_ids=ids).last_hidden_state                 # (B, L, D)
+        if self.n_layers in self.layers:
+            self._captured[self.n_layers] = final
+        rows = final.reshape(b * length, -1)                               # (B*L, D)
+        top_ids, top_vals, tails = [], [], []
+        for s in range(0, rows.shape[0], self.rows_per_chunk):
+            i, v, t = top_k_with_tail(self.head(rows[s:s + self.rows_per_chunk]), self.top_k)
+            top_ids.append(i)
+            top_vals.append(v)
+            tails.append(t)
+        out = {
+            "input_ids": input_ids.astype(np.int32, copy=False),
+            "logits/indices": torch.cat(top_ids).to(torch.int32).reshape(b, length, -1)
+            .cpu().numpy().astype(self.index_dtype),
+            "logits/values": torch.cat(top_vals).to(torch.float16).reshape(b, length, -1).cpu().numpy(),
+            "logits/tail": torch.cat(tails).to(torch.float16).reshape(b, length).cpu().numpy(),
+        }
+        for j in self.layers:
+            stored = self._to_storage(j, self._captured[j]).cpu().numpy()
+            out[f"hidden/{j}"] = stored.view(np.uint16) if self.hidden_dtype == "bfloat16" else stored
+        self._captured.clear()
+        return out

@@ -1,0 +1,82 @@
+"""Settings of one ``cache-build``, checked before anything is loaded or written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unidistill.errors import ConfigError
+from unidistill.storage.layout import HIDDEN_DTYPES
+
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    teacher: str = field(metadata={"help": "model folder, hub id, .gguf file or builtin:smollm2"})
+    data: str = field(metadata={"help": "data source: builtin:pydoc_topics, local file/folder or hub id"})
+    out: str = field(metadata={"help": "cache folder to create or resume"})
+    gguf_file: str | None = None
+    data_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    seq_len: int = 512
+    top_k: int = 64
+    layers: str = "all"
+    student_layers: int | None = None
+    layer_maps: tuple[str, ...] = ("uniform", "last")
+    max_sequences: int | None = None
+    batch_size: int = 8
+    shard_size: int = 16
+    dtype: str = "float32"
+    hidden_dtype: str = "float16"
+    device: str = "auto"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be >= 2 (one input and one next token), got {self.seq_len}")
+        if self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        for name in ("batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise ConfigError(f"max_sequences must be >= 1 (or unset for all data), got {self.max_sequences}")
+        if self.dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {TEACHER_DTYPES}")
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise ConfigError(f"hidden_dtype {self.hidden_dtype!r} is not one of {sorted(HIDDEN_DTYPES)}")
+        if self.student_layers is not None and self.student_layers < 1:
+            raise ConfigError(f"student_layers must be >= 1, got {self.student_layers}")
+        out = Path(self.out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output path {out} is a file; expected a folder for the cache. "
+                              "Choose another --out.")
+
+    def resolve_layers(self, n_layers: int) -> list[int]:
+        """Teacher ``hidden_states`` indices to cache, checked against the teacher's depth.
+
+        ``all`` = 1..n, ``none`` = logits only, ``6,12,18`` explicit; with ``student_layers`` the
+        union of the teacher layers that the listed maps pick for such a student.
+        """
+        if self.student_layers is not None:
+            from unidistill.trainer.layer_map import teacher_layers_for_students
+
+            return teacher_layers_for_students(self.student_layers, n_layers, list(self.layer_maps))
+        spec = self.layers.strip().lower()
+        if spec == "all":
+            return list(range(1, n_layers + 1))
+        if spec in ("none", ""):
+            return []
+        try:
+            layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+        except ValueError:
+            raise ConfigError(f"--layers {self.layers!r} is not a comma-separated list of integers, "
+                              "'all' or 'none'") from None
+        bad = [j for j in layers if not 0 <= j <= n_layers]
+        if bad:
+            raise ConfigError(f"teacher layers {bad} are out of range: the teacher has {n_layers} "
+                              f"blocks, so valid layers are 0..{n_layers} (0 = embeddings, "
+                              f"{n_layers} = last block)")
+        return layers

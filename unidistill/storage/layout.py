@@ -1,0 +1,121 @@
+"""Cache format v1: the arrays of a teacher cache, their shapes, dtypes, chunks and codecs.
+
+A cache is one Zarr v3 group. Every array is sharded along the sequence axis with the same
+shard size, and one shard index of every array together forms a *work unit*: the builder writes
+whole units, so no two writers ever touch one shard (a write into a shard rewrites all of it).
+
+| array            | shape       | dtype                          | inner chunk      |
+|------------------|-------------|--------------------------------|------------------|
+| input_ids        | [N, L]      | int32                          | one sequence     |
+| logits/indices   | [N, L, K]   | uint16 if V <= 65535 else int32| one sequence     |
+| logits/values    | [N, L, K]   | float16 (log-probs at T = 1)   | one sequence     |
+| logits/tail      | [N, L]      | float16 (log of mass off the K)| one sequence     |
+| hidden/<j>       | [N, L, D]   | float16, or bfloat16 as uint16 | one sequence     |
+
+Fill values are sentinels that real data never holds (-1 ids, NaN floats, 0xFFFF bf16 NaN), so a
+chunk that was never written cannot pass for data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+
+from unidistill.errors import ConfigError
+
+FORMAT_VERSION = 1
+
+INPUT_IDS = "input_ids"
+LOGIT_INDICES = "logits/indices"
+LOGIT_VALUES = "logits/values"
+LOGIT_TAIL = "logits/tail"
+HIDDEN_PREFIX = "hidden/"
+
+# logical hidden dtype -> (numpy storage dtype, sentinel fill value)
+HIDDEN_DTYPES = {
+    "float16": (np.dtype("float16"), float("nan")),
+    "bfloat16": (np.dtype("uint16"), 0xFFFF),  # zarr has no bf16: raw bits; 0xFFFF is a bf16 NaN
+}
+LOGITS_MODES = ("topk",)
+UINT16_MAX_VOCAB = 65535  # 65535 itself is the fill sentinel, so the largest id must be below it
+
+
+def hidden_key(layer: int) -> str:
+    return f"{HIDDEN_PREFIX}{layer}"
+
+
+def index_dtype_for(vocab_size: int) -> np.dtype:
+    """Smallest integer dtype whose range holds every token id and one spare sentinel."""
+    return np.dtype("uint16") if vocab_size <= UINT16_MAX_VOCAB else np.dtype("int32")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Everything that fixes the arrays' shapes and dtypes."""
+
+    n_sequences: int
+    seq_len: int
+    top_k: int
+    vocab_size: int
+    hidden_size: int
+    layers: tuple[int, ...]
+    hidden_dtype: str = "float16"
+    shard_size: int = 16
+    logits_mode: str = "topk"
+
+    def __post_init__(self):
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise ConfigError(
+                f"hidden dtype {self.hidden_dtype!r} is not supported; expected one of "
+                f"{sorted(HIDDEN_DTYPES)}"
+            )
+        if self.logits_mode not in LOGITS_MODES:
+            raise ConfigError(f"logits mode {self.logits_mode!r} is not one of {LOGITS_MODES}")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard size must be >= 1 sequence, got {self.shard_size}")
+        object.__setattr__(self, "layers", tuple(sorted(int(j) for j in self.layers)))
+
+    @property
+    def n_units(self) -> int:
+        return math.ceil(self.n_sequences / self.shard_size)
+
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        start = unit * self.shard_size
+        return start, min(start + self.shard_size, self.n_sequences)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CacheLayout":
+        return cls(**{**d, "layers": tuple(d["layers"])})
+
+    def array_specs(self) -> dict[str, dict]:
+        """name -> keyword arguments of ``zarr.Group.create_array``."""
+        n, length, k, s = self.n_sequences, self.seq_len, self.top_k, self.shard_size
+        idx = index_dtype_for(self.vocab_size)
+        ints = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
+        floats = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
+        # Raw hidden states barely compress (about 1.25x): a fast codec keeps the writer ahead.
+        hidden = [BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
+
+        def spec(shape, dtype, fill, codecs):
+            chunks = (1,) + tuple(shape[1:])
+            return dict(shape=shape, chunks=chunks, shards=(s,) + tuple(shape[1:]),
+                        dtype=dtype, fill_value=fill, compressors=codecs)
+
+        specs = {
+            INPUT_IDS: spec((n, length), np.dtype("int32"), -1, ints),
+            LOGIT_INDICES: spec((n, length, k), idx, -1 if idx.kind == "i" else 0xFFFF, ints),
+            LOGIT_VALUES: spec((n, length, k), np.dtype("float16"), float("nan"), floats),
+            LOGIT_TAIL: spec((n, length), np.dtype("float16"), float("nan"), floats),
+        }
+        store_dtype, fill = HIDDEN_DTYPES[self.hidden_dtype]
+        for j in self.layers:
+            specs[hidden_key(j)] = spec((n, length, self.hidden_size), store_dtype, fill, hidden)
+        return specs

@@ -1,0 +1,47 @@
+"""The cache manifest: the root group's attributes.
+
+The manifest is written twice: at creation with ``status: building`` and the settings that
+identify the build, and once more, last of all, with ``status: complete`` and the content
+fingerprint. A reader trusts a cache only when the status is ``complete``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+STATUS_BUILDING = "building"
+STATUS_COMPLETE = "complete"
+
+
+def diff_settings(stored: dict, requested: dict) -> list[str]:
+    """Human-readable lines for every setting whose value differs (nested keys dotted)."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                out.update(flat(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    a, b = flat(stored), flat(requested)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            lines.append(f"{key}: {a.get(key, '<unset>')!r} in the cache, {b.get(key, '<unset>')!r} now")
+    return lines
+
+
+def content_fingerprint(settings: dict, layout: dict, unit_digests: list[dict]) -> str:
+    """sha256 over the identifying settings, the layout and every unit's array digests.
+
+    Two caches with the same fingerprint hold the same bytes for the same build settings.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps({"settings": settings, "layout": layout}, sort_keys=True).encode())
+    for d in unit_digests:
+        h.update(json.dumps(d, sort_keys=True).encode())
+    return h.hexdigest()

@@ -1,0 +1,120 @@
+"""Random access to a finished teacher cache, one sequence at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from unidistill.errors import CacheIncompleteError, CacheMismatchError, CacheNotFoundError
+from unidistill.storage.layout import (
+    FORMAT_VERSION,
+    INPUT_IDS,
+    LOGIT_INDICES,
+    LOGIT_TAIL,
+    LOGIT_VALUES,
+    CacheLayout,
+    hidden_key,
+)
+from unidistill.storage.manifest import STATUS_COMPLETE
+from unidistill.storage.writer import read_manifest
+
+
+def decode_hidden(a: np.ndarray, logical_dtype: str) -> torch.Tensor:
+    """Stored hidden states as a torch tensor of their logical dtype (bf16 is kept as raw bits)."""
+    if logical_dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def truncate_top_k(values: np.ndarray, log_tail: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the k most likely of the stored ids and fold the rest into the tail bucket.
+
+    values (..., K) are log-probs sorted in descending order; the new tail is
+    log(exp(tail) + sum of the dropped probabilities), computed in fp32 with logsumexp.
+    """
+    if k == values.shape[-1]:
+        return values, log_tail
+    dropped = torch.from_numpy(values[..., k:].astype(np.float32))       # (..., K-k)
+    tail = torch.from_numpy(log_tail.astype(np.float32)).unsqueeze(-1)   # (..., 1)
+    new_tail = torch.logsumexp(torch.cat([dropped, tail], dim=-1), dim=-1)
+    return values[..., :k], new_tail.numpy().astype(log_tail.dtype)
+
+
+class CacheReader:
+    """Reads sequences of a cache: ids, top-k teacher log-probs and chosen hidden layers.
+
+    Opening checks the format version and (unless ``require_complete=False``, used by
+    ``cache-verify``) that the build finished.
+    """
+
+    def __init__(self, root, *, require_complete: bool = True):
+        self.root = Path(root)
+        manifest = read_manifest(self.root) if self.root.is_dir() else None
+        if manifest is None:
+            raise CacheNotFoundError(f"no unidistill cache at {self.root} (no manifest found); "
+                                     "build one with `unidistill cache-build`")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CacheMismatchError(f"cache {self.root} has format version "
+                                     f"{manifest.get('format_version')}, this unidistill reads "
+                                     f"version {FORMAT_VERSION}")
+        if require_complete and manifest.get("status") != STATUS_COMPLETE:
+            raise CacheIncompleteError(
+                f"cache {self.root} is not complete (status {manifest.get('status')!r}); "
+                "rerun the same `unidistill cache-build` command to finish it")
+        self.manifest = manifest
+        self.layout = CacheLayout.from_dict(manifest["layout"])
+        self._group = None
+
+    @property
+    def group(self) -> zarr.Group:
+        # Opened lazily so a reader can be pickled into DataLoader workers before first use.
+        if self._group is None:
+            self._group = zarr.open_group(str(self.root), mode="r")
+        return self._group
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_group"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self.layout.n_sequences
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.layout.layers
+
+    def check_request(self, layers=None, top_k: int | None = None) -> None:
+        missing = [j for j in (layers or ()) if j not in self.layout.layers]
+        if missing:
+            raise CacheMismatchError(f"teacher layers {missing} are not in cache {self.root}; it "
+                                     f"holds layers {list(self.layout.layers)}")
+        if top_k is not None and not 1 <= top_k <= self.layout.top_k:
+            raise CacheMismatchError(f"top_k={top_k} asked, but cache {self.root} stores "
+                                     f"k={self.layout.top_k}; use 1 <= top_k <= {self.layout.top_k} "
+                                     "or rebuild the cache with a larger --top-k")
+
+    def read(self, index: int, *, layers=None, top_k: int | None = None,
+             logits: bool = True) -> dict:
+        """One sequence: ``input_ids (L,)``, ``teacher_ids/teacher_logp (L, k)``,
+        ``teacher_log_tail (L,)`` and ``hidden`` = {layer: (L, D) stored dtype}."""
+        layers = list(self.layout.layers if layers is None else layers)
+        self.check_request(layers, top_k)
+        if not 0 <= index < self.layout.n_sequences:
+            raise IndexError(f"sequence {index} out of range 0..{self.layout.n_sequences - 1}")
+        g = self.group
+        out = {"input_ids": g[INPUT_IDS][index]}
+        if logits:
+            k = top_k or self.layout.top_k
+            ids = g[LOGIT_INDICES][index, :, :k]
+            values, tail = truncate_top_k(g[LOGIT_VALUES][index], g[LOGIT_TAIL][index], k)
+            out.update(teacher_ids=ids, teacher_logp=values, teacher_log_tail=tail)
+        out["hidden"] = {j: g[hidden_key(j)][index] for j in layers}
+        return out
+
+    def read_array_unit(self, name: str, unit: int) -> np.ndarray:
+        start, stop = self.layout.unit_range(unit)
+        return self.group[name][start:stop]

@@ -1,0 +1,76 @@
+"""Re-read a cache and check every unit against its commit marker and chunk checksums."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unidistill.storage.files import array_digest
+from unidistill.storage.reader import CacheReader
+from unidistill.storage.writer import read_unit_marker
+
+
+@dataclass
+class Problem:
+    unit: int
+    array: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"unit {self.unit}" + (f", array {self.array}" if self.array else "")
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class VerifyReport:
+    root: str
+    n_units: int
+    status: str
+    problems: list[Problem] = field(default_factory=list)
+    stray_files: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.status == "complete"
+
+
+def _locate_bad_chunks(reader: CacheReader, name: str, start: int, stop: int) -> list[str]:
+    """Read sequence by sequence to name the chunks that fail to decode."""
+    bad = []
+    arr = reader.group[name]
+    for i in range(start, stop):
+        try:
+            arr[i]
+        except Exception as e:  # zarr raises codec-specific errors on checksum failure
+            bad.append(f"sequence {i} ({type(e).__name__}: {e})")
+    return bad
+
+
+def verify_cache(root, progress=None) -> VerifyReport:
+    """Check markers, digests and crc32c of every unit. ``progress`` wraps an iterable (tqdm)."""
+    reader = CacheReader(root, require_complete=False)
+    layout = reader.layout
+    report = VerifyReport(str(root), layout.n_units, reader.manifest.get("status", "?"))
+    names = list(layout.array_specs())
+    units = range(layout.n_units)
+    for unit in progress(units) if progress else units:
+        marker = read_unit_marker(reader.root, unit)
+        if marker is None:
+            report.problems.append(Problem(unit, None, "not committed (no marker): rerun "
+                                                       "`unidistill cache-build` to redo it"))
+            continue
+        start, stop = layout.unit_range(unit)
+        for name in names:
+            try:
+                data = reader.read_array_unit(name, unit)
+            except Exception as e:
+                chunks = _locate_bad_chunks(reader, name, start, stop)
+                detail = "; ".join(chunks) if chunks else f"{type(e).__name__}: {e}"
+                report.problems.append(Problem(unit, name, f"unreadable: {detail}"))
+                continue
+            if array_digest(data) != marker["digests"].get(name):
+                report.problems.append(Problem(
+                    unit, name, f"content differs from its committed digest (sequences {start}..{stop - 1})"))
+    report.stray_files = sorted(str(p.relative_to(reader.root))
+                                for p in Path(reader.root).rglob("*.partial"))
+    return report
