@@ -37,13 +37,20 @@ def top_k_with_tail(logits: torch.Tensor, k: int):
     """log-probs of the k most likely ids and the log of the mass outside them, in fp32.
 
     logits (N, V) -> ids (N, k), logp (N, k) sorted descending, log_tail (N,).
-    The tail is a logsumexp over the other ids, exact even when the top-k hold ~all the mass
-    (1 - sum(p) would cancel); it is -inf when k == V.
+    ``logits`` is used as scratch space (overwritten) when it already is fp32.
+
+    One exp pass: with m the row maximum, S_all = sum exp(z - m) and S_rest = the same sum with
+    the k ids zeroed, so log_tail = log S_rest - log S_all is exact even when the top-k hold
+    nearly all the mass (1 - sum(p) would cancel), and -inf when k == V.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)                      # (N, V)
-    values, ids = logp.topk(k, dim=-1, sorted=True)                       # (N, k)
-    log_tail = logp.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)     # (N,)
-    return ids, values, log_tail
+    z = logits.float()                                                    # (N, V)
+    top, ids = z.topk(k, dim=-1, sorted=True)                             # (N, k)
+    m = top[:, :1]                                                        # (N, 1) row max
+    z.sub_(m).exp_()
+    log_s_all = z.sum(-1).log()                                           # (N,)
+    log_s_rest = z.scatter_(-1, ids, 0.0).sum(-1).log()                   # (N,)
+    logp = top - (m + log_s_all.unsqueeze(-1))                            # (N, k)
+    return ids, logp, log_s_rest - log_s_all
 
 
 class TeacherRunner:
