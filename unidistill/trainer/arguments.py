@@ -1,0 +1,50 @@
+"""``DistillationArguments``: the Trainer's arguments plus the distillation knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from unidistill.errors import ConfigError
+from unidistill.trainer.losses import HIDDEN_KINDS, KL_DIRECTIONS, validate_loss_weights
+from unidistill.trainer.projectors import PROJECTOR_INITS
+
+
+@dataclass
+class DistillationArguments(TrainingArguments):
+    """Loss weights: L = alpha*CE + beta*T^2*KL_T + gamma*L_hidden."""
+
+    alpha: float = field(default=0.5, metadata={"help": "weight of the next-token cross-entropy"})
+    beta: float = field(default=0.5, metadata={"help": "weight of the T^2-scaled KL to the teacher"})
+    gamma: float = field(default=0.1, metadata={"help": "weight of the hidden-state loss"})
+    kd_temperature: float = field(default=2.0, metadata={"help": "KL temperature T (not a sampling temperature)"})
+    kl_direction: str = field(default="forward", metadata={"help": f"one of {KL_DIRECTIONS}"})
+    hidden_loss: str = field(default="cosine", metadata={"help": f"one of {HIDDEN_KINDS}"})
+    layer_map: str = field(default="uniform", metadata={
+        "help": "uniform | last | original | explicit JSON {student: teacher} or a .json file"})
+    align_layers: str = field(default="cached", metadata={
+        "help": "which mapped student blocks get a hidden loss: 'cached' (those whose teacher layer "
+                "is in the cache), 'all' (every block; the cache must hold all), or a list 4,8,12"})
+    projector_init: str = field(default="xavier", metadata={"help": f"one of {PROJECTOR_INITS}"})
+    projector_learning_rate: float | None = field(default=None, metadata={
+        "help": "learning rate of the projectors (default: learning_rate)"})
+    force_projectors: bool = field(default=False, metadata={
+        "help": "learnable projectors even when student and teacher widths match"})
+    kd_top_k: int | None = field(default=None, metadata={"help": "use the k most likely cached ids (<= stored k)"})
+    logits_chunk_size: int = field(default=256, metadata={"help": "positions per chunk of fp32 log-probs"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_loss_weights(self.alpha, self.beta, self.gamma, self.kd_temperature)
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise ConfigError(f"kl_direction {self.kl_direction!r} is not one of {KL_DIRECTIONS}")
+        if self.hidden_loss not in HIDDEN_KINDS:
+            raise ConfigError(f"hidden_loss {self.hidden_loss!r} is not one of {HIDDEN_KINDS}")
+        if self.projector_init not in PROJECTOR_INITS:
+            raise ConfigError(f"projector_init {self.projector_init!r} is not one of {PROJECTOR_INITS}")
+        if self.logits_chunk_size < 1:
+            raise ConfigError(f"logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
+        if self.kd_top_k is not None and self.kd_top_k < 1:
+            raise ConfigError(f"kd_top_k must be >= 1, got {self.kd_top_k}")
+        self.remove_unused_columns = False  # teacher fields are not arguments of model.forward

@@ -1,0 +1,54 @@
+"""A map-style torch Dataset over a teacher cache, and its collator.
+
+Map-style, so the Trainer's samplers, shuffling, resumption and distributed sharding just work.
+The Zarr store is opened lazily in each DataLoader worker (the reader drops its handle when
+pickled).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from unidistill.storage import CacheReader, decode_hidden
+
+
+def hidden_field(layer: int) -> str:
+    return f"teacher_hidden_{layer}"
+
+
+class CacheDataset(Dataset):
+    """Items: ``input_ids (L,)``, ``teacher_ids/teacher_logp (L, k)``, ``teacher_log_tail (L,)``
+    and ``teacher_hidden_<j> (L, D)`` for each requested teacher layer j.
+
+    Low-precision tensors stay as stored (fp16 / bf16) to keep host memory and copies small;
+    the losses upcast to fp32.
+    """
+
+    def __init__(self, cache, *, layers=(), top_k: int | None = None, logits: bool = True):
+        self.reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
+        self.layers = sorted(layers)
+        self.top_k = top_k
+        self.logits = logits
+        self.reader.check_request(self.layers, top_k)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        seq = self.reader.read(int(index), layers=self.layers, top_k=self.top_k, logits=self.logits)
+        item = {"input_ids": torch.from_numpy(seq["input_ids"].astype(np.int64))}
+        if self.logits:
+            item["teacher_ids"] = torch.from_numpy(seq["teacher_ids"].astype(np.int32))
+            item["teacher_logp"] = torch.from_numpy(seq["teacher_logp"])
+            item["teacher_log_tail"] = torch.from_numpy(seq["teacher_log_tail"])
+        dtype = self.reader.layout.hidden_dtype
+        for j, h in seq["hidden"].items():
+            item[hidden_field(j)] = decode_hidden(h, dtype)
+        return item
+
+
+def collate_cache_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack equal-length items (every cached sequence has length L, so no padding)."""
+    return {key: torch.stack([it[key] for it in items]) for key in items[0]}

@@ -1,0 +1,134 @@
+"""``UniversalDistillationTrainer``: a Hugging Face Trainer that distills from a teacher cache.
+
+It only wires the building blocks: targets come from the batch (cache) or from an online
+teacher, the loss terms from ``losses``, the hidden-state pairs from the layer map and the
+projectors. Projectors are trained with the student, saved as ``projectors.safetensors`` +
+``projectors.json`` beside every checkpoint and the final model, and restored on resume.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from unidistill.trainer.dataset import hidden_field
+from unidistill.trainer.losses import (
+    IGNORE_INDEX,
+    LossTerms,
+    chunked_logit_losses,
+    compound_loss,
+    hidden_state_loss,
+)
+from unidistill.trainer.projectors import HiddenProjectors, load_projectors, save_projectors
+
+TEACHER_FIELDS = ("teacher_ids", "teacher_logp", "teacher_log_tail")
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """labels[:, p] = input_ids[:, p + 1]; the last position has no next token (-100)."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
+class _ZeroProjectorGrads(TrainerCallback):
+    """The Trainer zeroes only the model's gradients after each optimizer step; without this the
+    projectors' gradients would accumulate across steps."""
+
+    def __init__(self, projectors: HiddenProjectors):
+        self.projectors = projectors
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.projectors.zero_grad(set_to_none=True)
+
+
+class UniversalDistillationTrainer(Trainer):
+    """Trainer whose loss is alpha*CE + beta*T^2*KL + gamma*hidden against cached targets.
+
+    ``hidden_pairs`` maps each aligned student block to its teacher layer (hidden_states
+    indices); ``projectors`` bring student widths to the teacher's. ``online_teacher``, if given,
+    is a callable ``input_ids -> dict of teacher fields`` that replaces the cached targets (the
+    baseline with the teacher in memory).
+    """
+
+    def __init__(self, *args, projectors: HiddenProjectors, hidden_pairs: dict[int, int],
+                 online_teacher=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projectors = projectors.to(self.args.device)
+        self.add_callback(_ZeroProjectorGrads(self.projectors))
+        self.hidden_pairs = dict(sorted(hidden_pairs.items()))
+        self.online_teacher = online_teacher
+        # compute_loss returns a per-micro-batch mean, so the Trainer must divide by the
+        # gradient-accumulation steps itself.
+        self.loss_is_scaled_for_ga = False
+        self._term_sums = {"ce": 0.0, "kl": 0.0, "hidden": 0.0}
+        self._term_count = 0
+        self._no_logits = torch.zeros(0, dtype=torch.long)
+
+    # -- optimizer: student parameters as the Trainer makes them, plus the projectors ---------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        params = [p for p in self.projectors.parameters() if p.requires_grad]
+        if params and not any(any(p is q for q in g["params"]) for g in optimizer.param_groups
+                              for p in params[:1]):
+            lr = self.args.projector_learning_rate or self.args.learning_rate
+            optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+        return optimizer
+
+    # -- loss -----------------------------------------------------------------------------------
+    def _targets(self, inputs: dict) -> dict:
+        if self.online_teacher is None:
+            return inputs
+        return {**inputs, **self.online_teacher(inputs["input_ids"])}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        batch = self._targets(inputs)
+        input_ids = batch["input_ids"]                                      # (B, L)
+        want_hidden = args.gamma > 0 and bool(self.hidden_pairs)
+        out = model(input_ids=input_ids, output_hidden_states=True,
+                    logits_to_keep=self._no_logits.to(input_ids.device))
+        states = out.hidden_states                                          # n_s + 1 x (B, L, D_s)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        kl_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        ce_sum, ce_n, kl_sum, kl_n = chunked_logit_losses(
+            states[-1], head.weight, next_token_labels(input_ids), kl_mask,
+            batch.get("teacher_ids"), batch.get("teacher_logp"), batch.get("teacher_log_tail"),
+            args.kd_temperature, args.kl_direction, args.logits_chunk_size,
+            compute_ce=args.alpha > 0, compute_kl=args.beta > 0, lm_head_bias=head.bias)
+        zero = ce_sum.new_zeros(())
+        hidden = zero
+        if want_hidden:
+            mask = kl_mask.reshape(-1)
+            per_pair = []
+            for i, j in self.hidden_pairs.items():
+                s = self.projectors(i, states[i])                           # (B, L, D_t)
+                t = batch[hidden_field(j)].to(s.device)                     # (B, L, D_t)
+                per_pair.append(hidden_state_loss(s.reshape(-1, s.shape[-1]),
+                                                  t.reshape(-1, t.shape[-1]), mask, args.hidden_loss))
+            hidden = torch.stack(per_pair).mean()
+        terms = LossTerms(ce=ce_sum / ce_n.clamp(min=1), kl=kl_sum / kl_n.clamp(min=1), hidden=hidden)
+        loss = compound_loss(terms, args.alpha, args.beta, args.gamma, args.kd_temperature)
+        if model.training:
+            for name in self._term_sums:
+                self._term_sums[name] += float(getattr(terms, name).detach())
+            self._term_count += 1
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._term_count:
+            for name, total in self._term_sums.items():
+                logs[f"loss_{name}"] = round(total / self._term_count, 6)
+            self._term_sums = dict.fromkeys(self._term_sums, 0.0)
+            self._term_count = 0
+        super().log(logs, start_time)
+
+    # -- projectors travel with every save and resume -----------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        save_projectors(self.projectors, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = load_projectors(resume_from_checkpoint, map_location=self.args.device)
+        self.projectors.load_state_dict(saved.state_dict())

@@ -1,0 +1,135 @@
+"""Wiring of one ``distill-from-cache`` run: checks first, then the Trainer.
+
+Every check that can fail on bad input runs before the student is trained: cache complete,
+tokenizer and vocabulary equal to the cache's, layer map valid and its teacher layers cached,
+k within the stored k. The run folder records the command, the settings and the cache
+fingerprint in ``unidistill_run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from unidistill import __version__
+from unidistill.errors import CacheMismatchError, ConfigError
+from unidistill.fingerprint import tokenizer_fingerprint
+from unidistill.storage import CacheReader
+from unidistill.storage.files import atomic_write_json
+from unidistill.trainer.arguments import DistillationArguments
+from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
+from unidistill.trainer.layer_map import check_layers_in_cache, parse_layer_map, provenance_from_config
+from unidistill.trainer.projectors import HiddenProjectors
+
+RUN_RECORD = "unidistill_run.json"
+
+
+@dataclass
+class DistillPlan:
+    reader: CacheReader
+    layer_map: dict[int, int]
+    hidden_pairs: dict[int, int]
+    d_student: int
+    d_teacher: int
+
+
+def check_student_matches_cache(reader: CacheReader, tokenizer, student_config) -> None:
+    cached = reader.manifest["settings"]["tokenizer"]["fingerprint"]
+    mine = tokenizer_fingerprint(tokenizer)
+    vocab_cache, vocab_student = reader.layout.vocab_size, student_config.vocab_size
+    if vocab_student != vocab_cache:
+        raise CacheMismatchError(f"the student's vocabulary has {vocab_student} entries, the cache's "
+                                 f"teacher {vocab_cache}; distillation needs the same vocabulary. "
+                                 "Use a student made from the teacher (e.g. `unidistill prune`) or "
+                                 "rebuild the cache with a teacher of the student's tokenizer.")
+    if mine != cached:
+        raise CacheMismatchError(f"the student's tokenizer (fingerprint {mine[:16]}) differs from the "
+                                 f"cache's (fingerprint {cached[:16]}); token ids would not line up. "
+                                 "Use the teacher's tokenizer for the student.")
+
+
+def select_hidden_pairs(layer_map: dict[int, int], align: str, cached_layers) -> dict[int, int]:
+    """The (student block -> teacher layer) pairs that get a hidden-state loss."""
+    cached = set(cached_layers)
+    if align == "all":
+        check_layers_in_cache(layer_map, cached)
+        return dict(layer_map)
+    if align == "cached":
+        pairs = {i: j for i, j in layer_map.items() if j in cached}
+        if not pairs:
+            raise CacheMismatchError(f"none of the mapped teacher layers {sorted(set(layer_map.values()))} "
+                                     f"is in the cache, which holds layers {sorted(cached)}; choose "
+                                     "another --layer-map, set --gamma 0, or rebuild the cache with "
+                                     "--layers including them")
+        return pairs
+    try:
+        wanted = [int(x) for x in align.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--align-layers {align!r} is not 'cached', 'all' or a list of student "
+                          "blocks like 4,8,12") from None
+    missing = [i for i in wanted if i not in layer_map]
+    if missing:
+        raise ConfigError(f"student blocks {missing} are not in the layer map (which maps "
+                          f"{sorted(layer_map)}); valid blocks are 1..{max(layer_map)}")
+    pairs = {i: layer_map[i] for i in wanted}
+    check_layers_in_cache(pairs, cached)
+    return pairs
+
+
+def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> DistillPlan:
+    reader = CacheReader(cache)
+    check_student_matches_cache(reader, tokenizer, student_config)
+    reader.check_request((), args.kd_top_k)
+    teacher = reader.manifest["settings"]["teacher"]
+    n_s, n_t = student_config.num_hidden_layers, teacher["n_layers"]
+    if isinstance(args.layer_map, str) and args.layer_map in ("uniform", "last") and n_s > n_t:
+        raise ConfigError(f"the student has {n_s} blocks but the teacher only {n_t}; the "
+                          f"{args.layer_map!r} map needs a student no deeper than the teacher")
+    layer_map = parse_layer_map(args.layer_map, n_s, n_t, provenance=provenance_from_config(student_config))
+    pairs = select_hidden_pairs(layer_map, args.align_layers, reader.layers) if args.gamma > 0 else {}
+    return DistillPlan(reader, layer_map, pairs, student_config.hidden_size, teacher["hidden_size"])
+
+
+def write_run_record(args: DistillationArguments, plan: DistillPlan, student: str, cache) -> None:
+    record = {
+        "unidistill_version": __version__,
+        "command": sys.argv,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "student": str(student),
+        "cache": {"path": str(cache), "fingerprint": plan.reader.manifest["fingerprint"]},
+        "layer_map": {str(i): j for i, j in plan.layer_map.items()},
+        "hidden_pairs": {str(i): j for i, j in plan.hidden_pairs.items()},
+        "arguments": json.loads(args.to_json_string()),
+    }
+    atomic_write_json(Path(args.output_dir) / RUN_RECORD, record)
+
+
+def distill_from_cache(cache, student: str, args: DistillationArguments, *,
+                       resume_from_checkpoint=None, online_teacher=None):
+    """Train ``student`` on the cache; saves the final model + projectors to ``args.output_dir``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from unidistill.trainer.distill_trainer import UniversalDistillationTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    plan = plan_run(cache, tokenizer, AutoConfig.from_pretrained(student), args)
+    dataset = CacheDataset(plan.reader, layers=sorted(set(plan.hidden_pairs.values())),
+                           top_k=args.kd_top_k, logits=args.beta > 0 and online_teacher is None)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    set_seed(args.seed)  # projector initialisation is part of the run's reproducible state
+    projectors = HiddenProjectors(plan.hidden_pairs or plan.layer_map, plan.d_student, plan.d_teacher,
+                                  force=args.force_projectors, init=args.projector_init)
+    if not plan.hidden_pairs:
+        projectors.requires_grad_(False)  # no hidden loss: nothing to learn, still saved for the record
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    write_run_record(args, plan, student, cache)
+    trainer = UniversalDistillationTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collate_cache_batch,
+        processing_class=tokenizer, projectors=projectors, hidden_pairs=plan.hidden_pairs,
+        online_teacher=online_teacher)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    return trainer
