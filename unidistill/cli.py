@@ -142,6 +142,70 @@ def cache_verify_cmd(path, quiet):
         sys.exit(1)
 
 
+def _config_option(fn):
+    from unidistill.config_file import load_config_option
+
+    return click.option("--config", type=click.Path(), is_eager=True, expose_value=False,
+                        callback=load_config_option,
+                        help="YAML/JSON file of option values (flags override it).")(fn)
+
+
+@main.command("distill-from-cache")
+@_config_option
+@click.option("--cache", required=True, type=click.Path(), help="Teacher cache built by cache-build.")
+@click.option("--student", required=True, help="Student model folder (same tokenizer as the teacher).")
+@click.option("--out", "output_dir", required=True, help="Run folder: checkpoints and final model.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of CE.")
+@click.option("--beta", type=float, default=0.5, show_default=True, help="Weight of T^2 * KL.")
+@click.option("--gamma", type=float, default=0.1, show_default=True, help="Weight of the hidden loss.")
+@click.option("--temperature", "kd_temperature", type=float, default=2.0, show_default=True)
+@click.option("--kl-direction", type=click.Choice(["forward", "reverse", "jsd"]), default="forward",
+              show_default=True)
+@click.option("--hidden-loss", type=click.Choice(["mse", "nmse", "cosine"]), default="cosine",
+              show_default=True)
+@click.option("--layer-map", default="uniform", show_default=True,
+              help="uniform | last | original | JSON {student: teacher} | path.json")
+@click.option("--align-layers", default="cached", show_default=True,
+              help="cached | all | list of student blocks, e.g. 4,8,12")
+@click.option("--projector-init", type=click.Choice(["xavier", "identity", "orthogonal"]),
+              default="xavier", show_default=True)
+@click.option("--projector-learning-rate", type=float, default=None)
+@click.option("--force-projectors", is_flag=True)
+@click.option("--top-k", "kd_top_k", type=int, default=None, help="Use the k most likely cached ids.")
+@click.option("--logits-chunk-size", type=int, default=256, show_default=True)
+@click.option("--max-steps", type=int, default=-1, show_default=True)
+@click.option("--num-train-epochs", type=float, default=1.0, show_default=True)
+@click.option("--learning-rate", type=float, default=5e-5, show_default=True)
+@click.option("--per-device-train-batch-size", type=int, default=8, show_default=True)
+@click.option("--gradient-accumulation-steps", type=int, default=1, show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--lr-scheduler-type", default="linear", show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
+@click.option("--logging-steps", type=float, default=10, show_default=True)
+@click.option("--save-steps", type=float, default=500, show_default=True)
+@click.option("--save-total-limit", type=int, default=None)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--bf16", is_flag=True, help="bf16 mixed precision.")
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--dataloader-num-workers", type=int, default=0, show_default=True)
+@click.option("--report-to", default="none", show_default=True, help="none, tensorboard, ...")
+@click.option("--use-cpu", is_flag=True, help="Train on the CPU even when a GPU is there.")
+@click.option("--resume-from-checkpoint", default=None,
+              help="A checkpoint folder, or 'last' for the newest in --out.")
+@_friendly_errors
+def distill_from_cache_cmd(cache, student, resume_from_checkpoint, report_to, **kwargs):
+    """Train a student from a teacher cache: alpha*CE + beta*T^2*KL + gamma*hidden."""
+    from unidistill.trainer.arguments import DistillationArguments
+    from unidistill.trainer.run import distill_from_cache
+
+    args = DistillationArguments(report_to=[] if report_to == "none" else report_to.split(","),
+                                 save_strategy="steps", **kwargs)
+    resume = True if resume_from_checkpoint == "last" else resume_from_checkpoint
+    distill_from_cache(cache, student, args, resume_from_checkpoint=resume)
+    click.echo(f"student saved to {args.output_dir} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()
