@@ -15,7 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from unidistill.cache_builder.config import check_layer_range
 from unidistill.errors import ConfigError
+from unidistill.storage.layout import (
+    INPUT_IDS,
+    LOGIT_INDICES,
+    LOGIT_TAIL,
+    LOGIT_VALUES,
+    hidden_key,
+)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -67,11 +75,7 @@ class TeacherRunner:
         self.base = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.n_layers = model.config.num_hidden_layers
-        bad = [j for j in self.layers if not 0 <= j <= self.n_layers]
-        if bad:
-            raise ConfigError(f"teacher layers {bad} are out of range: this teacher has "
-                              f"{self.n_layers} blocks, so valid layers are 0..{self.n_layers} "
-                              "(0 = embeddings, n = last block)")
+        check_layer_range(self.layers, self.n_layers)
         self._captured: dict[int, torch.Tensor] = {}
         blocks = decoder_blocks(model)
         self._hooks = []
@@ -121,14 +125,14 @@ class TeacherRunner:
             top_vals.append(v)
             tails.append(t)
         out = {
-            "input_ids": input_ids.astype(np.int32, copy=False),
-            "logits/indices": torch.cat(top_ids).to(torch.int32).reshape(b, length, -1)
+            INPUT_IDS: input_ids.astype(np.int32, copy=False),
+            LOGIT_INDICES: torch.cat(top_ids).to(torch.int32).reshape(b, length, -1)
             .cpu().numpy().astype(self.index_dtype),
-            "logits/values": torch.cat(top_vals).to(torch.float16).reshape(b, length, -1).cpu().numpy(),
-            "logits/tail": torch.cat(tails).to(torch.float16).reshape(b, length).cpu().numpy(),
+            LOGIT_VALUES: torch.cat(top_vals).to(torch.float16).reshape(b, length, -1).cpu().numpy(),
+            LOGIT_TAIL: torch.cat(tails).to(torch.float16).reshape(b, length).cpu().numpy(),
         }
         for j in self.layers:
             stored = self._to_storage(j, self._captured[j]).cpu().numpy()
-            out[f"hidden/{j}"] = stored.view(np.uint16) if self.hidden_dtype == "bfloat16" else stored
+            out[hidden_key(j)] = stored.view(np.uint16) if self.hidden_dtype == "bfloat16" else stored
         self._captured.clear()
         return out

@@ -11,6 +11,15 @@ from unidistill.storage.layout import HIDDEN_DTYPES
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def check_layer_range(layers, n_layers: int) -> None:
+    """Raise ConfigError for a teacher ``hidden_states`` index outside 0..n_layers."""
+    bad = [j for j in layers if not 0 <= j <= n_layers]
+    if bad:
+        raise ConfigError(f"teacher layers {bad} are out of range: the teacher has {n_layers} "
+                          f"blocks, so valid layers are 0..{n_layers} (0 = embeddings, "
+                          f"{n_layers} = last block)")
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     teacher: str = field(metadata={"help": "model folder, hub id, .gguf file or builtin:smollm2"})
@@ -74,9 +83,5 @@ class BuildConfig:
         except ValueError:
             raise ConfigError(f"--layers {self.layers!r} is not a comma-separated list of integers, "
                               "'all' or 'none'") from None
-        bad = [j for j in layers if not 0 <= j <= n_layers]
-        if bad:
-            raise ConfigError(f"teacher layers {bad} are out of range: the teacher has {n_layers} "
-                              f"blocks, so valid layers are 0..{n_layers} (0 = embeddings, "
-                              f"{n_layers} = last block)")
+        check_layer_range(layers, n_layers)
         return layers

@@ -24,16 +24,13 @@ import torch
 from torch import nn
 
 from unidistill.errors import ConfigError
+from unidistill.trainer.layer_map import _is_int
 from unidistill.storage.files import atomic_write_bytes, atomic_write_json
 
 PROJECTOR_INITS = ("xavier", "identity", "orthogonal")
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "projectors.safetensors"
 CONFIG_FILE = "projectors.json"
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_layer_map(layer_map) -> dict[int, int]:

@@ -85,9 +85,6 @@ def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> D
     reader.check_request((), args.kd_top_k)
     teacher = reader.manifest["settings"]["teacher"]
     n_s, n_t = student_config.num_hidden_layers, teacher["n_layers"]
-    if isinstance(args.layer_map, str) and args.layer_map in ("uniform", "last") and n_s > n_t:
-        raise ConfigError(f"the student has {n_s} blocks but the teacher only {n_t}; the "
-                          f"{args.layer_map!r} map needs a student no deeper than the teacher")
     layer_map = parse_layer_map(args.layer_map, n_s, n_t, provenance=provenance_from_config(student_config))
     pairs = select_hidden_pairs(layer_map, args.align_layers, reader.layers) if args.gamma > 0 else {}
     return DistillPlan(reader, layer_map, pairs, student_config.hidden_size, teacher["hidden_size"])
