@@ -15,42 +15,7 @@ from unidistill.errors import CacheIncompleteError, CacheMismatchError, ConfigEr
 from unidistill.trainer.arguments import DistillationArguments
 from unidistill.trainer.run import RUN_RECORD, distill_from_cache
 
-from .conftest import make_llama, make_tokenizer
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_teacher_dir, text_file):
-    out = tmp_path_factory.mktemp("cache") / "c"
-    cfg = BuildConfig(teacher=str(tiny_teacher_dir), data=str(text_file), out=str(out), seq_len=32,
-                      top_k=16, layers="all", max_sequences=16, batch_size=4, shard_size=4,
-                      device="cpu")
-    build_cache(cfg, progress=False, log=lambda m: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory, tiny_teacher_dir):
-    """2 blocks of width 24 (teacher: 4 blocks of width 32), same tokenizer."""
-    path = tmp_path_factory.mktemp("student")
-    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    make_llama(len(tok), hidden=24, layers=2, intermediate=48, heads=4, kv_heads=2, seed=1).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def args_for(out, **kw):
-    base = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
-                logging_steps=1, save_steps=2, save_strategy="steps", report_to=[], use_cpu=True,
-                seed=0, data_seed=0, alpha=0.4, beta=0.4, gamma=0.2, kd_temperature=2.0,
-                layer_map="uniform", hidden_loss="cosine", disable_tqdm=True,
-                dataloader_num_workers=0)
-    base.update(kw)
-    return DistillationArguments(**base)
-
-
-def train_losses(trainer):
-    return [(h["step"], h["loss"], h["loss_ce"], h["loss_kl"], h["loss_hidden"])
-            for h in trainer.state.log_history if "loss_ce" in h]
+from .conftest import args_for, make_llama, make_tokenizer, train_losses
 
 
 def test_golden_run_and_resume(tmp_path, cache, student_dir):

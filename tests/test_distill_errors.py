@@ -12,7 +12,6 @@ from unidistill.cli import main
 from unidistill.storage.writer import UNITS_DIR
 
 from .conftest import make_llama
-from .test_distill import cache, student_dir  # noqa: F401  (module fixtures)
 
 
 def run(cache, student, out, *extra):

@@ -444,3 +444,50 @@ def test_chunk_size_and_missing_teacher_are_config_errors():
         chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, "forward", 0)
     with pytest.raises(ConfigError, match="teacher_ids"):
         chunked(hidden, weight, lm_bias, labels, kl_mask, (None, None, None), "forward", 4)
+
+
+# -- full-vocabulary teacher (the online baseline, or exact logits rebuilt from a head) ---------
+
+@pytest.mark.parametrize("direction", KL_DIRECTIONS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_vocab_teacher_equals_top_k_with_k_equal_to_vocab(direction, temperature):
+    hidden, weight, lm_bias, labels, kl_mask, _ = make_batch()
+    g = torch.Generator().manual_seed(5)
+    t_hidden = torch.randn(2, 7, 5, generator=g)
+    t_weight, t_bias = torch.randn(V, 5, generator=g), torch.randn(V, generator=g)
+    t_logits = F.linear(t_hidden, t_weight, t_bias)                                # (B, L, V)
+    ids, logp, tail = teacher_from_logits(t_logits.reshape(-1, V), V)               # K == V
+    top_v = (ids.reshape(2, 7, V), logp.reshape(2, 7, V), tail.reshape(2, 7))
+
+    ref = unchunked(hidden, weight, lm_bias, labels, kl_mask, top_v, direction, temperature)
+    full = logit_losses_from_logits(F.linear(hidden, weight, lm_bias), labels, kl_mask,
+                                    None, None, None, temperature, direction, True, True,
+                                    teacher_logits=t_logits)
+    exact = chunked_logit_losses(hidden, weight, labels, kl_mask, None, None, None, temperature,
+                                 direction, 3, True, True, lm_head_bias=lm_bias,
+                                 teacher_exact=(t_hidden, t_weight, t_bias))
+    close(torch.stack(full), torch.stack(ref))
+    close(torch.stack(exact), torch.stack(ref))
+    grads = torch.autograd.grad(mean_loss(exact), (hidden, weight))
+    ref_grads = torch.autograd.grad(mean_loss(ref), (hidden, weight))
+    for got, want in zip(grads, ref_grads):
+        close(got, want)
+
+
+def test_full_vocab_kl_is_zero_for_the_teacher_itself():
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(2, 5, 6, generator=g), torch.randn(V, 6, generator=g)
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    sums = chunked_logit_losses(hidden, weight, labels, torch.ones(2, 5, dtype=torch.bool), None,
+                                None, None, 3.0, "forward", 2, False, True,
+                                teacher_exact=(hidden, weight, None))
+    close(sums[2], 0.0, atol=1e-6)
+    close(sums[3], 10.0)
+
+
+def test_full_vocab_teacher_of_another_vocabulary_is_refused():
+    from unidistill.errors import ConfigError
+    from unidistill.trainer.losses import full_vocab_log_probs
+
+    with pytest.raises(ConfigError, match=r"teacher logits have shape \(3, 12\), the student's \(3, 11\)"):
+        full_vocab_log_probs(torch.zeros(3, 11), torch.zeros(3, 12), 1.0)

@@ -64,7 +64,7 @@ def top_k_with_tail(logits: torch.Tensor, k: int):
 class TeacherRunner:
     """Runs the teacher on batches of ids and returns numpy arrays in storage dtypes."""
 
-    def __init__(self, model, layers, top_k: int, *, index_dtype: np.dtype,
+    def __init__(self, model, layers, top_k: int | None, *, index_dtype: np.dtype = np.int32,
                  hidden_dtype: str = "float16", rows_per_chunk: int = 1024):
         self.model = model
         self.layers = sorted(layers)
@@ -108,31 +108,50 @@ class TeacherRunner:
                               "float16's range (65504); rebuild with --hidden-dtype bfloat16")
         return h16
 
-    @torch.inference_mode()
-    def __call__(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-        device = self.head.weight.device
-        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(device)
-        b, length = ids.shape
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Teacher forward without gradients -> final normed hidden state (B, L, D) and the
+        chosen layers ``{j: (B, L, D)}``, in the model's dtype, on its device.
+
+        ``no_grad`` rather than ``inference_mode``: the online baseline feeds these tensors into
+        the student's loss, which must be able to save them for its backward pass.
+        """
         self._captured.clear()
-        final = self.base(input_ids=ids).last_hidden_state                 # (B, L, D)
+        final = self.base(input_ids=input_ids).last_hidden_state            # (B, L, D)
+        captured = dict(self._captured)
+        self._captured.clear()
         if self.n_layers in self.layers:
-            self._captured[self.n_layers] = final
-        rows = final.reshape(b * length, -1)                               # (B*L, D)
+            captured[self.n_layers] = final
+        return final, captured
+
+    @torch.no_grad()
+    def top_k_tail(self, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """final hidden (B, L, D) -> ids (B, L, k) int64, logp (B, L, k) fp32, log_tail (B, L) fp32,
+        applying the head to ``rows_per_chunk`` positions at a time."""
+        b, length = final.shape[:2]
+        rows = final.reshape(b * length, -1)                                 # (B*L, D)
         top_ids, top_vals, tails = [], [], []
         for s in range(0, rows.shape[0], self.rows_per_chunk):
             i, v, t = top_k_with_tail(self.head(rows[s:s + self.rows_per_chunk]), self.top_k)
             top_ids.append(i)
             top_vals.append(v)
             tails.append(t)
+        return (torch.cat(top_ids).reshape(b, length, -1), torch.cat(top_vals).reshape(b, length, -1),
+                torch.cat(tails).reshape(b, length))
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        device = self.head.weight.device
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(device)
+        final, captured = self.forward(ids)
+        top_ids, top_vals, tails = self.top_k_tail(final)
         out = {
             INPUT_IDS: input_ids.astype(np.int32, copy=False),
-            LOGIT_INDICES: torch.cat(top_ids).to(torch.int32).reshape(b, length, -1)
-            .cpu().numpy().astype(self.index_dtype),
-            LOGIT_VALUES: torch.cat(top_vals).to(torch.float16).reshape(b, length, -1).cpu().numpy(),
-            LOGIT_TAIL: torch.cat(tails).to(torch.float16).reshape(b, length).cpu().numpy(),
+            LOGIT_INDICES: top_ids.to(torch.int32).cpu().numpy().astype(self.index_dtype),
+            LOGIT_VALUES: top_vals.to(torch.float16).cpu().numpy(),
+            LOGIT_TAIL: tails.to(torch.float16).cpu().numpy(),
         }
         for j in self.layers:
-            stored = self._to_storage(j, self._captured[j]).cpu().numpy()
+            stored = self._to_storage(j, captured[j]).cpu().numpy()
             out[hidden_key(j)] = stored.view(np.uint16) if self.hidden_dtype == "bfloat16" else stored
-        self._captured.clear()
         return out

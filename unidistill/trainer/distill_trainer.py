@@ -31,6 +31,13 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def _exact_teacher(batch: dict):
+    """(final hidden, head weight, head bias) when an online full-vocabulary teacher gave them."""
+    if "teacher_final_hidden" not in batch:
+        return None
+    return batch["teacher_final_hidden"], batch["teacher_head_weight"], batch.get("teacher_head_bias")
+
+
 class _ZeroProjectorGrads(TrainerCallback):
     """The Trainer zeroes only the model's gradients after each optimizer step; without this the
     projectors' gradients would accumulate across steps."""
@@ -75,6 +82,15 @@ class UniversalDistillationTrainer(Trainer):
             optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
         return optimizer
 
+    def _clip_grad_norm(self, model):
+        """Clip student and projector gradients together, so max_grad_norm bounds the whole
+        update (the Trainer alone would clip only the model's)."""
+        projector_params = [p for p in self.projectors.parameters() if p.grad is not None]
+        if not projector_params or self.is_deepspeed_enabled or self._has_mixed_mesh_grads(model):
+            return super()._clip_grad_norm(model)
+        params = [*model.parameters(), *projector_params]
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
     # -- loss -----------------------------------------------------------------------------------
     def _targets(self, inputs: dict) -> dict:
         if self.online_teacher is None:
@@ -95,7 +111,8 @@ class UniversalDistillationTrainer(Trainer):
             states[-1], head.weight, next_token_labels(input_ids), kl_mask,
             batch.get("teacher_ids"), batch.get("teacher_logp"), batch.get("teacher_log_tail"),
             args.kd_temperature, args.kl_direction, args.logits_chunk_size,
-            compute_ce=args.alpha > 0, compute_kl=args.beta > 0, lm_head_bias=head.bias)
+            compute_ce=args.alpha > 0, compute_kl=args.beta > 0, lm_head_bias=head.bias,
+            teacher_exact=_exact_teacher(batch))
         zero = ce_sum.new_zeros(())
         hidden = zero
         if want_hidden:

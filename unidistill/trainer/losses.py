@@ -8,6 +8,10 @@ functions return ``(N,)``; reducers return scalars. The teacher side always come
 The KL is taken over K+1 buckets (the K cached ids plus one tail bucket for every other id), so
 both distributions are proper and the KL is >= 0 and exactly 0 when the student matches the
 teacher, which a KL over the top-k ids alone is not.
+
+A teacher in memory (the online baseline) can instead give full-vocabulary logits, or its final
+hidden state and output head (``teacher_exact``), from which the chunked loss rebuilds the exact
+teacher logits one chunk at a time; the KL is then over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -162,15 +166,33 @@ def hidden_state_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: to
     return masked_mean(hidden_state_loss_per_position(student_h, teacher_h, kind), mask)
 
 
+def full_vocab_log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probs over the whole vocabulary at temperature T.
+
+    student_logits (N, V), teacher_logits (N, V) -> s_logq (N, V), t_logp (N, V), fp32. Exact at
+    every temperature (the teacher in memory, or rebuilt from its final hidden state and head).
+    """
+    if teacher_logits.shape != student_logits.shape:
+        raise ConfigError(f"teacher logits have shape {tuple(teacher_logits.shape)}, the student's "
+                          f"{tuple(student_logits.shape)}; full-vocabulary KD needs the same "
+                          "vocabulary and positions")
+    s_logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    t_logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return s_logq, t_logp
+
+
 def logit_losses_from_logits(logits: torch.Tensor, labels: torch.Tensor, kl_mask: torch.Tensor,
                              teacher_ids: torch.Tensor | None, teacher_logp: torch.Tensor | None,
                              teacher_log_tail: torch.Tensor | None, temperature: float,
-                             direction: str, compute_ce: bool, compute_kl: bool):
+                             direction: str, compute_ce: bool, compute_kl: bool,
+                             teacher_logits: torch.Tensor | None = None):
     """CE and KL sums over logits (B, L, V) -> (ce_sum, ce_count, kl_sum, kl_count) fp32 scalars.
 
     labels (B, L) with -100 = ignore, kl_mask (B, L) bool, teacher_ids / teacher_logp (B, L, K),
     teacher_log_tail (B, L). Sums and counts (not means) so callers can aggregate exactly over
-    chunks and micro-batches. A term not asked for is returned as zeros.
+    chunks and micro-batches. A term not asked for is returned as zeros. ``teacher_logits``
+    (B, L, V), when given, replaces the top-k teacher with the full distribution.
     """
     zero = logits.new_zeros((), dtype=torch.float32)
     ce_sum = ce_count = kl_sum = kl_count = zero
@@ -179,7 +201,12 @@ def logit_losses_from_logits(logits: torch.Tensor, labels: torch.Tensor, kl_mask
         flat_labels = labels.reshape(-1)                                # (N,)
         ce = cross_entropy_per_position(flat, flat_labels)              # (N,)
         ce_sum, ce_count = _masked_sum(ce, flat_labels != IGNORE_INDEX)
-    if compute_kl:
+    if compute_kl and teacher_logits is not None:
+        s_logq, t_logp = full_vocab_log_probs(flat, teacher_logits.reshape(flat.shape),
+                                              temperature)              # (N, V)
+        kl = kl_per_position(s_logq, t_logp, direction)                # (N,)
+        kl_sum, kl_count = _masked_sum(kl, kl_mask.reshape(-1))
+    elif compute_kl:
         _check_teacher(teacher_ids, teacher_logp, teacher_log_tail)
         k = teacher_ids.shape[-1]
         s_logq, t_logp = bucket_log_probs(flat, teacher_ids.reshape(-1, k),
@@ -197,13 +224,19 @@ def _check_teacher(teacher_ids, teacher_logp, teacher_log_tail) -> None:
 
 
 def _chunk_losses(hidden, weight, bias, labels, kl_mask, teacher_ids, teacher_logp,
-                  teacher_log_tail, temperature, direction, compute_ce, compute_kl):
+                  teacher_log_tail, temperature, direction, compute_ce, compute_kl,
+                  t_hidden=None, t_weight=None, t_bias=None):
     # The matmul runs in the model's dtype (an fp32 copy of a large (V, D) head per chunk would
     # cost GBs); the softmax math that follows is fp32.
     logits = F.linear(hidden, weight, bias).float()                     # (B, C, V)
+    teacher_logits = None
+    if t_hidden is not None and compute_kl:
+        with torch.no_grad():
+            teacher_logits = F.linear(t_hidden.to(t_weight.dtype), t_weight, t_bias)  # (B, C, V)
     return torch.stack(logit_losses_from_logits(logits, labels, kl_mask, teacher_ids,
                                                 teacher_logp, teacher_log_tail, temperature,
-                                                direction, compute_ce, compute_kl))   # (4,)
+                                                direction, compute_ce, compute_kl,
+                                                teacher_logits))        # (4,)
 
 
 def chunked_logit_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
@@ -211,11 +244,15 @@ def chunked_logit_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
                          teacher_logp: torch.Tensor | None,
                          teacher_log_tail: torch.Tensor | None, temperature: float,
                          direction: str, chunk_size: int, compute_ce: bool, compute_kl: bool,
-                         lm_head_bias: torch.Tensor | None = None):
+                         lm_head_bias: torch.Tensor | None = None,
+                         teacher_exact: tuple | None = None):
     """``logit_losses_from_logits`` from the final hidden state, never holding full logits.
 
     hidden (B, L, D), lm_head_weight (V, D), lm_head_bias (V,) or None; other arguments as in
     ``logit_losses_from_logits``. -> (ce_sum, ce_count, kl_sum, kl_count) fp32 scalars.
+    ``teacher_exact = (teacher_final_hidden (B, L, D_t), teacher_head_weight (V, D_t),
+    teacher_head_bias (V,) or None)`` gives the exact full-vocabulary teacher instead of the
+    top-k fields; its logits are rebuilt chunk by chunk too, without gradients.
     The sequence axis is cut into chunks of ``chunk_size`` positions and each chunk's fp32 logits
     (B, chunk, V) are built, used and dropped. When gradients flow, each chunk runs under
     activation checkpointing so the backward pass also recomputes one chunk's logits at a time
@@ -223,8 +260,10 @@ def chunked_logit_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
     """
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    t_hidden, t_weight, t_bias = teacher_exact if teacher_exact is not None else (None,) * 3
     if compute_kl:
-        _check_teacher(teacher_ids, teacher_logp, teacher_log_tail)
+        if t_hidden is None:
+            _check_teacher(teacher_ids, teacher_logp, teacher_log_tail)
         if direction not in KL_DIRECTIONS:  # fail here, not inside a checkpointed chunk
             raise _choice_error("KL direction", direction, KL_DIRECTIONS)
     needs_grad = hidden.requires_grad or lm_head_weight.requires_grad or (
@@ -238,7 +277,8 @@ def chunked_logit_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
     for start in range(0, hidden.shape[1], chunk_size):
         args = (part(hidden, start), lm_head_weight, lm_head_bias, part(labels, start),
                 part(kl_mask, start), part(teacher_ids, start), part(teacher_logp, start),
-                part(teacher_log_tail, start), temperature, direction, compute_ce, compute_kl)
+                part(teacher_log_tail, start), temperature, direction, compute_ce, compute_kl,
+                part(t_hidden, start), t_weight, t_bias)
         if recompute:
             totals = totals + checkpoint(_chunk_losses, *args, use_reentrant=False)
         else:

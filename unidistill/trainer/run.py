@@ -22,6 +22,7 @@ from unidistill.storage.files import atomic_write_json
 from unidistill.trainer.arguments import DistillationArguments
 from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
 from unidistill.trainer.layer_map import check_layers_in_cache, parse_layer_map, provenance_from_config
+from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.projectors import HiddenProjectors
 
 RUN_RECORD = "unidistill_run.json"
@@ -105,15 +106,25 @@ def write_run_record(args: DistillationArguments, plan: DistillPlan, student: st
 
 
 def distill_from_cache(cache, student: str, args: DistillationArguments, *,
-                       resume_from_checkpoint=None, online_teacher=None):
-    """Train ``student`` on the cache; saves the final model + projectors to ``args.output_dir``."""
+                       resume_from_checkpoint=None, teacher_model=None, online_top_k=None):
+    """Train ``student`` on the cache; saves the final model + projectors to ``args.output_dir``.
+
+    With ``teacher_model`` (a loaded causal LM), this is the online baseline instead: only the
+    token ids come from the cache (same data, same order), and the targets come from the live
+    teacher, full-vocabulary (``online_top_k=None``) or top-k.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from unidistill.trainer.distill_trainer import UniversalDistillationTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(student)
     plan = plan_run(cache, tokenizer, AutoConfig.from_pretrained(student), args)
-    dataset = CacheDataset(plan.reader, layers=sorted(set(plan.hidden_pairs.values())),
+    teacher_layers = sorted(set(plan.hidden_pairs.values()))
+    online_teacher = None
+    if teacher_model is not None:
+        online_teacher = OnlineTeacher(teacher_model.to(args.device), layers=teacher_layers,
+                                       top_k=online_top_k)
+    dataset = CacheDataset(plan.reader, layers=() if online_teacher else teacher_layers,
                            top_k=args.kd_top_k, logits=args.beta > 0 and online_teacher is None)
     model = AutoModelForCausalLM.from_pretrained(student)
     set_seed(args.seed)  # projector initialisation is part of the run's reproducible state

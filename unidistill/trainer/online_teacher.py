@@ -1,0 +1,66 @@
+"""The online baseline: the same losses fed by a live teacher in memory instead of a cache.
+
+This is what offline distillation is measured against (memory, speed and quality): the teacher
+shares the student's device and runs a no-grad forward on every batch. Two flavours:
+
+- ``top_k=None`` (full vocabulary): the teacher's final hidden state and output head are handed
+  to the chunked loss, which rebuilds exact full-vocabulary teacher logits one chunk at a time,
+  so the KL is over all V ids at any temperature;
+- ``top_k=k``: the teacher's top-k log-probs plus tail, exactly what a cache built with that k
+  would hold (but in fp32), so the online and offline paths can be compared like for like.
+
+Hidden states of the requested teacher layers (``hidden_states`` indices, as in the cache) are
+captured by forward hooks and returned under the same field names as the cache dataset's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unidistill.cache_builder.capture import TeacherRunner
+from unidistill.errors import ConfigError
+from unidistill.trainer.dataset import hidden_field
+
+
+class OnlineTeacher:
+    """Callable ``input_ids (B, L) -> dict of teacher fields`` for ``UniversalDistillationTrainer``.
+
+    Returned fields: ``teacher_hidden_<j>`` for each layer j, and either ``teacher_ids``,
+    ``teacher_logp``, ``teacher_log_tail`` (top-k) or ``teacher_final_hidden`` plus the head as
+    ``teacher_head_weight`` / ``teacher_head_bias`` (full vocabulary).
+    """
+
+    def __init__(self, model, *, layers=(), top_k: int | None = None):
+        vocab = model.config.vocab_size
+        if top_k is not None and not 1 <= top_k <= vocab:
+            raise ConfigError(f"online teacher top_k is {top_k}, but it must be between 1 and the "
+                              f"vocabulary size {vocab}; use top_k=None for the full vocabulary")
+        self.model = model.eval().requires_grad_(False)
+        self.top_k = top_k
+        self.runner = TeacherRunner(self.model, layers, top_k)
+        head = self.model.get_output_embeddings()
+        self.head_weight, self.head_bias = head.weight, head.bias
+
+    @property
+    def device(self) -> torch.device:
+        return self.head_weight.device
+
+    def to(self, device) -> OnlineTeacher:
+        self.model.to(device)
+        head = self.model.get_output_embeddings()
+        self.head_weight, self.head_bias = head.weight, head.bias
+        return self
+
+    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        final, captured = self.runner.forward(input_ids.to(self.device))
+        fields = {hidden_field(j): h for j, h in captured.items()}
+        if self.top_k is None:
+            fields.update(teacher_final_hidden=final, teacher_head_weight=self.head_weight,
+                          teacher_head_bias=self.head_bias)
+        else:
+            ids, logp, tail = self.runner.top_k_tail(final)
+            fields.update(teacher_ids=ids, teacher_logp=logp, teacher_log_tail=tail)
+        return fields
+
+    def close(self) -> None:
+        self.runner.close()
