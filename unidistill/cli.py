@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -204,6 +205,37 @@ def distill_from_cache_cmd(cache, student, resume_from_checkpoint, report_to, **
     resume = True if resume_from_checkpoint == "last" else resume_from_checkpoint
     distill_from_cache(cache, student, args, resume_from_checkpoint=resume)
     click.echo(f"student saved to {args.output_dir} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+@main.command("evaluate")
+@_config_option
+@click.option("--model", required=True, help="Model folder, hub id, .gguf file or builtin:smollm2.")
+@click.option("--gguf-file", default=None, help="GGUF file name inside --model's folder.")
+@click.option("--data", default=None,
+              help="Held-out text for perplexity: file, folder, hub id or builtin:pydoc_topics.")
+@click.option("--split", default=None,
+              help="Split of --data [default: heldout for builtin:pydoc_topics, else train].")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--cache", default=None, type=click.Path(),
+              help="Teacher cache of held-out text: adds KL to teacher, top-1 agreement, cosines.")
+@click.option("--seq-len", type=int, default=None,
+              help="Packed sequence length for --data [default: the cache's, else 256].")
+@click.option("--max-sequences", type=int, default=64, show_default=True,
+              help="Sequences evaluated (from --data, and from --cache); 0 for all.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--output", default=None, type=click.Path(), help="Also write the JSON to this file.")
+@_friendly_errors
+def evaluate_cmd(as_json, output, max_sequences, **kwargs):
+    """Perplexity on held-out text; with --cache, closeness to the teacher as well."""
+    from unidistill.evaluate import evaluate, format_evaluation
+    from unidistill.storage.files import atomic_write_bytes
+
+    result = evaluate(max_sequences=max_sequences or None, progress=not as_json, **kwargs)
+    if output:
+        atomic_write_bytes(Path(output), result.to_json().encode())
+    click.echo(result.to_json() if as_json else format_evaluation(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

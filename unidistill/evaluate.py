@@ -1,0 +1,243 @@
+"""``unidistill evaluate``: how good is a model, and how close is it to the teacher?
+
+- **Perplexity** of the model on held-out text (``--data``), over packed sequences, next-token
+  cross-entropy on every position that has a next token.
+- Given a **cache** of held-out text, the same on the cache's sequences plus: the KL from the
+  teacher to the model at T = 1 over the cached top-k ids and the tail bucket (the distance the
+  KD term trains down), top-1 agreement with the teacher, and the cosine similarity of the
+  model's hidden states with each cached teacher layer (a student-layer x teacher-layer matrix).
+  Cosines need equal widths, or the projectors a distillation run trained (found beside the
+  model); rows without either are left empty (``None``).
+
+All of it streams: logits are built a chunk of positions at a time, never for a whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from unidistill.errors import ConfigError
+from unidistill.storage import CacheReader
+from unidistill.storage.reader import decode_hidden
+from unidistill.trainer.losses import IGNORE_INDEX, bucket_log_probs, kl_per_position
+
+DEFAULT_SEQ_LEN = 256
+_CHUNK = 128  # positions per logits chunk
+
+
+@dataclass
+class Evaluation:
+    """Results of one evaluation; ``None`` where the inputs do not allow a metric."""
+
+    model: str
+    data: str | None = None
+    sequences: int = 0
+    tokens: int = 0
+    nll: float | None = None                 # mean next-token cross-entropy (nats)
+    perplexity: float | None = None
+    cache: str | None = None
+    cache_fingerprint: str | None = None
+    cache_nll: float | None = None           # the same on the cache's sequences
+    cache_perplexity: float | None = None
+    kl_to_teacher: float | None = None       # KL(teacher || model), T = 1, top-k + tail buckets
+    top1_agreement: float | None = None      # share of positions where argmax == teacher's top-1
+    student_layers: list[int] = field(default_factory=list)
+    teacher_layers: list[int] = field(default_factory=list)
+    layer_cosine: list[list[float | None]] = field(default_factory=list)  # [student][teacher]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+class _Totals:
+    """Running sums over positions: CE, KL, top-1 hits, and cosine per (student, teacher) pair."""
+
+    def __init__(self, n_student: int, n_teacher: int):
+        self.ce = self.ce_n = self.kl = self.kl_n = self.hits = 0.0
+        self.cos = np.zeros((n_student, n_teacher))
+        self.cos_n = 0
+
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield range(start, min(start + batch_size, n))
+
+
+@torch.no_grad()
+def _score_batch(model, input_ids, totals: _Totals, teacher: dict | None,
+                 pairs: dict[int, object] | None, teacher_layers: list[int]) -> None:
+    """Add one batch's CE (and teacher metrics) to ``totals``. input_ids (B, L) int64."""
+    out = model(input_ids=input_ids, output_hidden_states=True,
+                logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
+    final = out.hidden_states[-1]                                          # (B, L, D)
+    head = model.get_output_embeddings()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    for s in range(0, input_ids.shape[1], _CHUNK):
+        logits = head(final[:, s:s + _CHUNK]).float()                      # (B, C, V)
+        flat = logits.reshape(-1, logits.shape[-1])                        # (N, V)
+        lab = labels[:, s:s + _CHUNK].reshape(-1)                          # (N,)
+        ce = F.cross_entropy(flat, lab, ignore_index=IGNORE_INDEX, reduction="sum")
+        totals.ce += float(ce)
+        totals.ce_n += int((lab != IGNORE_INDEX).sum())
+        if teacher is None:
+            continue
+        ids = teacher["teacher_ids"][:, s:s + _CHUNK].reshape(len(flat), -1)
+        logp = teacher["teacher_logp"][:, s:s + _CHUNK].reshape(len(flat), -1)
+        tail = teacher["teacher_log_tail"][:, s:s + _CHUNK].reshape(-1)
+        s_logq, t_logp = bucket_log_probs(flat, ids, logp, tail, 1.0)       # (N, K+1)
+        totals.kl += float(kl_per_position(s_logq, t_logp, "forward").sum())
+        totals.kl_n += len(flat)
+        totals.hits += float((flat.argmax(-1) == ids[:, 0].long()).sum())
+    if pairs:
+        for i, project in pairs.items():
+            h_s = out.hidden_states[i]                                     # (B, L, D_s)
+            h_s = (project(h_s) if project is not None else h_s).float()   # (B, L, D_t)
+            for col, j in enumerate(teacher_layers):
+                h_t = teacher[f"hidden{j}"].float()                        # (B, L, D_t)
+                totals.cos[i, col] += float(F.cosine_similarity(h_s, h_t, dim=-1).sum())
+        totals.cos_n += input_ids.numel()
+
+
+def _projector_rows(model_dir: str, n_student: int, d_student: int, d_teacher: int
+                    ) -> dict[int, object]:
+    """Student layer -> callable mapping its states to the teacher's width (None = identity)."""
+    if d_student == d_teacher:
+        return dict.fromkeys(range(n_student + 1))
+    from unidistill.trainer.projectors import WEIGHTS_FILE, load_projectors
+    from unidistill.trainer.run import RUN_RECORD
+
+    folder = Path(model_dir)
+    if not (folder / WEIGHTS_FILE).is_file():
+        return {}
+    projectors = load_projectors(folder).eval()
+    if (folder / RUN_RECORD).is_file():  # only projectors a hidden-state loss trained
+        trained = {int(i) for i in json.loads((folder / RUN_RECORD).read_text())["hidden_pairs"]}
+    else:
+        trained = set(projectors.layer_map)
+    return {i: (lambda h, i=i: projectors(i, h)) for i in sorted(trained & set(projectors.layer_map))}
+
+
+def _perplexity(total: float, count: float) -> tuple[float | None, float | None]:
+    if not count:
+        return None, None
+    nll = total / count
+    return nll, math.exp(nll)
+
+
+def evaluate_on_ids(model, ids: np.ndarray, *, batch_size: int, device, progress: bool = True
+                    ) -> tuple[float | None, float | None]:
+    """(mean NLL, perplexity) of ``model`` on packed sequences ``ids`` (N, L)."""
+    totals = _Totals(0, 0)
+    for rows in tqdm(list(_batches(len(ids), batch_size)), desc="perplexity", disable=not progress):
+        batch = torch.from_numpy(ids[rows.start:rows.stop].astype(np.int64)).to(device)
+        _score_batch(model, batch, totals, None, None, [])
+    return _perplexity(totals.ce, totals.ce_n)
+
+
+def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_dir: str | None,
+                      batch_size: int, device, max_sequences: int | None, progress: bool = True
+                      ) -> None:
+    """Fill the cache metrics of ``result`` from the model's agreement with the cached teacher."""
+    cfg = model.config
+    teacher_layers = list(reader.layers)
+    d_teacher = reader.manifest["settings"]["teacher"]["hidden_size"]
+    pairs = _projector_rows(model_dir, cfg.num_hidden_layers, cfg.hidden_size, d_teacher) \
+        if model_dir and teacher_layers else {}
+    n = len(reader) if max_sequences is None else min(len(reader), max_sequences)
+    totals = _Totals(cfg.num_hidden_layers + 1, len(teacher_layers))
+    layers = teacher_layers if pairs else []
+    for rows in tqdm(list(_batches(n, batch_size)), desc="teacher agreement", disable=not progress):
+        items = [reader.read(i, layers=layers) for i in rows]
+        ids = torch.from_numpy(np.stack([it["input_ids"] for it in items]).astype(np.int64)).to(device)
+        teacher = {key: torch.from_numpy(np.stack([it[key] for it in items])).to(device)
+                   for key in ("teacher_ids", "teacher_logp", "teacher_log_tail")}
+        teacher["teacher_ids"] = teacher["teacher_ids"].long()
+        for j in layers:
+            teacher[f"hidden{j}"] = torch.stack([decode_hidden(it["hidden"][j], reader.layout.hidden_dtype)
+                                                 for it in items]).to(device)
+        _score_batch(model, ids, totals, teacher, pairs, layers)
+    result.cache_nll, result.cache_perplexity = _perplexity(totals.ce, totals.ce_n)
+    result.kl_to_teacher = totals.kl / totals.kl_n if totals.kl_n else None
+    result.top1_agreement = totals.hits / totals.kl_n if totals.kl_n else None
+    result.student_layers = list(range(cfg.num_hidden_layers + 1))
+    result.teacher_layers = teacher_layers
+    result.layer_cosine = [[float(totals.cos[i, c] / totals.cos_n) if (i in pairs and totals.cos_n) else None
+                            for c in range(len(teacher_layers))] for i in result.student_layers]
+
+
+def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
+             split: str | None = None, text_field: str = "text", seq_len: int | None = None,
+             max_sequences: int | None = 64, batch_size: int = 4, device: str = "auto",
+             gguf_file: str | None = None, progress: bool = True) -> Evaluation:
+    """Evaluate ``model`` (folder, hub id, GGUF or builtin) on ``data`` and/or a teacher ``cache``."""
+    from unidistill.cache_builder.data import BUILTIN_PYDOC, iter_documents, pack_documents
+    from unidistill.cache_builder.teacher import (
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_model_source,
+    )
+    from unidistill.trainer.run import check_student_matches_cache
+
+    if data is None and cache is None:
+        raise ConfigError("nothing to evaluate on: pass --data (held-out text) and/or --cache "
+                          "(a teacher cache of held-out text)")
+    if batch_size < 1:
+        raise ConfigError(f"batch size is {batch_size}; it must be >= 1")
+    if max_sequences is not None and max_sequences < 1:
+        raise ConfigError(f"max sequences is {max_sequences}; it must be >= 1 (or None for all)")
+    dev = resolve_device(device)
+    source = resolve_model_source(model, gguf_file)
+    reader = CacheReader(cache) if cache is not None else None
+    tokenizer = load_tokenizer(source)
+    net = load_model(source, "float32", str(dev))
+    if reader is not None:
+        check_student_matches_cache(reader, tokenizer, net.config)
+    result = Evaluation(model=model, data=data, cache=None if cache is None else str(cache))
+    if data is not None:
+        if seq_len is None:
+            seq_len = reader.layout.seq_len if reader is not None else DEFAULT_SEQ_LEN
+        if split is None:
+            split = "heldout" if data == BUILTIN_PYDOC else "train"
+        ids = pack_documents(iter_documents(data, split=split, text_field=text_field), tokenizer,
+                             seq_len, max_sequences)
+        result.sequences, result.tokens = int(ids.shape[0]), int(ids.size)
+        result.nll, result.perplexity = evaluate_on_ids(net, ids, batch_size=batch_size, device=dev,
+                                                        progress=progress)
+    if reader is not None:
+        result.cache_fingerprint = reader.manifest["fingerprint"]
+        local_dir = source.path if Path(source.path).is_dir() else None
+        evaluate_on_cache(net, reader, result, model_dir=local_dir, batch_size=batch_size,
+                          device=dev, max_sequences=max_sequences, progress=progress)
+    return result
+
+
+def format_evaluation(result: Evaluation) -> str:
+    """A short human-readable summary (the CLI's default output)."""
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [f"model            {result.model}"]
+    if result.data is not None:
+        lines += [f"data             {result.data} ({result.sequences} sequences, {result.tokens} tokens)",
+                  f"perplexity       {num(result.perplexity, '.3f')}  (nll {num(result.nll, '.4f')})"]
+    if result.cache is not None:
+        lines += [f"cache            {result.cache} ({(result.cache_fingerprint or '')[:16]})",
+                  f"cache perplexity {num(result.cache_perplexity, '.3f')}",
+                  f"KL to teacher    {num(result.kl_to_teacher, '.4f')}  (T=1, top-k + tail)",
+                  f"top-1 agreement  {num(result.top1_agreement, '.2%')}"]
+        rows = [(i, row) for i, row in zip(result.student_layers, result.layer_cosine)
+                if any(v is not None for v in row)]
+        if rows:
+            lines.append("cosine           student layer x teacher layers " + str(result.teacher_layers))
+            lines += [f"  {i:>3}  " + " ".join(num(v, '6.3f') for v in row) for i, row in rows]
+    return "\n".join(lines)
