@@ -304,6 +304,8 @@ def test_chunks_are_checkpointed_only_when_gradients_flow(monkeypatch):
     with torch.no_grad():
         chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, "forward", 3)
     assert len(calls) == 3
+    chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, "forward", 7)  # one chunk: no gain
+    assert len(calls) == 3
 
 
 def test_chunked_without_bias_and_terms_not_asked_for_are_zero():

@@ -87,7 +87,20 @@ def load_model(source: TeacherSource, dtype: str = "float32", device: str = "cpu
         raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     model = _hub_errors(source, "model", lambda: AutoModelForCausalLM.from_pretrained(
         source.path, dtype=DTYPES[dtype], **source.kwargs()))
+    if source.gguf_file:
+        _forget_gguf_quantizer(model)
     return model.to(device).eval()
+
+
+def _forget_gguf_quantizer(model) -> None:
+    """A GGUF load dequantizes every tensor into a plain model but leaves it flagged as quantized,
+    which blocks ``save_pretrained`` and training; the flags are dropped so a student pruned from
+    a GGUF teacher saves and loads like any Hugging Face model."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def resolve_device(device: str) -> torch.device:

@@ -256,6 +256,8 @@ def chunked_logit_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
     The sequence axis is cut into chunks of ``chunk_size`` positions and each chunk's fp32 logits
     (B, chunk, V) are built, used and dropped. When gradients flow, each chunk runs under
     activation checkpointing so the backward pass also recomputes one chunk's logits at a time
+    (a single chunk is not checkpointed: the backward pass starts at the loss, while every
+    activation of the model is still alive, so recomputing it would save no peak memory)
     instead of keeping all of them alive.
     """
     if chunk_size < 1:
@@ -268,7 +270,7 @@ def chunked_logit_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
             raise _choice_error("KL direction", direction, KL_DIRECTIONS)
     needs_grad = hidden.requires_grad or lm_head_weight.requires_grad or (
         lm_head_bias is not None and lm_head_bias.requires_grad)
-    recompute = torch.is_grad_enabled() and needs_grad
+    recompute = torch.is_grad_enabled() and needs_grad and hidden.shape[1] > chunk_size
 
     def part(x, start):
         return None if x is None else x[:, start:start + chunk_size]

@@ -106,12 +106,14 @@ def write_run_record(args: DistillationArguments, plan: DistillPlan, student: st
 
 
 def distill_from_cache(cache, student: str, args: DistillationArguments, *,
-                       resume_from_checkpoint=None, teacher_model=None, online_top_k=None):
+                       resume_from_checkpoint=None, teacher_model=None, online_top_k=None,
+                       callbacks=None):
     """Train ``student`` on the cache; saves the final model + projectors to ``args.output_dir``.
 
     With ``teacher_model`` (a loaded causal LM), this is the online baseline instead: only the
     token ids come from the cache (same data, same order), and the targets come from the live
-    teacher, full-vocabulary (``online_top_k=None``) or top-k.
+    teacher, full-vocabulary (``online_top_k=None``) or top-k. ``callbacks`` are extra
+    ``TrainerCallback`` objects.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
@@ -137,7 +139,7 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     trainer = UniversalDistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collate_cache_batch,
         processing_class=tokenizer, projectors=projectors, hidden_pairs=plan.hidden_pairs,
-        online_teacher=online_teacher)
+        online_teacher=online_teacher, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     return trainer

@@ -1,0 +1,1 @@
+"""Making students from a teacher: depth and width pruning that records provenance."""
