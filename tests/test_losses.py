@@ -493,3 +493,44 @@ def test_full_vocab_teacher_of_another_vocabulary_is_refused():
 
     with pytest.raises(ConfigError, match=r"teacher logits have shape \(3, 12\), the student's \(3, 11\)"):
         full_vocab_log_probs(torch.zeros(3, 11), torch.zeros(3, 12), 1.0)
+
+
+# -- fused training path: gradients taken per chunk in forward ----------------------------------
+
+@pytest.mark.parametrize("direction", KL_DIRECTIONS)
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_fused_loss_equals_weighted_chunked_loss_and_its_gradients(direction, chunk_size):
+    from unidistill.trainer.losses import fused_logit_loss
+
+    hidden, weight, lm_bias, labels, kl_mask, teacher = make_batch()
+    params = (hidden, weight, lm_bias)
+    ce_sum, ce_n, kl_sum, kl_n = unchunked(hidden, weight, lm_bias, labels, kl_mask, teacher, direction)
+    ref = 0.4 * ce_sum / ce_n + 0.4 * 4.0 * kl_sum / kl_n
+    ref_grads = torch.autograd.grad(ref * 0.5, params)  # 0.5: the Trainer's gradient-accumulation scale
+    loss, ce, kl = fused_logit_loss(hidden, weight, labels, kl_mask, *teacher, 2.0, direction, chunk_size,
+                                    ce_weight=0.4, kl_weight=0.4 * 4.0, lm_head_bias=lm_bias)
+    close(loss, ref)
+    close(ce, ce_sum / ce_n)
+    close(kl, kl_sum / kl_n)
+    assert not ce.requires_grad and not kl.requires_grad
+    for got, want in zip(torch.autograd.grad(loss * 0.5, params), ref_grads):
+        close(got, want)
+
+
+def test_fused_loss_with_exact_teacher_and_a_term_off():
+    from unidistill.trainer.losses import fused_logit_loss
+
+    hidden, weight, _, labels, kl_mask, _ = make_batch(bias=False)
+    g = torch.Generator().manual_seed(9)
+    t_hidden, t_weight = torch.randn(2, 7, 5, generator=g), torch.randn(V, 5, generator=g)
+    exact = (t_hidden, t_weight, None)
+    _, _, kl_sum, kl_n = chunked_logit_losses(hidden, weight, labels, kl_mask, None, None, None, 1.0,
+                                              "forward", 3, False, True, teacher_exact=exact)
+    ref = kl_sum / kl_n
+    loss, ce, kl = fused_logit_loss(hidden, weight, labels, kl_mask, None, None, None, 1.0, "forward",
+                                    2, ce_weight=0.0, kl_weight=1.0, teacher_exact=exact)
+    close(loss, ref)
+    close(ce, 0.0)
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight)),
+                         torch.autograd.grad(ref, (hidden, weight))):
+        close(got, want)

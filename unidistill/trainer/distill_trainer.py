@@ -15,8 +15,7 @@ from unidistill.trainer.dataset import hidden_field
 from unidistill.trainer.losses import (
     IGNORE_INDEX,
     LossTerms,
-    chunked_logit_losses,
-    compound_loss,
+    fused_logit_loss,
     hidden_state_loss,
 )
 from unidistill.trainer.projectors import HiddenProjectors, load_projectors, save_projectors
@@ -107,14 +106,14 @@ class UniversalDistillationTrainer(Trainer):
         states = out.hidden_states                                          # n_s + 1 x (B, L, D_s)
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         kl_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        ce_sum, ce_n, kl_sum, kl_n = chunked_logit_losses(
+        t2 = args.kd_temperature ** 2
+        logit_loss, ce, kl = fused_logit_loss(
             states[-1], head.weight, next_token_labels(input_ids), kl_mask,
             batch.get("teacher_ids"), batch.get("teacher_logp"), batch.get("teacher_log_tail"),
             args.kd_temperature, args.kl_direction, args.logits_chunk_size,
-            compute_ce=args.alpha > 0, compute_kl=args.beta > 0, lm_head_bias=head.bias,
+            ce_weight=args.alpha, kl_weight=args.beta * t2, lm_head_bias=head.bias,
             teacher_exact=_exact_teacher(batch))
-        zero = ce_sum.new_zeros(())
-        hidden = zero
+        hidden = ce.new_zeros(())
         if want_hidden:
             mask = kl_mask.reshape(-1)
             per_pair = []
@@ -124,8 +123,9 @@ class UniversalDistillationTrainer(Trainer):
                 per_pair.append(hidden_state_loss(s.reshape(-1, s.shape[-1]),
                                                   t.reshape(-1, t.shape[-1]), mask, args.hidden_loss))
             hidden = torch.stack(per_pair).mean()
-        terms = LossTerms(ce=ce_sum / ce_n.clamp(min=1), kl=kl_sum / kl_n.clamp(min=1), hidden=hidden)
-        loss = compound_loss(terms, args.alpha, args.beta, args.gamma, args.kd_temperature)
+        terms = LossTerms(ce=ce, kl=kl, hidden=hidden)
+        # = compound_loss(terms, ...); the logit part arrives pre-weighted with its gradient
+        loss = logit_loss + args.gamma * hidden
         if model.training:
             for name in self._term_sums:
                 self._term_sums[name] += float(getattr(terms, name).detach())

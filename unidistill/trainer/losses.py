@@ -288,6 +288,105 @@ def chunked_logit_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
     return tuple(totals.unbind())
 
 
+class _FusedLogitLoss(torch.autograd.Function):
+    """w_ce * ce_sum + w_kl * kl_sum, whose gradients are computed chunk by chunk in forward.
+
+    Each chunk's logits are built, differentiated locally (autograd on that chunk only) and turned
+    at once into the chunk's share of the hidden-state and head gradients (the two matmuls a
+    backward pass would do anyway), then dropped. Nothing of size [.., V] outlives its chunk and
+    nothing is recomputed: backward only scales the stored gradients by the incoming one.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, spec):
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        totals = hidden.new_zeros(4, dtype=torch.float32)
+        t_hidden, t_weight, t_bias = spec["teacher_exact"] or (None,) * 3
+        chunk = spec["chunk_size"]
+
+        def part(x, start):
+            return None if x is None else x[:, start:start + chunk]
+
+        for start in range(0, hidden.shape[1], chunk):
+            h = hidden[:, start:start + chunk].detach()                    # (B, C, D)
+            with torch.enable_grad():
+                z = F.linear(h, weight.detach(), None if bias is None else bias.detach())
+                z = z.float().requires_grad_(True)                          # (B, C, V)
+                teacher_logits = None
+                if t_hidden is not None and spec["compute_kl"]:
+                    with torch.no_grad():
+                        teacher_logits = F.linear(part(t_hidden, start).to(t_weight.dtype), t_weight, t_bias)
+                sums = logit_losses_from_logits(
+                    z, part(spec["labels"], start), part(spec["kl_mask"], start),
+                    part(spec["teacher_ids"], start), part(spec["teacher_logp"], start),
+                    part(spec["teacher_log_tail"], start), spec["temperature"], spec["direction"],
+                    spec["compute_ce"], spec["compute_kl"], teacher_logits)
+                objective = spec["w_ce"] * sums[0] + spec["w_kl"] * sums[2]
+                grad_z = (torch.autograd.grad(objective, z)[0] if objective.requires_grad
+                          else torch.zeros_like(z))                         # (B, C, V)
+            totals += torch.stack([x.detach() for x in sums])
+            g = grad_z.to(weight.dtype)
+            if need_h:
+                grad_h[:, start:start + chunk] = (g @ weight).to(hidden.dtype)  # (B, C, D)
+            if need_w:
+                grad_w += (g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1]).to(weight.dtype)).float()
+            if need_b:
+                grad_b += grad_z.sum((0, 1))
+            del z, grad_z, g, sums, objective, teacher_logits
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
+        ctx.needs = (need_h, need_w, need_b)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        weighted = spec["w_ce"] * totals[0] + spec["w_kl"] * totals[2]
+        ctx.mark_non_differentiable(totals)
+        return weighted, totals
+
+    @staticmethod
+    def backward(ctx, grad_weighted, _grad_totals):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs
+        return (grad_h * grad_weighted.to(grad_h.dtype) if need_h else None,
+                (grad_w * grad_weighted).to(ctx.weight_dtype) if need_w else None,
+                (grad_b * grad_weighted).to(ctx.bias_dtype) if need_b else None,
+                None)
+
+
+def fused_logit_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                     kl_mask: torch.Tensor, teacher_ids: torch.Tensor | None,
+                     teacher_logp: torch.Tensor | None, teacher_log_tail: torch.Tensor | None,
+                     temperature: float, direction: str, chunk_size: int, *, ce_weight: float,
+                     kl_weight: float, lm_head_bias: torch.Tensor | None = None,
+                     teacher_exact: tuple | None = None):
+    """``ce_weight * CE + kl_weight * KL`` (means over their positions) for training, lean.
+
+    Same arguments and math as :func:`chunked_logit_losses`; returns ``(loss, ce, kl)`` where
+    ``loss`` carries the gradient and ``ce``/``kl`` are the detached means for logging. Unlike
+    the checkpointed path it never recomputes a chunk: each chunk's gradient is taken as soon as
+    its logits exist (the loss weights are known up front), so peak memory is one chunk's logits
+    and their gradient, and the time is that of a plain forward and backward.
+    """
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    compute_ce, compute_kl = ce_weight != 0, kl_weight != 0
+    if compute_kl:
+        if teacher_exact is None:
+            _check_teacher(teacher_ids, teacher_logp, teacher_log_tail)
+        if direction not in KL_DIRECTIONS:
+            raise _choice_error("KL direction", direction, KL_DIRECTIONS)
+    ce_n = (labels != IGNORE_INDEX).sum().clamp(min=1).item()
+    kl_n = kl_mask.sum().clamp(min=1).item()
+    spec = dict(labels=labels, kl_mask=kl_mask, teacher_ids=teacher_ids, teacher_logp=teacher_logp,
+                teacher_log_tail=teacher_log_tail, temperature=temperature, direction=direction,
+                chunk_size=chunk_size, compute_ce=compute_ce, compute_kl=compute_kl,
+                w_ce=ce_weight / ce_n, w_kl=kl_weight / kl_n, teacher_exact=teacher_exact)
+    loss, totals = _FusedLogitLoss.apply(hidden, lm_head_weight, lm_head_bias, spec)
+    return loss, totals[0] / ce_n, totals[2] / kl_n
+
+
 @dataclass(frozen=True)
 class LossTerms:
     """The three loss terms of one step, each an fp32 scalar (already reduced)."""
