@@ -81,7 +81,8 @@ def run_mode(opts) -> dict:
     else:
         args = DistillationArguments(**common, alpha=0.4, beta=0.4, gamma=0.2, kd_temperature=2.0,
                                      layer_map="uniform", hidden_loss="cosine",
-                                     align_layers=opts.align_layers)
+                                     align_layers=opts.align_layers,
+                                     logits_chunk_size=opts.logits_chunk_size)
         teacher = None
         if opts.mode.startswith("online"):
             dtype = "bfloat16" if opts.bf16 else "float32"
@@ -201,6 +202,8 @@ def main(argv=None):
     p.add_argument("--drop-blocks", type=int, default=10)
     p.add_argument("--align-layers", default="4,8,12,16,20", help="student blocks with a hidden loss")
     p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--logits-chunk-size", type=int, default=None,
+                   help="positions per logits chunk [default: the trainer's]")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--tag", default="cpu")
     p.add_argument("--results", default=str(RESULTS))
@@ -212,6 +215,10 @@ def main(argv=None):
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
 
+    if opts.logits_chunk_size is None:
+        from unidistill.trainer.arguments import DistillationArguments
+
+        opts.logits_chunk_size = DistillationArguments.logits_chunk_size
     if opts.mode:
         print(json.dumps(run_mode(opts)))
         return
@@ -227,7 +234,8 @@ def main(argv=None):
                  "--device", opts.device, "--seq-len", str(opts.seq_len),
                  "--batch-size", str(opts.batch_size), "--warmup-steps", str(opts.warmup_steps),
                  "--steps", str(opts.steps), "--align-layers", opts.align_layers,
-                 "--top-k", str(opts.top_k)] + (["--bf16"] if opts.bf16 else [])
+                 "--top-k", str(opts.top_k)] + (["--bf16"] if opts.bf16 else []) + (
+                     ["--logits-chunk-size", str(opts.logits_chunk_size)] if opts.logits_chunk_size else [])
         print(f"[bench] mode {mode}", file=sys.stderr)
         done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})

@@ -207,6 +207,93 @@ def distill_from_cache_cmd(cache, student, resume_from_checkpoint, report_to, **
     click.echo(f"student saved to {args.output_dir} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
+@main.command("prune")
+@_config_option
+@click.option("--model", required=True, help="Teacher: folder, hub id, .gguf file or builtin:smollm2.")
+@click.option("--gguf-file", default=None, help="GGUF file name inside --model's folder.")
+@click.option("--out", required=True, help="Folder for the pruned model (+ tokenizer).")
+@click.option("--drop-layers", type=int, default=0, show_default=True, help="Decoder blocks to remove.")
+@click.option("--depth-method", type=click.Choice(["last", "importance"]), default="last",
+              show_default=True, help="Drop the last blocks, or those changing their input least.")
+@click.option("--mlp-keep", type=float, default=1.0, show_default=True,
+              help="Share of GLU neurons kept per block (most active first).")
+@click.option("--hidden-keep", type=float, default=1.0, show_default=True,
+              help="Share of residual channels kept (most important first).")
+@click.option("--calib-data", default=None,
+              help="Calibration text [default: builtin:pydoc_topics].")
+@click.option("--calib-split", default="train", show_default=True)
+@click.option("--calib-sequences", type=int, default=16, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@_friendly_errors
+def prune_cmd(**kwargs):
+    """Make a student from a Llama-family teacher: depth, MLP width and hidden-size pruning."""
+    from unidistill.pruning.prune import prune
+
+    summary = prune(**kwargs)
+    click.echo(f"pruned: {summary['num_hidden_layers']} blocks, hidden {summary['hidden_size']}, "
+               f"MLP {summary['intermediate_size']}; {summary['parameters_before']:,} -> "
+               f"{summary['parameters_after']:,} parameters; dropped blocks "
+               f"{summary['dropped_blocks']}; saved to {kwargs['out']}")
+
+
+@main.command("ablate")
+@_config_option
+@click.option("--cache", required=True, type=click.Path(), help="The one teacher cache every run trains on.")
+@click.option("--student", required=True, help="Student model folder (e.g. from unidistill prune).")
+@click.option("--teacher", required=True, help="The teacher, evaluated for the recovery baseline.")
+@click.option("--heldout", required=True, help="Held-out text (e.g. builtin:pydoc_topics: its heldout split).")
+@click.option("--heldout-cache", default=None, type=click.Path(),
+              help="Teacher cache of held-out text: adds top-1 agreement and KL to the table.")
+@click.option("--out", required=True, help="Folder for the runs, ablation.json and ablation.md.")
+@click.option("--variants", "variants_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="YAML with 'common' (options of every run) and 'variants' (list of {name, ...}).")
+@click.option("--variant", "variant_specs", multiple=True,
+              help="NAME:key=value,... e.g. ce+kl:alpha=0.5,beta=0.5,gamma=0 (repeatable).")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--learning-rate", type=float, default=None)
+@click.option("--per-device-train-batch-size", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--use-cpu", is_flag=True, default=None)
+@click.option("--eval-sequences", type=int, default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="Device for the evaluations.")
+@_friendly_errors
+def ablate_cmd(variants_file, variant_specs, max_steps, learning_rate, per_device_train_batch_size,
+               seed, use_cpu, eval_sequences, **kwargs):
+    """Several distillation runs from one cache, evaluated side by side (perplexity, recovery %)."""
+    import yaml
+
+    from unidistill.ablate import ablate, format_table, parse_variant
+
+    spec = {}
+    if variants_file:
+        spec = yaml.safe_load(Path(variants_file).read_text()) or {}
+        if not isinstance(spec, dict) or not isinstance(spec.get("variants", []), list):
+            raise click.UsageError(f"{variants_file} must hold a mapping with a 'variants' list")
+    common = {"report_to": [], "logging_steps": 1, "save_strategy": "no", **(spec.get("common") or {})}
+    for key, value in (("max_steps", max_steps), ("learning_rate", learning_rate),
+                       ("per_device_train_batch_size", per_device_train_batch_size), ("seed", seed),
+                       ("use_cpu", use_cpu)):
+        if value is not None:
+            common[key] = value
+    variants = list(spec.get("variants") or []) + [parse_variant(v) for v in variant_specs]
+    table = ablate(variants=variants, common=common, eval_sequences=eval_sequences or None, **kwargs)
+    click.echo(format_table(table))
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path())
+@_friendly_errors
+def report_cmd(run_dir):
+    """Plots of a run or an ablation: loss components, layer cosine heatmap, recovery bars."""
+    from unidistill.report import report
+
+    for path in report(run_dir):
+        click.echo(f"wrote {path}")
+
+
 @main.command("evaluate")
 @_config_option
 @click.option("--model", required=True, help="Model folder, hub id, .gguf file or builtin:smollm2.")

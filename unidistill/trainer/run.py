@@ -142,4 +142,5 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
         online_teacher=online_teacher, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json: the loss history `unidistill report` plots
     return trainer
