@@ -13,7 +13,9 @@ Modes, each in a fresh process so its peak memory is its own, on the same token 
      on 5 aligned layers read from the cache;
   c) online: the same loss with the teacher in memory, full-vocabulary KL;
   c_topk) online with the teacher's top-k (the cache's k) instead of the full vocabulary.
-Throughput is tokens/s over the steps after ``--warmup-steps``; peak memory is the process's
+Throughput is tokens/s over the steps after ``--warmup-steps`` (with ``--repeats N`` the modes
+run N times round-robin and the medians are reported, which a noisy machine needs); peak memory
+is the process's
 peak RSS (CPU) and ``torch.cuda.max_memory_allocated`` (GPU). Results go to
 benchmarks/results/trainer_<tag>.{json,md}.
 """
@@ -172,7 +174,8 @@ def write_results(opts, results: dict, cache: str) -> None:
           f"`{command}` on {out['date']}, {json.dumps(out['machine'])}", "",
           f"Student: SmolLM2-135M with its last {opts.drop_blocks} blocks dropped; batch "
           f"{opts.batch_size} x {opts.seq_len} tokens; {opts.steps} timed steps after "
-          f"{opts.warmup_steps} warm-up; bf16={opts.bf16}; loss 0.4 CE + 0.4 T^2 KL + 0.2 cosine on "
+          f"{opts.warmup_steps} warm-up; median of {opts.repeats} round-robin repeat(s) per mode, each "
+          f"in its own process; bf16={opts.bf16}; loss 0.4 CE + 0.4 T^2 KL + 0.2 cosine on "
           f"student blocks {opts.align_layers}; cache top-{opts.top_k}.", "",
           "| mode | tokens/s | peak RSS MiB |" + (" peak CUDA MiB |" if "peak_cuda_mib" in b else ""),
           "|---|---|---|" + ("---|" if "peak_cuda_mib" in b else "")]
@@ -205,6 +208,8 @@ def main(argv=None):
     p.add_argument("--logits-chunk-size", type=int, default=None,
                    help="positions per logits chunk [default: the trainer's]")
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the modes this many times, round-robin, and report medians")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--work", default=None, help="reuse this folder's cache and student")
@@ -227,8 +232,8 @@ def main(argv=None):
         cache, student = str(work / "cache"), str(work / "student")
     else:
         cache, student = prepare(opts, work)
-    results = {}
-    for mode in opts.modes.split(","):
+    runs: dict[str, list[dict]] = {}
+    for mode in [m for _ in range(opts.repeats) for m in opts.modes.split(",")]:  # round-robin
         child = [sys.executable, __file__, "--mode", mode, "--cache", cache, "--student", student,
                  "--run-dir", str(work / f"run-{mode}"), "--teacher", opts.teacher,
                  "--device", opts.device, "--seq-len", str(opts.seq_len),
@@ -239,9 +244,22 @@ def main(argv=None):
         print(f"[bench] mode {mode}", file=sys.stderr)
         done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"[bench] {results[mode]}", file=sys.stderr)
+        runs.setdefault(mode, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"[bench] {runs[mode][-1]}", file=sys.stderr)
+    results = {mode: _summary(rs) for mode, rs in runs.items()}
     write_results(opts, results, cache)
+
+
+def _summary(repeats: list[dict]) -> dict:
+    """Median throughput and peak memory over the repeats of one mode (each run kept too)."""
+    import statistics
+
+    out = dict(repeats[-1])
+    for key in ("tokens_per_s", "peak_rss_mib", "peak_cuda_mib"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in repeats)
+    out["repeats"] = repeats
+    return out
 
 
 if __name__ == "__main__":

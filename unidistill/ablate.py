@@ -112,9 +112,13 @@ def format_table(table: dict) -> str:
     for r in table["rows"]:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
         lines.append(f"| {r['name']} | {settings} | {num(r['perplexity'], '.3f')} | "
-                     f"{num(r['recovery_pct'], '.1f')} | {num(r['top1_agreement'], '.3f')} | "
+                     f"{num(_no_negative_zero(r['recovery_pct']), '.1f')} | {num(r['top1_agreement'], '.3f')} | "
                      f"{num(r['kl_to_teacher'], '.4f')} | {num(r['tokens_per_s'], '.0f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _no_negative_zero(x):
+    return None if x is None else (0.0 if abs(x) < 0.05 else x)
 
 
 def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: list[dict],

@@ -173,7 +173,8 @@ def _config_option(fn):
 @click.option("--projector-learning-rate", type=float, default=None)
 @click.option("--force-projectors", is_flag=True)
 @click.option("--top-k", "kd_top_k", type=int, default=None, help="Use the k most likely cached ids.")
-@click.option("--logits-chunk-size", type=int, default=256, show_default=True)
+@click.option("--logits-chunk-size", type=int, default=64, show_default=True,
+              help="Positions per chunk of logits (memory: batch x chunk x vocab fp32).")
 @click.option("--max-steps", type=int, default=-1, show_default=True)
 @click.option("--num-train-epochs", type=float, default=1.0, show_default=True)
 @click.option("--learning-rate", type=float, default=5e-5, show_default=True)

@@ -32,7 +32,7 @@ class DistillationArguments(TrainingArguments):
     force_projectors: bool = field(default=False, metadata={
         "help": "learnable projectors even when student and teacher widths match"})
     kd_top_k: int | None = field(default=None, metadata={"help": "use the k most likely cached ids (<= stored k)"})
-    logits_chunk_size: int = field(default=256, metadata={"help": "positions per chunk of fp32 log-probs"})
+    logits_chunk_size: int = field(default=64, metadata={"help": "positions per chunk of fp32 log-probs"})
 
     def __post_init__(self):
         super().__post_init__()
