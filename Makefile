@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # Main job, the whole pipeline on the real SmolLM2-135M teacher and CPython's reference text:
-# prune (30 -> 24 blocks, MLP 1536 -> 1024, hidden 576 -> 448), cache the teacher over the
+# prune (30 -> 24 blocks, MLP 1536 -> 1024, hidden 576 -> 432), cache the teacher over the
 # training split and the held-out split, distill two ways from the one cache, evaluate teacher,
 # pruned student and both runs on held-out text, print the table and write the plots.
 DEMO = $(OUT)/demo
@@ -34,7 +34,7 @@ demo: setup
 		--depth-method last --mlp-keep 0.67 --hidden-keep 0.78 --calib-data builtin:pydoc_topics \
 		--calib-sequences 16
 	$(BIN)/unidistill cache-build --teacher builtin:smollm2 --data builtin:pydoc_topics --split train \
-		--out $(DEMO)/cache --seq-len 256 --max-sequences 96 --top-k 64 --layers $(DEMO_LAYERS) \
+		--out $(DEMO)/cache --seq-len 256 --max-sequences 64 --top-k 64 --layers $(DEMO_LAYERS) \
 		--batch-size 8 --device auto
 	$(BIN)/unidistill cache-build --teacher builtin:smollm2 --data builtin:pydoc_topics --split heldout \
 		--out $(DEMO)/heldout-cache --seq-len 256 --max-sequences 16 --top-k 64 --layers $(DEMO_LAYERS) \

@@ -184,7 +184,7 @@ def write_results(opts, results: dict, cache: str) -> None:
         if "peak_cuda_mib" in r:
             row += f" {r['peak_cuda_mib']:.0f} |"
         md.append(row)
-    md += ["", "| ratio (one run) | value | target |", "|---|---|---|"]
+    md += ["", "| ratio (medians of this run) | value | target |", "|---|---|---|"]
     for k, v in ratios.items():
         op, t = targets.get(k, ("", None))
         md.append(f"| {k} | {v:.3f} | {op} {t} |" if t is not None else f"| {k} | {v:.3f} | |")

@@ -100,6 +100,7 @@ def test_bad_requests_are_refused():
     with pytest.raises(ConfigError, match=r"MLP keep ratio is 1.5; it must be in \(0, 1\]"):
         kept_size(64, 1.5, "MLP")
     assert kept_size(576, 0.78, "hidden") == 448 and kept_size(1536, 0.67, "MLP") == 1024
+    assert kept_size(576, 0.78, "hidden", multiple=72) == 432  # SmolLM2: 9 heads, lcm(9, 8) = 72
     with pytest.raises(ConfigError, match="need calibration text"):
         prune_model(make_llama(50), mlp_keep=0.5)
     from transformers import GPT2Config, GPT2LMHeadModel

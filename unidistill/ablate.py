@@ -113,7 +113,7 @@ def format_table(table: dict) -> str:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
         lines.append(f"| {r['name']} | {settings} | {num(r['perplexity'], '.3f')} | "
                      f"{num(_no_negative_zero(r['recovery_pct']), '.1f')} | {num(r['top1_agreement'], '.3f')} | "
-                     f"{num(r['kl_to_teacher'], '.4f')} | {num(r['tokens_per_s'], '.0f')} |")
+                     f"{num(None if r['kl_to_teacher'] is None else max(r['kl_to_teacher'], 0.0), '.4f')} | {num(r['tokens_per_s'], '.0f')} |")
     return "\n".join(lines) + "\n"
 
 

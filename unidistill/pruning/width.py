@@ -7,7 +7,9 @@
   RMSNorms, the same channels everywhere: columns of the embeddings, of every linear that reads
   the residual (q, k, v, gate, up, and the head) and rows of every linear that writes it (o, down),
   and the entries of every norm weight. The number of heads and their size stay (``head_dim`` is
-  written into the config). An RMSNorm over fewer channels divides by a different RMS, so each
+  written into the config); the kept width is a multiple of lcm(heads, 8), because transformers
+  requires the hidden size to divide by the number of heads (SmolLM2's 9 heads: 576 -> 432 at
+  ``--hidden-keep 0.78``). An RMSNorm over fewer channels divides by a different RMS, so each
   norm weight is rescaled by sqrt(r * D / |S|), with r the share of that norm's input energy the
   kept channels carry on the calibration text; with every channel kept this is exactly 1.
 """
@@ -36,13 +38,16 @@ def check_supported(model) -> None:
                           "result to distill-from-cache as the student")
 
 
-def kept_size(total: int, keep: float, what: str) -> int:
+def kept_size(total: int, keep: float, what: str, multiple: int | None = None) -> int:
     """``keep`` * total, rounded to the nearest multiple of 64 from 256 up and of 8 from 64 up
-    (matmul-kernel friendly sizes: 1536 * 0.67 -> 1024, 576 * 0.78 -> 448)."""
+    (matmul-kernel friendly sizes: 1536 * 0.67 -> 1024, 576 * 0.78 -> 448), or to the nearest
+    multiple of ``multiple`` when given (the hidden size must divide by the number of heads)."""
     if not 0 < keep <= 1:
         raise ConfigError(f"{what} keep ratio is {keep}; it must be in (0, 1], e.g. 0.67 keeps "
                           "two thirds (1 keeps everything)")
     size = max(1, round(total * keep))
+    if multiple:
+        return min(total, max(multiple, multiple * round(size / multiple)))
     for step, floor in ((64, 256), (8, 64)):
         if size >= floor:
             size = min(total, max(floor, step * round(size / step)))
@@ -88,7 +93,8 @@ def prune_hidden(model, stats: ActivationStats, keep: float, block_rows: Sequenc
     """Keep the most important residual channels everywhere; returns their (sorted) indices."""
     config = model.config
     d = config.hidden_size
-    k = kept_size(d, keep, "hidden")
+    # transformers requires hidden_size % num_attention_heads == 0; 8 keeps kernels happy
+    k = kept_size(d, keep, "hidden", multiple=math.lcm(config.num_attention_heads, 8))
     channels = torch.topk(stats.channel_importance, k).indices.sort().values
     device = model.get_input_embeddings().weight.device
     s = channels.to(device)
