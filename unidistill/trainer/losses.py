@@ -223,6 +223,23 @@ def _check_teacher(teacher_ids, teacher_logp, teacher_log_tail) -> None:
                           "the cache, but at least one is None; pass them or set compute_kl=False")
 
 
+def _part(x: torch.Tensor | None, start: int, size: int) -> torch.Tensor | None:
+    """Positions [start, start + size) of a (B, L, ...) tensor, or None."""
+    return None if x is None else x[:, start:start + size]
+
+
+def _check_logit_args(chunk_size: int, compute_kl: bool, direction: str, teacher_exact,
+                      teacher_ids, teacher_logp, teacher_log_tail) -> None:
+    """Fail before any chunk runs (not inside a checkpointed or fused chunk)."""
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    if compute_kl:
+        if teacher_exact is None:
+            _check_teacher(teacher_ids, teacher_logp, teacher_log_tail)
+        if direction not in KL_DIRECTIONS:
+            raise _choice_error("KL direction", direction, KL_DIRECTIONS)
+
+
 def _chunk_losses(hidden, weight, bias, labels, kl_mask, teacher_ids, teacher_logp,
                   teacher_log_tail, temperature, direction, compute_ce, compute_kl,
                   t_hidden=None, t_weight=None, t_bias=None):
@@ -260,27 +277,20 @@ def chunked_logit_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
     activation of the model is still alive, so recomputing it would save no peak memory)
     instead of keeping all of them alive.
     """
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    _check_logit_args(chunk_size, compute_kl, direction, teacher_exact, teacher_ids, teacher_logp,
+                      teacher_log_tail)
     t_hidden, t_weight, t_bias = teacher_exact if teacher_exact is not None else (None,) * 3
-    if compute_kl:
-        if t_hidden is None:
-            _check_teacher(teacher_ids, teacher_logp, teacher_log_tail)
-        if direction not in KL_DIRECTIONS:  # fail here, not inside a checkpointed chunk
-            raise _choice_error("KL direction", direction, KL_DIRECTIONS)
     needs_grad = hidden.requires_grad or lm_head_weight.requires_grad or (
         lm_head_bias is not None and lm_head_bias.requires_grad)
     recompute = torch.is_grad_enabled() and needs_grad and hidden.shape[1] > chunk_size
 
-    def part(x, start):
-        return None if x is None else x[:, start:start + chunk_size]
-
     totals = hidden.new_zeros(4, dtype=torch.float32)                   # ce_sum, ce_n, kl_sum, kl_n
     for start in range(0, hidden.shape[1], chunk_size):
-        args = (part(hidden, start), lm_head_weight, lm_head_bias, part(labels, start),
-                part(kl_mask, start), part(teacher_ids, start), part(teacher_logp, start),
-                part(teacher_log_tail, start), temperature, direction, compute_ce, compute_kl,
-                part(t_hidden, start), t_weight, t_bias)
+        args = (_part(hidden, start, chunk_size), lm_head_weight, lm_head_bias,
+                *(_part(x, start, chunk_size) for x in (labels, kl_mask, teacher_ids, teacher_logp,
+                                                        teacher_log_tail)),
+                temperature, direction, compute_ce, compute_kl, _part(t_hidden, start, chunk_size),
+                t_weight, t_bias)
         if recompute:
             totals = totals + checkpoint(_chunk_losses, *args, use_reentrant=False)
         else:
@@ -299,60 +309,42 @@ class _FusedLogitLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, spec):
-        need_h, need_w = hidden.requires_grad, weight.requires_grad
-        need_b = bias is not None and bias.requires_grad
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        leaves = [x for x in (hidden, weight, bias) if x is not None and x.requires_grad]
+        grads = [torch.zeros_like(x, dtype=torch.float32) for x in leaves]
         totals = hidden.new_zeros(4, dtype=torch.float32)
         t_hidden, t_weight, t_bias = spec["teacher_exact"] or (None,) * 3
         chunk = spec["chunk_size"]
-
-        def part(x, start):
-            return None if x is None else x[:, start:start + chunk]
-
         for start in range(0, hidden.shape[1], chunk):
-            h = hidden[:, start:start + chunk].detach()                    # (B, C, D)
+            h = _part(hidden, start, chunk).detach().requires_grad_(hidden.requires_grad)  # (B, C, D)
+            w = weight.detach().requires_grad_(weight.requires_grad)
+            b = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
             with torch.enable_grad():
-                z = F.linear(h, weight.detach(), None if bias is None else bias.detach())
-                z = z.float().requires_grad_(True)                          # (B, C, V)
-                teacher_logits = None
-                if t_hidden is not None and spec["compute_kl"]:
-                    with torch.no_grad():
-                        teacher_logits = F.linear(part(t_hidden, start).to(t_weight.dtype), t_weight, t_bias)
-                sums = logit_losses_from_logits(
-                    z, part(spec["labels"], start), part(spec["kl_mask"], start),
-                    part(spec["teacher_ids"], start), part(spec["teacher_logp"], start),
-                    part(spec["teacher_log_tail"], start), spec["temperature"], spec["direction"],
-                    spec["compute_ce"], spec["compute_kl"], teacher_logits)
+                sums = _chunk_losses(
+                    h, w, b, *(_part(spec[k], start, chunk) for k in
+                               ("labels", "kl_mask", "teacher_ids", "teacher_logp", "teacher_log_tail")),
+                    spec["temperature"], spec["direction"], spec["compute_ce"], spec["compute_kl"],
+                    _part(t_hidden, start, chunk), t_weight, t_bias)           # (4,)
                 objective = spec["w_ce"] * sums[0] + spec["w_kl"] * sums[2]
-                grad_z = (torch.autograd.grad(objective, z)[0] if objective.requires_grad
-                          else torch.zeros_like(z))                         # (B, C, V)
-            totals += torch.stack([x.detach() for x in sums])
-            g = grad_z.to(weight.dtype)
-            if need_h:
-                grad_h[:, start:start + chunk] = (g @ weight).to(hidden.dtype)  # (B, C, D)
-            if need_w:
-                grad_w += (g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1]).to(weight.dtype)).float()
-            if need_b:
-                grad_b += grad_z.sum((0, 1))
-            del z, grad_z, g, sums, objective, teacher_logits
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
-        ctx.needs = (need_h, need_w, need_b)
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+                chunk_leaves = [x for x in (h, w, b) if x is not None and x.requires_grad]
+                if objective.requires_grad:  # the chunk's logits die with this graph
+                    chunk_grads = torch.autograd.grad(objective, chunk_leaves)
+                    for acc, leaf, g in zip(grads, leaves, chunk_grads):
+                        if leaf is hidden:
+                            acc[:, start:start + chunk] = g
+                        else:
+                            acc += g
+            totals += sums.detach()
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = [x.dtype for x in leaves]
+        ctx.needs = tuple(x is not None and x.requires_grad for x in (hidden, weight, bias))
         weighted = spec["w_ce"] * totals[0] + spec["w_kl"] * totals[2]
         ctx.mark_non_differentiable(totals)
         return weighted, totals
 
     @staticmethod
     def backward(ctx, grad_weighted, _grad_totals):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs
-        return (grad_h * grad_weighted.to(grad_h.dtype) if need_h else None,
-                (grad_w * grad_weighted).to(ctx.weight_dtype) if need_w else None,
-                (grad_b * grad_weighted).to(ctx.bias_dtype) if need_b else None,
-                None)
+        scaled = iter((g * grad_weighted).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        return (*(next(scaled) if need else None for need in ctx.needs), None)
 
 
 def fused_logit_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
@@ -369,14 +361,9 @@ def fused_logit_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels:
     its logits exist (the loss weights are known up front), so peak memory is one chunk's logits
     and their gradient, and the time is that of a plain forward and backward.
     """
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be a positive number of positions, got {chunk_size}")
     compute_ce, compute_kl = ce_weight != 0, kl_weight != 0
-    if compute_kl:
-        if teacher_exact is None:
-            _check_teacher(teacher_ids, teacher_logp, teacher_log_tail)
-        if direction not in KL_DIRECTIONS:
-            raise _choice_error("KL direction", direction, KL_DIRECTIONS)
+    _check_logit_args(chunk_size, compute_kl, direction, teacher_exact, teacher_ids, teacher_logp,
+                      teacher_log_tail)
     ce_n = (labels != IGNORE_INDEX).sum().clamp(min=1).item()
     kl_n = kl_mask.sum().clamp(min=1).item()
     spec = dict(labels=labels, kl_mask=kl_mask, teacher_ids=teacher_ids, teacher_logp=teacher_logp,
