@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from unidistill.errors import ConfigError
 from unidistill.storage import CacheReader
-from unidistill.storage.reader import decode_hidden
-from unidistill.trainer.losses import IGNORE_INDEX, bucket_log_probs, kl_per_position
+from unidistill.trainer.dataset import TEACHER_FIELDS, CacheDataset, collate_cache_batch, hidden_field
+from unidistill.trainer.losses import logit_losses_from_logits, next_token_labels
 
 DEFAULT_SEQ_LEN = 256
 _CHUNK = 128  # positions per logits chunk
@@ -79,30 +79,26 @@ def _score_batch(model, input_ids, totals: _Totals, teacher: dict | None,
                 logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
     final = out.hidden_states[-1]                                          # (B, L, D)
     head = model.get_output_embeddings()
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
+    labels = next_token_labels(input_ids)
+    kl_mask = torch.ones_like(input_ids, dtype=torch.bool)
     for s in range(0, input_ids.shape[1], _CHUNK):
         logits = head(final[:, s:s + _CHUNK]).float()                      # (B, C, V)
-        flat = logits.reshape(-1, logits.shape[-1])                        # (N, V)
-        lab = labels[:, s:s + _CHUNK].reshape(-1)                          # (N,)
-        ce = F.cross_entropy(flat, lab, ignore_index=IGNORE_INDEX, reduction="sum")
-        totals.ce += float(ce)
-        totals.ce_n += int((lab != IGNORE_INDEX).sum())
-        if teacher is None:
-            continue
-        ids = teacher["teacher_ids"][:, s:s + _CHUNK].reshape(len(flat), -1)
-        logp = teacher["teacher_logp"][:, s:s + _CHUNK].reshape(len(flat), -1)
-        tail = teacher["teacher_log_tail"][:, s:s + _CHUNK].reshape(-1)
-        s_logq, t_logp = bucket_log_probs(flat, ids, logp, tail, 1.0)       # (N, K+1)
-        totals.kl += float(kl_per_position(s_logq, t_logp, "forward").sum())
-        totals.kl_n += len(flat)
-        totals.hits += float((flat.argmax(-1) == ids[:, 0].long()).sum())
+        part = {k: teacher[k][:, s:s + _CHUNK] for k in TEACHER_FIELDS} if teacher else {}
+        ce, ce_n, kl, kl_n = logit_losses_from_logits(
+            logits, labels[:, s:s + _CHUNK], kl_mask[:, s:s + _CHUNK], part.get("teacher_ids"),
+            part.get("teacher_logp"), part.get("teacher_log_tail"), 1.0, "forward",
+            compute_ce=True, compute_kl=teacher is not None)
+        totals.ce, totals.ce_n = totals.ce + float(ce), totals.ce_n + float(ce_n)
+        if teacher is not None:
+            totals.kl, totals.kl_n = totals.kl + float(kl), totals.kl_n + float(kl_n)
+            top1 = part["teacher_ids"][..., 0].long()                      # (B, C)
+            totals.hits += float((logits.argmax(-1) == top1).sum())
     if pairs:
         for i, project in pairs.items():
             h_s = out.hidden_states[i]                                     # (B, L, D_s)
             h_s = (project(h_s) if project is not None else h_s).float()   # (B, L, D_t)
             for col, j in enumerate(teacher_layers):
-                h_t = teacher[f"hidden{j}"].float()                        # (B, L, D_t)
+                h_t = teacher[hidden_field(j)].float()                     # (B, L, D_t)
                 totals.cos[i, col] += float(F.cosine_similarity(h_s, h_t, dim=-1).sum())
         totals.cos_n += input_ids.numel()
 
@@ -155,16 +151,10 @@ def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_d
     n = len(reader) if max_sequences is None else min(len(reader), max_sequences)
     totals = _Totals(cfg.num_hidden_layers + 1, len(teacher_layers))
     layers = teacher_layers if pairs else []
+    dataset = CacheDataset(reader, layers=layers)
     for rows in tqdm(list(_batches(n, batch_size)), desc="teacher agreement", disable=not progress):
-        items = [reader.read(i, layers=layers) for i in rows]
-        ids = torch.from_numpy(np.stack([it["input_ids"] for it in items]).astype(np.int64)).to(device)
-        teacher = {key: torch.from_numpy(np.stack([it[key] for it in items])).to(device)
-                   for key in ("teacher_ids", "teacher_logp", "teacher_log_tail")}
-        teacher["teacher_ids"] = teacher["teacher_ids"].long()
-        for j in layers:
-            teacher[f"hidden{j}"] = torch.stack([decode_hidden(it["hidden"][j], reader.layout.hidden_dtype)
-                                                 for it in items]).to(device)
-        _score_batch(model, ids, totals, teacher, pairs, layers)
+        batch = {k: v.to(device) for k, v in collate_cache_batch([dataset[i] for i in rows]).items()}
+        _score_batch(model, batch.pop("input_ids"), totals, batch, pairs, layers)
     result.cache_nll, result.cache_perplexity = _perplexity(totals.ce, totals.ce_n)
     result.kl_to_teacher = totals.kl / totals.kl_n if totals.kl_n else None
     result.top1_agreement = totals.hits / totals.kl_n if totals.kl_n else None

@@ -14,6 +14,9 @@ from torch.utils.data import Dataset
 from unidistill.storage import CacheReader, decode_hidden
 
 
+TEACHER_FIELDS = ("teacher_ids", "teacher_logp", "teacher_log_tail")  # the cached logit fields
+
+
 def hidden_field(layer: int) -> str:
     return f"teacher_hidden_{layer}"
 

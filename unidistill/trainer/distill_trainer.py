@@ -13,21 +13,12 @@ from transformers import Trainer, TrainerCallback
 
 from unidistill.trainer.dataset import hidden_field
 from unidistill.trainer.losses import (
-    IGNORE_INDEX,
     LossTerms,
     fused_logit_loss,
     hidden_state_loss,
+    next_token_labels,
 )
 from unidistill.trainer.projectors import HiddenProjectors, load_projectors, save_projectors
-
-TEACHER_FIELDS = ("teacher_ids", "teacher_logp", "teacher_log_tail")
-
-
-def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
-    """labels[:, p] = input_ids[:, p + 1]; the last position has no next token (-100)."""
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
-    return labels
 
 
 def _exact_teacher(batch: dict):

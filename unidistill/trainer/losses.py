@@ -55,6 +55,13 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / count.clamp(min=1.0)
 
 
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """labels[:, p] = input_ids[:, p + 1]; the last position has no next token (-100)."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
 def cross_entropy_per_position(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of logits (N, V) against labels (N,) -> (N,) fp32; label -100 gives 0."""
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
