@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine  # benchmarks/machine.py, beside this script
 
 from unidistill.cache_builder.build import build_cache
 from unidistill.cache_builder.config import BuildConfig
@@ -47,14 +47,6 @@ def bare_forward_tps(model, ids, batch_size, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return ids.size / (time.perf_counter() - t0)
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def main(argv=None):
@@ -97,7 +89,7 @@ def main(argv=None):
     bare = (bare_before + bare_after) / 2
     result = {
         "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
-        "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(device.type),
         "settings": {k: v for k, v in vars(args).items() if k != "results"},
         "tokens": int(ids.size),
         "bare_forward_tokens_per_s": {"before": round(bare_before, 1), "after": round(bare_after, 1)},

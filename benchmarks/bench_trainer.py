@@ -136,19 +136,9 @@ def prepare(opts, work: Path) -> tuple[str, str]:
     return str(cache), str(student_dir)
 
 
-def machine(device: str) -> dict:
-    import platform
+def write_results(opts, results: dict) -> None:
+    from machine import machine  # benchmarks/machine.py, beside this script
 
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
-    if device != "cpu" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def write_results(opts, results: dict, cache: str) -> None:
     a, b, c = results["plain"], results["cache"], results["online"]
     ratios = {"throughput_cache_over_plain": b["tokens_per_s"] / a["tokens_per_s"],
               "throughput_cache_over_online": b["tokens_per_s"] / c["tokens_per_s"],
@@ -247,7 +237,7 @@ def main(argv=None):
         runs.setdefault(mode, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"[bench] {runs[mode][-1]}", file=sys.stderr)
     results = {mode: _summary(rs) for mode, rs in runs.items()}
-    write_results(opts, results, cache)
+    write_results(opts, results)
 
 
 def _summary(repeats: list[dict]) -> dict:

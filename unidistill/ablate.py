@@ -27,10 +27,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 SHOWN = ("alpha", "beta", "gamma", "kd_temperature", "layer_map", "hidden_loss", "kd_top_k")
 
 
-def _argument_names() -> set[str]:
+def _argument_defaults() -> dict:
+    """Every distill-from-cache argument name with its default."""
     from unidistill.trainer.arguments import DistillationArguments
 
-    return {f.name for f in dataclasses.fields(DistillationArguments)}
+    return {f.name: f.default for f in dataclasses.fields(DistillationArguments)}
 
 
 def parse_variant(text: str) -> dict:
@@ -55,7 +56,7 @@ def check_variants(common: dict, variants: list[dict]) -> None:
     if not variants:
         raise ConfigError("no runs to compare: give --variant NAME:key=value,... (repeatable) or a "
                           "--variants file with a 'variants' list")
-    known = _argument_names()
+    known = set(_argument_defaults())
     names = []
     for v in variants:
         name = str(v.get("name", ""))
@@ -141,6 +142,7 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
              "heldout_cache": None if heldout_cache is None else str(heldout_cache), "common": common,
              "rows": [_row("teacher", {}, ref_teacher, ref, None),
                       _row("student (before)", {}, ref_student, ref, None)]}
+    defaults = _argument_defaults()
     for variant in variants:
         name = variant["name"]
         run_dir = out / name
@@ -153,7 +155,7 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
             atomic_write_json(stats_path, {"tokens_per_s": _tokens_per_second(trainer)})
         ev = _evaluate_to(run_dir, str(run_dir), heldout, heldout_cache, eval_kwargs)
         speed = json.loads(stats_path.read_text())["tokens_per_s"] if stats_path.is_file() else None
-        shown = {k: settings.get(k, common.get(k, _default(k))) for k in SHOWN}
+        shown = {k: settings.get(k, common.get(k, defaults[k])) for k in SHOWN}
         table["rows"].append(_row(name, shown, ev, ref, speed))
         atomic_write_json(out / ABLATION_JSON, table)
         atomic_write_bytes(out / ABLATION_MD, format_table(table).encode())
@@ -163,12 +165,6 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _default(key: str):
-    from unidistill.trainer.arguments import DistillationArguments
-
-    return {f.name: f.default for f in dataclasses.fields(DistillationArguments)}[key]
 
 
 def _tokens_per_second(trainer) -> float | None:

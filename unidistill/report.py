@@ -29,6 +29,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_losses(run_dir: Path) -> Path | None:
     state = run_dir / "trainer_state.json"
     if not state.is_file():
@@ -47,11 +54,7 @@ def plot_losses(run_dir: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("loss")
     fig.suptitle(f"{run_dir.name}: loss components")
-    fig.tight_layout()
-    out = run_dir / "losses.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir / "losses.png")
 
 
 def plot_layer_cosine(run_dir: Path) -> Path | None:
@@ -79,11 +82,7 @@ def plot_layer_cosine(run_dir: Path) -> Path | None:
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(image, ax=ax, label="mean cosine similarity")
     ax.set_title(f"{run_dir.name}: hidden-state cosine", fontsize=10)
-    fig.tight_layout()
-    out = run_dir / "layer_cosine.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir / "layer_cosine.png")
 
 
 def plot_recovery(run_dir: Path) -> Path | None:
@@ -104,11 +103,7 @@ def plot_recovery(run_dir: Path) -> Path | None:
     ax.axhline(100, color="grey", lw=0.8, ls="--")
     ax.set_ylabel("recovery % (teacher-student gap closed)")
     ax.set_title("recovery by run")
-    fig.tight_layout()
-    out = run_dir / "recovery.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir / "recovery.png")
 
 
 def report(run_dir) -> list[Path]:

@@ -21,6 +21,11 @@ from unidistill.trainer.layer_map import PROVENANCE_KEY
 DEPTH_METHODS = ("last", "importance")
 
 
+def needs_calibration(drop_layers: int, depth_method: str, mlp_keep: float, hidden_keep: float) -> bool:
+    """Importance ranking and width pruning read activations on calibration text."""
+    return bool(drop_layers and depth_method == "importance") or mlp_keep < 1 or hidden_keep < 1
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -33,17 +38,14 @@ def prune_model(model, *, drop_layers: int = 0, depth_method: str = "last", mlp_
     if depth_method not in DEPTH_METHODS:
         raise ConfigError(f"--depth-method {depth_method!r} is not one of {', '.join(DEPTH_METHODS)}")
     n = model.config.num_hidden_layers
-    needs_stats = (drop_layers and depth_method == "importance") or mlp_keep < 1 or hidden_keep < 1
+    needs_stats = needs_calibration(drop_layers, depth_method, mlp_keep, hidden_keep)
     if needs_stats and calib_ids is None:
         raise ConfigError("importance ranking and width pruning need calibration text (--calib-data)")
     before = count_parameters(model)
     stats = collect_stats(model, calib_ids, batch_size=batch_size, progress=progress) if needs_stats else None
+    keep = last_blocks_dropped(n, drop_layers)  # also checks the count
     if drop_layers and depth_method == "importance":
-        if not 0 <= drop_layers < n:
-            last_blocks_dropped(n, drop_layers)  # raises the shared error
         keep = least_important_blocks(stats, drop_layers)
-    else:
-        keep = last_blocks_dropped(n, drop_layers)
     keep_blocks(model, keep)
     summary = {"depth_method": depth_method, "dropped_blocks": [i for i in range(n) if i not in keep]}
     if stats is not None:
@@ -86,7 +88,7 @@ def prune(model: str, out: str, *, drop_layers: int = 0, depth_method: str = "la
     net = load_model(source, "float32", str(resolve_device(device)))
     check_supported(net)
     calib_ids = None
-    if (drop_layers and depth_method == "importance") or mlp_keep < 1 or hidden_keep < 1:
+    if needs_calibration(drop_layers, depth_method, mlp_keep, hidden_keep):
         calib_ids = pack_documents(iter_documents(calib_data or BUILTIN_PYDOC, split=calib_split),
                                    tokenizer, seq_len, calib_sequences)
     summary = prune_model(net, drop_layers=drop_layers, depth_method=depth_method, mlp_keep=mlp_keep,

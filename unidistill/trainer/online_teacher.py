@@ -45,12 +45,6 @@ class OnlineTeacher:
     def device(self) -> torch.device:
         return self.head_weight.device
 
-    def to(self, device) -> OnlineTeacher:
-        self.model.to(device)
-        head = self.model.get_output_embeddings()
-        self.head_weight, self.head_bias = head.weight, head.bias
-        return self
-
     def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         final, captured = self.runner.forward(input_ids.to(self.device))
         fields = {hidden_field(j): h for j, h in captured.items()}
