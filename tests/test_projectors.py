@@ -21,9 +21,12 @@ def make(d_s=8, d_t=12, **kwargs) -> HiddenProjectors:
     return HiddenProjectors(LAYER_MAP, d_s, d_t, **kwargs)
 
 
+CHANNELS = [0, 2, 3, 5, 7, 8, 10, 11]                                  # 8 of 12 teacher channels
+
+
 @pytest.mark.parametrize("init", PROJECTOR_INITS)
 def test_shapes(init):
-    projectors = make(init=init)
+    projectors = make(init=init, channels=CHANNELS if init == "channels" else None)
     assert sorted(projectors.proj.keys()) == ["1", "2", "3"]
     h = torch.randn(2, 5, 8)                                             # (B, L, d_s)
     assert projectors(2, h).shape == (2, 5, 12)                          # (B, L, d_t)
@@ -72,8 +75,39 @@ def test_orthogonal_preserves_norm_when_widening():
     torch.testing.assert_close(w.T @ w, torch.eye(8), atol=1e-5, rtol=0)
 
 
+def test_channels_init_puts_each_student_channel_back_where_it_was_cut_from():
+    projectors = make(init="channels", channels=CHANNELS)
+    h = torch.randn(2, 3, 8)
+    out = projectors(1, h)                                               # (2, 3, 12)
+    assert torch.equal(out[..., CHANNELS], h)
+    dropped = [c for c in range(12) if c not in CHANNELS]
+    assert torch.equal(out[..., dropped], torch.zeros(2, 3, 4))
+    # a teacher state whose kept channels are the student's: cosine 1 from the first step
+    teacher = torch.randn(2, 3, 12)
+    teacher[..., dropped] = 0
+    assert torch.allclose(projectors(2, teacher[..., CHANNELS]), teacher)
+
+
+@pytest.mark.parametrize("channels, fragment", [
+    (None, "needs the teacher channel"),
+    ([0, 1, 2], "8 hidden channels.*got 3 entries"),
+    ([0, 1, 2, 3, 4, 5, 6, 12], "distinct teacher channel in 0..11"),
+    ([0, 0, 2, 3, 4, 5, 6, 7], "distinct"),
+])
+def test_channels_init_refuses_a_bad_channel_list(channels, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        make(init="channels", channels=channels)
+
+
+def test_channels_survive_save_and_load(tmp_path):
+    save_projectors(make(init="channels", channels=CHANNELS), tmp_path)
+    loaded = load_projectors(tmp_path)
+    assert loaded.init == "channels" and loaded.channels == CHANNELS
+    assert json.loads((tmp_path / "projectors.json").read_text())["channels"] == CHANNELS
+
+
 def test_unknown_init():
-    with pytest.raises(ConfigError, match=r"'kaiming'.*xavier, identity, orthogonal"):
+    with pytest.raises(ConfigError, match=r"'kaiming'.*xavier, identity, orthogonal, channels"):
         HiddenProjectors(LAYER_MAP, 8, 12, init="kaiming")
 
 

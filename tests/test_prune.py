@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from click.testing import CliRunner
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -126,3 +127,40 @@ def test_cli_prunes_a_folder_and_refuses_to_overwrite(tmp_path, tiny_teacher_dir
     again = CliRunner().invoke(main, argv)
     assert again.exit_code == 2 and "is not empty" in again.output
     assert (out / "config.json").is_file()  # nothing already written was lost
+
+
+def test_a_width_pruned_student_starts_its_projectors_at_the_kept_channels(tmp_path, tiny_teacher_dir,
+                                                                          text_file, cache):
+    """projector_init=auto reads hidden_channels from the pruned config; the hidden loss then starts
+    far below what random (xavier) projectors give."""
+    from unidistill.trainer.run import distill_from_cache
+
+    from .conftest import args_for, train_losses
+
+    student = tmp_path / "student"
+    res = CliRunner().invoke(main, ["prune", "--model", str(tiny_teacher_dir), "--out", str(student),
+                                    "--hidden-keep", "0.5", "--calib-data", str(text_file),
+                                    "--calib-sequences", "4", "--seq-len", "16", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    kept = json.loads((student / "config.json").read_text())["unidistill_provenance"]["hidden_channels"]
+    first_hidden_loss = {}
+    for init in ("auto", "xavier"):
+        trainer = distill_from_cache(cache, str(student), args_for(
+            tmp_path / init, max_steps=1, learning_rate=1e-9, projector_init=init, save_strategy="no"))
+        first_hidden_loss[init] = train_losses(trainer)[0][4]
+    saved = json.loads((tmp_path / "auto" / "projectors.json").read_text())
+    assert saved["init"] == "channels" and saved["channels"] == kept
+    weight = safetensors.torch.load_file(tmp_path / "auto" / "projectors.safetensors")["proj.4.weight"]
+    expected = torch.zeros(32, 16)
+    expected[kept, range(16)] = 1.0
+    torch.testing.assert_close(weight, expected, atol=1e-6, rtol=0)
+    assert first_hidden_loss["auto"] < 0.5 * first_hidden_loss["xavier"], first_hidden_loss
+
+
+def test_channels_init_needs_a_width_pruned_student(tmp_path, cache, student_dir):
+    from unidistill.trainer.run import distill_from_cache
+
+    from .conftest import args_for
+
+    with pytest.raises(ConfigError, match="hidden_channels.*found none.*--projector-init xavier"):
+        distill_from_cache(cache, str(student_dir), args_for(tmp_path, projector_init="channels"))

@@ -168,8 +168,9 @@ def _config_option(fn):
               help="uniform | last | original | JSON {student: teacher} | path.json")
 @click.option("--align-layers", default="cached", show_default=True,
               help="cached | all | list of student blocks, e.g. 4,8,12")
-@click.option("--projector-init", type=click.Choice(["xavier", "identity", "orthogonal"]),
-              default="xavier", show_default=True)
+@click.option("--projector-init", type=click.Choice(["auto", "channels", "xavier", "identity",
+                                                    "orthogonal"]), default="auto", show_default=True,
+              help="auto: channels for a width-pruned student (`unidistill prune`), else xavier.")
 @click.option("--projector-learning-rate", type=float, default=None)
 @click.option("--force-projectors", is_flag=True)
 @click.option("--top-k", "kd_top_k", type=int, default=None, help="Use the k most likely cached ids.")
@@ -252,7 +253,8 @@ def prune_cmd(**kwargs):
 @click.option("--variants", "variants_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="YAML with 'common' (options of every run) and 'variants' (list of {name, ...}).")
 @click.option("--variant", "variant_specs", multiple=True,
-              help="NAME:key=value,... e.g. ce+kl:alpha=0.5,beta=0.5,gamma=0 (repeatable).")
+              help="NAME:key=value,... e.g. ce+kl:alpha=0.5,beta=0.5,gamma=0 (repeatable); "
+                   "online=full trains against the live teacher instead of the cache.")
 @click.option("--max-steps", type=int, default=None)
 @click.option("--learning-rate", type=float, default=None)
 @click.option("--per-device-train-batch-size", type=int, default=None)

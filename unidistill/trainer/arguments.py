@@ -26,7 +26,9 @@ class DistillationArguments(TrainingArguments):
     align_layers: str = field(default="cached", metadata={
         "help": "which mapped student blocks get a hidden loss: 'cached' (those whose teacher layer "
                 "is in the cache), 'all' (every block; the cache must hold all), or a list 4,8,12"})
-    projector_init: str = field(default="xavier", metadata={"help": f"one of {PROJECTOR_INITS}"})
+    projector_init: str = field(default="auto", metadata={
+        "help": f"auto or one of {PROJECTOR_INITS}; auto = channels for a student whose config "
+                f"records the teacher channels it kept (unidistill prune), else xavier"})
     projector_learning_rate: float | None = field(default=None, metadata={
         "help": "learning rate of the projectors (default: learning_rate)"})
     force_projectors: bool = field(default=False, metadata={
@@ -41,7 +43,7 @@ class DistillationArguments(TrainingArguments):
             raise ConfigError(f"kl_direction {self.kl_direction!r} is not one of {KL_DIRECTIONS}")
         if self.hidden_loss not in HIDDEN_KINDS:
             raise ConfigError(f"hidden_loss {self.hidden_loss!r} is not one of {HIDDEN_KINDS}")
-        if self.projector_init not in PROJECTOR_INITS:
+        if self.projector_init not in ("auto", *PROJECTOR_INITS):
             raise ConfigError(f"projector_init {self.projector_init!r} is not one of {PROJECTOR_INITS}")
         if self.logits_chunk_size < 1:
             raise ConfigError(f"logits_chunk_size must be >= 1, got {self.logits_chunk_size}")

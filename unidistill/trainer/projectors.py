@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import safetensors
 import safetensors.torch
@@ -27,7 +27,7 @@ from unidistill.errors import ConfigError
 from unidistill.trainer.layer_map import _is_int
 from unidistill.storage.files import atomic_write_bytes, atomic_write_json
 
-PROJECTOR_INITS = ("xavier", "identity", "orthogonal")
+PROJECTOR_INITS = ("xavier", "identity", "orthogonal", "channels")
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "projectors.safetensors"
 CONFIG_FILE = "projectors.json"
@@ -52,10 +52,28 @@ def _check_width(name: str, value) -> int:
     return value
 
 
-def _init_weight(weight: torch.Tensor, init: str) -> None:
+def _check_channels(channels, d_student: int, d_teacher: int) -> list[int] | None:
+    """The teacher channel of each student channel, checked; None when not given."""
+    if channels is None:
+        return None
+    channels = list(channels)
+    if (len(channels) != d_student or not all(_is_int(c) and 0 <= c < d_teacher for c in channels)
+            or len(set(channels)) != len(channels)):
+        raise ConfigError(f"channels must list, for each of the student's {d_student} hidden "
+                          f"channels, a distinct teacher channel in 0..{d_teacher - 1}; got "
+                          f"{len(channels)} entries starting {channels[:8]!r}. Use the "
+                          f"hidden_channels a width-pruning step recorded in the student config")
+    return channels
+
+
+def _init_weight(weight: torch.Tensor, init: str, channels: list[int] | None = None) -> None:
     """Initialise a (d_t, d_s) projection weight in place; see HiddenProjectors for the options."""
     with torch.no_grad():
-        if init == "xavier":
+        if init == "channels":
+            weight.zero_()
+            cols = torch.arange(weight.shape[1], device=weight.device)
+            weight[torch.tensor(channels, device=weight.device), cols] = 1.0
+        elif init == "xavier":
             nn.init.xavier_uniform_(weight, gain=1.0)
         elif init == "identity":
             weight.zero_()
@@ -87,10 +105,15 @@ class HiddenProjectors(nn.Module):
     * ``"orthogonal"``: ``nn.init.orthogonal_``. W has orthonormal columns when d_t >= d_s, so
       every input keeps its norm exactly (never just on average), and orthonormal rows otherwise,
       so no norm grows; the projected channels start decorrelated.
+    * ``"channels"``: ``W[channels[c], c] = 1``, i.e. student channel ``c`` is copied to the
+      teacher channel it was cut from. ``channels`` is the ``hidden_channels`` list that
+      ``unidistill prune`` records for a width-pruned student; with it the hidden loss starts at
+      what the student inherited instead of at a random rotation.
     """
 
     def __init__(self, layer_map: dict[int, int], d_student: int, d_teacher: int, *,
-                 force: bool = False, init: str = "xavier") -> None:
+                 force: bool = False, init: str = "xavier",
+                 channels: Sequence[int] | None = None) -> None:
         super().__init__()
         if init not in PROJECTOR_INITS:
             raise ConfigError(f"unknown projector init {init!r}; expected one of "
@@ -100,11 +123,17 @@ class HiddenProjectors(nn.Module):
         self.d_teacher = _check_width("d_teacher", d_teacher)
         self.force = bool(force)
         self.init = init
+        self.channels = _check_channels(channels, self.d_student, self.d_teacher)
+        if init == "channels" and self.channels is None:
+            raise ConfigError("projector init 'channels' needs the teacher channel of each student "
+                              "channel (channels=...); it exists for students made by "
+                              "`unidistill prune --hidden-keep`. Use --projector-init xavier "
+                              "for other students")
         self.proj = nn.ModuleDict()
         if self.projects:
             for student_layer in self.layer_map:
                 linear = nn.Linear(d_student, d_teacher, bias=False)  # weight (d_t, d_s)
-                _init_weight(linear.weight, init)
+                _init_weight(linear.weight, init, self.channels)
                 self.proj[str(student_layer)] = linear
 
     @property
@@ -138,9 +167,12 @@ class HiddenProjectors(nn.Module):
 
     def config_dict(self) -> dict:
         """JSON-able description from which :func:`load_projectors` rebuilds this module."""
-        return {"layer_map": {str(i): j for i, j in self.layer_map.items()},
-                "d_student": self.d_student, "d_teacher": self.d_teacher,
-                "force": self.force, "init": self.init, "format_version": FORMAT_VERSION}
+        config = {"layer_map": {str(i): j for i, j in self.layer_map.items()},
+                  "d_student": self.d_student, "d_teacher": self.d_teacher,
+                  "force": self.force, "init": self.init, "format_version": FORMAT_VERSION}
+        if self.channels is not None:
+            config["channels"] = self.channels
+        return config
 
     def extra_repr(self) -> str:
         return (f"d_student={self.d_student}, d_teacher={self.d_teacher}, "
@@ -224,7 +256,8 @@ def load_projectors(directory: str | Path, *,
     config = _read_config(config_path)
     module = HiddenProjectors(_layer_map_from_json(config["layer_map"], config_path),
                               config["d_student"], config["d_teacher"],
-                              force=config["force"], init=config["init"])
+                              force=config["force"], init=config["init"],
+                              channels=config.get("channels"))
     try:
         tensors = safetensors.torch.load_file(weights_path, device=str(map_location))
     except safetensors.SafetensorError as exc:

@@ -21,7 +21,9 @@ from unidistill.storage import CacheReader
 from unidistill.storage.files import atomic_write_json
 from unidistill.trainer.arguments import DistillationArguments
 from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
-from unidistill.trainer.layer_map import check_layers_in_cache, parse_layer_map, provenance_from_config
+from unidistill.trainer.layer_map import (
+    PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config,
+)
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.projectors import HiddenProjectors
 
@@ -105,6 +107,29 @@ def write_run_record(args: DistillationArguments, plan: DistillPlan, student: st
     atomic_write_json(Path(args.output_dir) / RUN_RECORD, record)
 
 
+def projector_init(requested: str, config, d_student: int, d_teacher: int
+                   ) -> tuple[str, list[int] | None]:
+    """The projector init to use and, for ``channels``, the teacher channel of each student one.
+
+    ``auto`` picks ``channels`` when the student config records the ``hidden_channels`` a
+    width-pruning step kept from this teacher's width, and ``xavier`` otherwise.
+    """
+    record = getattr(config, PROVENANCE_KEY, None)
+    channels = record.get("hidden_channels") if isinstance(record, dict) else None
+    fits = channels is not None and len(channels) == d_student and max(channels) < d_teacher
+    if requested == "auto":
+        return ("channels", list(channels)) if fits else ("xavier", None)
+    if requested != "channels":
+        return requested, None
+    if not fits:
+        found = "none" if channels is None else f"{len(channels)} channels up to {max(channels, default=None)}"
+        raise ConfigError(f"--projector-init channels needs the student config to record which of "
+                          f"the teacher's {d_teacher} channels its {d_student} came from "
+                          f"({PROVENANCE_KEY}['hidden_channels']); found {found}. Make the student "
+                          f"with `unidistill prune --hidden-keep`, or use --projector-init xavier")
+    return "channels", list(channels)
+
+
 def distill_from_cache(cache, student: str, args: DistillationArguments, *,
                        resume_from_checkpoint=None, teacher_model=None, online_top_k=None,
                        callbacks=None):
@@ -120,7 +145,8 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     from unidistill.trainer.distill_trainer import UniversalDistillationTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(student)
-    plan = plan_run(cache, tokenizer, AutoConfig.from_pretrained(student), args)
+    config = AutoConfig.from_pretrained(student)
+    plan = plan_run(cache, tokenizer, config, args)
     teacher_layers = sorted(set(plan.hidden_pairs.values()))
     online_teacher = None
     if teacher_model is not None:
@@ -130,8 +156,9 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
                            top_k=args.kd_top_k, logits=args.beta > 0 and online_teacher is None)
     model = AutoModelForCausalLM.from_pretrained(student)
     set_seed(args.seed)  # projector initialisation is part of the run's reproducible state
+    init, channels = projector_init(args.projector_init, config, plan.d_student, plan.d_teacher)
     projectors = HiddenProjectors(plan.hidden_pairs or plan.layer_map, plan.d_student, plan.d_teacher,
-                                  force=args.force_projectors, init=args.projector_init)
+                                  force=args.force_projectors, init=init, channels=channels)
     if not plan.hidden_pairs:
         projectors.requires_grad_(False)  # no hidden loss: nothing to learn, still saved for the record
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
