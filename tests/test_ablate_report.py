@@ -87,3 +87,25 @@ def test_ablate_then_report(tmp_path, cache, student_dir, tiny_teacher_dir, text
 def test_report_of_an_empty_folder_says_what_it_needs(tmp_path):
     res = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert res.exit_code == 2 and "trainer_state.json" in res.output
+
+
+def test_an_online_run_trains_against_the_live_teacher(tmp_path, cache, student_dir, tiny_teacher_dir,
+                                                       text_file):
+    """online=16 sees exactly the top-16 the cache holds (up to fp16), so it must land where the
+    cached run lands; online=full sees all ids and lands elsewhere."""
+    from unidistill.ablate import ablate
+
+    common = dict(learning_rate=0.003, per_device_train_batch_size=4, max_steps=2, use_cpu=True,
+                  report_to=[], save_strategy="no", logging_steps=1)
+    ce_kl = dict(alpha=0.5, beta=0.5, gamma=0.0)
+    table = ablate(cache, str(student_dir), str(tiny_teacher_dir), str(text_file), tmp_path,
+                   variants=[{"name": "cached", **ce_kl}, {"name": "top16", "online": 16, **ce_kl},
+                             {"name": "full", "online": "full", **ce_kl}],
+                   common=common, eval_sequences=4, device="cpu", progress=False)
+    rows = {r["name"]: r for r in table["rows"]}
+    assert rows["top16"]["settings"]["online"] == 16 and "online" not in rows["cached"]["settings"]
+    assert rows["top16"]["nll"] == pytest.approx(rows["cached"]["nll"], rel=1e-3)
+    assert rows["full"]["nll"] != pytest.approx(rows["cached"]["nll"], rel=1e-6)
+    assert math.isfinite(rows["full"]["nll"])
+    with pytest.raises(ConfigError, match=r"online='some'; expected 'full'"):
+        check_variants({}, [{"name": "x", "online": "some"}])

@@ -9,6 +9,10 @@ evaluated on the same held-out text, so each run's **recovery** can be read off:
 the share of the teacher-student gap in log-perplexity that the run closes. Finished runs are
 kept: rerunning the same command skips every run whose ``eval.json`` exists, and a run stopped
 mid-way continues from its last checkpoint. ``ablation.json`` and ``ablation.md`` are rewritten after every run.
+
+A run may also be the **online baseline**: ``online: full`` (or ``online: K``) loads the teacher
+and trains on the same cached token ids with targets from the live teacher (all V ids, or its
+top-K), which measures what the cache's top-k + tail costs on the same token budget.
 """
 
 from __future__ import annotations
@@ -25,6 +29,19 @@ ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 EVAL_FILE = "eval.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 SHOWN = ("alpha", "beta", "gamma", "kd_temperature", "layer_map", "hidden_loss", "kd_top_k")
+
+
+ONLINE = "online"
+
+
+def online_top_k(value, name: str) -> int | None:
+    """The ``online`` setting of a run: ``full`` -> None (all ids), a positive int -> top-K."""
+    if isinstance(value, str) and value.lower() == "full":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(f"run {name!r} has online={value!r}; expected 'full' (the live teacher's "
+                      f"whole distribution) or a positive int K (its top-K)")
 
 
 def _argument_defaults() -> dict:
@@ -64,7 +81,9 @@ def check_variants(common: dict, variants: list[dict]) -> None:
             raise ConfigError(f"run name {name!r} must start with a letter or digit and hold only "
                               "letters, digits and _ . + - (it becomes a folder name)")
         names.append(name)
-        unknown = sorted(set(v) - known - {"name"})
+        unknown = sorted(set(v) - known - {"name", ONLINE})
+        if ONLINE in v:
+            online_top_k(v[ONLINE], name)
         if unknown:
             raise ConfigError(f"run {name!r} sets unknown options {unknown}; use distill-from-cache "
                               "argument names such as alpha, beta, gamma, kd_temperature, layer_map, "
@@ -149,22 +168,42 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
         settings = {k: v for k, v in variant.items() if k != "name"}
         stats_path = run_dir / "train_speed.json"
         if not (run_dir / EVAL_FILE).is_file():
-            args = DistillationArguments(output_dir=str(run_dir), **{**common, **settings})
+            train = {k: v for k, v in settings.items() if k != ONLINE}
+            args = DistillationArguments(output_dir=str(run_dir), **{**common, **train})
             resume = any(run_dir.glob("checkpoint-*"))  # a run stopped mid-way continues
-            trainer = distill_from_cache(cache, student, args, resume_from_checkpoint=resume or None)
-            atomic_write_json(stats_path, {"tokens_per_s": _tokens_per_second(trainer)})
+            online = {}
+            if ONLINE in settings:
+                online = dict(teacher_model=_load_teacher(teacher),
+                              online_top_k=online_top_k(settings[ONLINE], name))
+            trainer = distill_from_cache(cache, student, args, resume_from_checkpoint=resume or None,
+                                         **online)
+            atomic_write_json(stats_path, {"tokens_per_s": _tokens_per_second(trainer),
+                                           "train_seconds": _train_seconds(trainer)})
         ev = _evaluate_to(run_dir, str(run_dir), heldout, heldout_cache, eval_kwargs)
         speed = json.loads(stats_path.read_text())["tokens_per_s"] if stats_path.is_file() else None
         shown = {k: settings.get(k, common.get(k, defaults[k])) for k in SHOWN}
+        if ONLINE in settings:
+            shown[ONLINE] = settings[ONLINE]
         table["rows"].append(_row(name, shown, ev, ref, speed))
         atomic_write_json(out / ABLATION_JSON, table)
         atomic_write_bytes(out / ABLATION_MD, format_table(table).encode())
     return table
 
 
+def _load_teacher(teacher: str):
+    from unidistill.cache_builder.teacher import load_model, resolve_model_source
+
+    return load_model(resolve_model_source(teacher))
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _train_seconds(trainer) -> float | None:
+    final = [h for h in trainer.state.log_history if "train_runtime" in h]
+    return final[-1]["train_runtime"] if final else None
 
 
 def _tokens_per_second(trainer) -> float | None:

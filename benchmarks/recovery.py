@@ -1,0 +1,193 @@
+"""The recovery experiment: how much of the teacher does distillation give a pruned student back,
+and which part of the loss earns it?
+
+Usage (CPU, about 50 minutes on 2 cores):
+    python benchmarks/recovery.py --preset cpu
+GPU (longer sequences, more steps, bf16; pass --data for a larger corpus than the built-in text):
+    python benchmarks/recovery.py --preset gpu --tag h100
+
+Pipeline, each stage the user-facing command (skipped when its output is already in --out, so a
+stopped experiment continues where it stopped):
+  1. ``unidistill prune``: SmolLM2-135M-Instruct (30 blocks, hidden 576, MLP 1536) -> drop the
+     last 6 blocks, MLP x0.67, hidden x0.78 (24 blocks, MLP 1024, hidden 432);
+  2. ``unidistill cache-build``: one teacher cache of the training split (top-64 + tail, hidden
+     states of teacher blocks 8, 15, 23, 30) and one of the held-out split;
+  3. ``unidistill ablate`` with ``benchmarks/recovery_variants.yaml``: every run trains the same
+     student from the same cache for the same number of steps; teacher, untrained student and
+     each run are evaluated on the held-out split (never trained on);
+  4. ``unidistill report``: loss curves, layer-cosine heatmaps and the recovery bars.
+Results: benchmarks/results/recovery_<tag>.{json,md} and recovery_<tag>.png (the bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import machine  # noqa: E402
+
+RESULTS = HERE / "results"
+TEACHER = "builtin:smollm2"
+PRESETS = {
+    "cpu": dict(device="cpu", seq_len=256, train_sequences=120, heldout_sequences=28, batch_size=4,
+                steps=30, eval_sequences=28, bf16=False),
+    "gpu": dict(device="cuda", seq_len=512, train_sequences=1600, heldout_sequences=14,
+                batch_size=8, steps=200, eval_sequences=14, bf16=True),
+}
+PRUNE = ["--drop-layers", "6", "--depth-method", "last", "--mlp-keep", "0.67", "--hidden-keep", "0.78",
+         "--calib-sequences", "16"]
+LAYERS = "8,15,23,30"
+TOP_K = 64
+
+
+def unidistill(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "unidistill"), *args]
+
+
+def stage(name: str, done: bool, argv: list[str], times: dict) -> None:
+    """Run one command unless its output exists; record its wall time."""
+    if done:
+        print(f"[{name}] already done, skipped", flush=True)
+        times[name] = None
+        return
+    print(f"[{name}] {' '.join(argv)}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True)
+    times[name] = round(time.perf_counter() - t0, 1)
+
+
+def run(opts) -> dict:
+    out = Path(opts.out)
+    student, cache, heldout_cache, runs = (out / "student", out / "cache", out / "heldout-cache",
+                                           out / "runs")
+    times: dict = {}
+    t0 = time.perf_counter()
+    stage("prune", (student / "config.json").is_file(), unidistill(
+        "prune", "--model", TEACHER, "--out", str(student), *PRUNE, "--calib-data", opts.data,
+        "--device", opts.device), times)
+    build = ["--teacher", TEACHER, "--data", opts.data, "--seq-len", str(opts.seq_len), "--top-k",
+             str(TOP_K), "--layers", LAYERS, "--batch-size", "8", "--device", opts.device]
+    stage("cache_train", (cache / "manifest.json").is_file(), unidistill(
+        "cache-build", *build, "--split", "train", "--out", str(cache),
+        "--max-sequences", str(opts.train_sequences)), times)
+    stage("cache_heldout", (heldout_cache / "manifest.json").is_file(), unidistill(
+        "cache-build", *build, "--split", opts.heldout_split, "--out", str(heldout_cache),
+        "--max-sequences", str(opts.heldout_sequences)), times)
+    common = ["--max-steps", str(opts.steps), "--per-device-train-batch-size", str(opts.batch_size)]
+    if opts.device == "cpu":
+        common.append("--use-cpu")
+    variants = _variants_file(opts, out)
+    stage("ablate", False, unidistill(
+        "ablate", "--cache", str(cache), "--student", str(student), "--teacher", TEACHER,
+        "--heldout", opts.data, "--heldout-cache", str(heldout_cache), "--out", str(runs),
+        "--variants", str(variants), *common, "--eval-sequences", str(opts.eval_sequences),
+        "--device", opts.device), times)
+    stage("report", False, unidistill("report", str(runs)), times)
+    times["total"] = round(time.perf_counter() - t0, 1)
+    return {"times_s": times, "table": json.loads((runs / "ablation.json").read_text()),
+            "student": json.loads((student / "config.json").read_text())["unidistill_provenance"],
+            "runs": runs}
+
+
+def _variants_file(opts, out: Path) -> Path:
+    """The variants YAML, with bf16 added to every run for the GPU preset."""
+    import yaml
+
+    spec = yaml.safe_load(Path(opts.variants).read_text())
+    if opts.bf16:
+        spec["common"]["bf16"] = True
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "variants.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _train_seconds(runs: Path, name: str):
+    path = runs / name / "train_speed.json"
+    return json.loads(path.read_text()).get("train_seconds") if path.is_file() else None
+
+
+def write_results(opts, result: dict) -> None:
+    table, times, runs = result["table"], result["times_s"], result["runs"]
+    command = "python " + " ".join(sys.argv)
+    prov = result["student"]
+    rows = table["rows"]
+    for row in rows:
+        row["train_seconds"] = _train_seconds(runs, row["name"])
+    out = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine(opts.device),
+           "settings": {k: v for k, v in vars(opts).items() if k not in ("results", "out")},
+           "student": {k: prov.get(k) for k in ("dropped_blocks", "num_hidden_layers", "hidden_size",
+                                               "intermediate_size", "parameters_before",
+                                               "parameters_after")},
+           "times_s": times, "rows": rows, "common": table["common"]}
+    RESULTS_DIR = Path(opts.results)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"recovery_{opts.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
+    shutil.copyfile(runs / "recovery.png", RESULTS_DIR / f"recovery_{opts.tag}.png")
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    minutes = {k: num(None if v is None else v / 60, ".1f") for k, v in times.items()}
+    md = [f"# Recovery experiment ({opts.tag})", "",
+          f"`{command}` on {out['date']}, {json.dumps(out['machine'])}", "",
+          f"Teacher SmolLM2-135M-Instruct ({prov['parameters_before']:,} parameters). Student: the "
+          f"teacher pruned to {prov['num_hidden_layers']} blocks, MLP {prov['intermediate_size']}, "
+          f"hidden {prov['hidden_size']} ({prov['parameters_after']:,} parameters; dropped blocks "
+          f"{prov['dropped_blocks']}). One cache of {opts.train_sequences} x {opts.seq_len} tokens "
+          f"of `{opts.data}` (top-{TOP_K} + tail, teacher layers {LAYERS}); every run "
+          f"{opts.steps} steps x {opts.batch_size} sequences; held-out: {opts.eval_sequences} x "
+          f"{opts.seq_len} tokens of the `{opts.heldout_split}` split, never trained on.", "",
+          "Recovery = share of the pruned student's gap to the teacher in held-out log-perplexity "
+          "that the run closes. KL is KL(teacher || model) at T = 1 over the cached top-64 + tail.", "",
+          "| run | α | β | γ | map | hidden loss | perplexity | recovery % | top-1 | KL | train min |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["settings"]
+        hidden = s.get("gamma", 0) > 0
+        name = r["name"] + (" (online, full vocab)" if s.get("online") == "full" else "")
+        md.append(f"| {name} | {num(s.get('alpha'), 'g')} | {num(s.get('beta'), 'g')} | "
+                  f"{num(s.get('gamma'), 'g')} | {s.get('layer_map', '-') if hidden else '-'} | "
+                  f"{s.get('hidden_loss', '-') if hidden else '-'} | {num(r['perplexity'], '.1f')} | "
+                  f"{num(r['recovery_pct'], '.1f')} | {num(r['top1_agreement'], '.3f')} | "
+                  f"{num(r['kl_to_teacher'], '.3f')} | "
+                  f"{num(None if r['train_seconds'] is None else r['train_seconds'] / 60, '.1f')} |")
+    md += ["", "Wall time (minutes): " + ", ".join(f"{k} {v}" for k, v in minutes.items()) + ".", "",
+           f"![recovery](recovery_{opts.tag}.png)"]
+    (RESULTS_DIR / f"recovery_{opts.tag}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--tag", default=None, help="results file suffix (default: the preset)")
+    p.add_argument("--data", default="builtin:pydoc_topics",
+                   help="text for pruning calibration, the cache and the held-out split")
+    p.add_argument("--heldout-split", default="heldout")
+    p.add_argument("--variants", default=str(HERE / "recovery_variants.yaml"))
+    p.add_argument("--out", default="out/recovery", help="work folder (kept: reruns continue)")
+    p.add_argument("--results", default=str(RESULTS))
+    for key, value in PRESETS["cpu"].items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(flag, type=type(value), default=None)
+    opts = p.parse_args(argv)
+    for key, value in PRESETS[opts.preset].items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    opts.tag = opts.tag or opts.preset
+    write_results(opts, run(opts))
+
+
+if __name__ == "__main__":
+    main()
