@@ -1,7 +1,7 @@
 """The recovery experiment: how much of the teacher does distillation give a pruned student back,
 and which part of the loss earns it?
 
-Usage (CPU, about 50 minutes on 2 cores):
+Usage (CPU, about 52 minutes on 2 cores):
     python benchmarks/recovery.py --preset cpu
 GPU (longer sequences, more steps, bf16; pass --data for a larger corpus than the built-in text):
     python benchmarks/recovery.py --preset gpu --tag h100
@@ -36,8 +36,8 @@ from machine import machine  # noqa: E402
 RESULTS = HERE / "results"
 TEACHER = "builtin:smollm2"
 PRESETS = {
-    "cpu": dict(device="cpu", seq_len=256, train_sequences=120, heldout_sequences=28, batch_size=4,
-                steps=30, eval_sequences=28, bf16=False),
+    "cpu": dict(device="cpu", seq_len=256, train_sequences=96, heldout_sequences=28, batch_size=4,
+                steps=24, eval_sequences=28, bf16=False),
     "gpu": dict(device="cuda", seq_len=512, train_sequences=1600, heldout_sequences=14,
                 batch_size=8, steps=200, eval_sequences=14, bf16=True),
 }
@@ -157,7 +157,7 @@ def write_results(opts, result: dict) -> None:
                   f"{num(s.get('gamma'), 'g')} | {s.get('layer_map', '-') if hidden else '-'} | "
                   f"{s.get('hidden_loss', '-') if hidden else '-'} | {num(r['perplexity'], '.1f')} | "
                   f"{num(r['recovery_pct'], '.1f')} | {num(r['top1_agreement'], '.3f')} | "
-                  f"{num(r['kl_to_teacher'], '.3f')} | "
+                  f"{num(None if r['kl_to_teacher'] is None else max(r['kl_to_teacher'], 0.0), '.3f')} | "
                   f"{num(None if r['train_seconds'] is None else r['train_seconds'] / 60, '.1f')} |")
     md += ["", "Wall time (minutes): " + ", ".join(f"{k} {v}" for k, v in minutes.items()) + ".", "",
            f"![recovery](recovery_{opts.tag}.png)"]
