@@ -25,9 +25,9 @@ SLOW_DRIVER = """
 import sys, time
 from unidistill.cache_builder import capture
 _call = capture.TeacherRunner.__call__
-def slow(self, ids):
+def slow(self, ids, **kw):
     time.sleep(0.4)
-    return _call(self, ids)
+    return _call(self, ids, **kw)
 capture.TeacherRunner.__call__ = slow
 from unidistill.cli import main
 sys.exit(main())

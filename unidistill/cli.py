@@ -48,7 +48,15 @@ def main():
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--out", required=True, help="Cache folder to create, or to resume.")
 @click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--logits", default="topk", show_default=True,
+              type=click.Choice(["topk", "sampled", "exact"]),
+              help="topk: the --top-k most likely ids + tail; sampled: --samples draws per position "
+                   "(distinct ids + counts); exact: the final hidden state + the teacher's head, "
+                   "full vocabulary at any temperature.")
 @click.option("--top-k", type=int, default=64, show_default=True)
+@click.option("--samples", type=int, default=64, show_default=True,
+              help="With --logits sampled: draws per position.")
+@click.option("--sample-seed", type=int, default=0, show_default=True)
 @click.option("--layers", default="all", show_default=True,
               help="Teacher hidden_states indices to cache: 6,12,18,24,30 | all (1..n) | none.")
 @click.option("--student-layers", type=int, default=None,
@@ -92,6 +100,7 @@ def _fmt_bytes(n: float) -> str:
 def cache_info_cmd(path, as_json):
     """Show a cache's manifest, shapes, sizes on disk and bytes per token."""
     from unidistill.storage.info import cache_info
+    from unidistill.storage.layout import HEAD_FILE
 
     info = cache_info(path)
     if as_json:
@@ -107,7 +116,9 @@ def cache_info_cmd(path, as_json):
                + f", {s['teacher']['architecture']}, {s['teacher']['n_layers']} layers")
     click.echo(f"data         {s['data']['source']} split={s['data']['split']}")
     click.echo(f"tokens       {info['n_sequences']} sequences x {info['seq_len']} = {info['n_tokens']}")
-    click.echo(f"logits       top-{info['top_k']} + tail")
+    click.echo("logits       " + {"topk": f"top-{info['top_k']} + tail",
+                                  "sampled": f"{info['top_k']} draws per position (ids + counts)",
+                                  "exact": f"exact: final layer + {HEAD_FILE}"}[info["logits_mode"]])
     click.echo(f"layers       {info['layers']} ({info['hidden_dtype']})")
     click.echo(f"bytes/token  logits {bpt['logits_disk']:.1f} on disk ({bpt['logits_raw']:.1f} raw), "
                f"hidden {bpt['hidden_disk']:.1f} on disk ({bpt['hidden_raw']:.1f} raw), "

@@ -73,8 +73,12 @@ def _batches(n: int, batch_size: int):
 
 @torch.no_grad()
 def _score_batch(model, input_ids, totals: _Totals, teacher: dict | None,
-                 pairs: dict[int, object] | None, teacher_layers: list[int]) -> None:
-    """Add one batch's CE (and teacher metrics) to ``totals``. input_ids (B, L) int64."""
+                 pairs: dict[int, object] | None, teacher_layers: list[int],
+                 teacher_head: tuple | None = None) -> None:
+    """Add one batch's CE (and teacher metrics) to ``totals``. input_ids (B, L) int64.
+
+    ``teacher_head`` = (weight, bias) of an exact-logits cache: the teacher's logits are rebuilt
+    from its cached final state, and the KL is over the whole vocabulary."""
     out = model(input_ids=input_ids, output_hidden_states=True,
                 logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
     final = out.hidden_states[-1]                                          # (B, L, D)
@@ -83,15 +87,24 @@ def _score_batch(model, input_ids, totals: _Totals, teacher: dict | None,
     kl_mask = torch.ones_like(input_ids, dtype=torch.bool)
     for s in range(0, input_ids.shape[1], _CHUNK):
         logits = head(final[:, s:s + _CHUNK]).float()                      # (B, C, V)
-        part = {k: teacher[k][:, s:s + _CHUNK] for k in TEACHER_FIELDS} if teacher else {}
+        part = {k: teacher[k][:, s:s + _CHUNK] for k in TEACHER_FIELDS if k in teacher} \
+            if teacher else {}
+        teacher_logits = None
+        if teacher is not None and teacher_head is not None:
+            t_final = teacher["teacher_final_hidden"][:, s:s + _CHUNK]     # (B, C, D_t)
+            teacher_logits = F.linear(t_final.to(teacher_head[0].dtype), *teacher_head).float()
         ce, ce_n, kl, kl_n = logit_losses_from_logits(
             logits, labels[:, s:s + _CHUNK], kl_mask[:, s:s + _CHUNK], part.get("teacher_ids"),
             part.get("teacher_logp"), part.get("teacher_log_tail"), 1.0, "forward",
-            compute_ce=True, compute_kl=teacher is not None)
+            compute_ce=True, compute_kl=teacher is not None, teacher_logits=teacher_logits)
         totals.ce, totals.ce_n = totals.ce + float(ce), totals.ce_n + float(ce_n)
         if teacher is not None:
             totals.kl, totals.kl_n = totals.kl + float(kl), totals.kl_n + float(kl_n)
-            top1 = part["teacher_ids"][..., 0].long()                      # (B, C)
+            if teacher_logits is not None:
+                top1 = teacher_logits.argmax(-1)                           # (B, C)
+            else:  # the most likely cached id (top-k: the first; sampled: the most drawn)
+                best = part["teacher_logp"].argmax(-1, keepdim=True)       # (B, C, 1)
+                top1 = part["teacher_ids"].long().gather(-1, best).squeeze(-1)
             totals.hits += float((logits.argmax(-1) == top1).sum())
     if pairs:
         for i, project in pairs.items():
@@ -152,9 +165,12 @@ def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_d
     totals = _Totals(cfg.num_hidden_layers + 1, len(teacher_layers))
     layers = teacher_layers if pairs else []
     dataset = CacheDataset(reader, layers=layers)
+    head = None
+    if reader.logits_mode == "exact":
+        head = tuple(None if t is None else t.to(device) for t in reader.head())
     for rows in tqdm(list(_batches(n, batch_size)), desc="teacher agreement", disable=not progress):
         batch = {k: v.to(device) for k, v in collate_cache_batch([dataset[i] for i in rows]).items()}
-        _score_batch(model, batch.pop("input_ids"), totals, batch, pairs, layers)
+        _score_batch(model, batch.pop("input_ids"), totals, batch, pairs, layers, head)
     result.cache_nll, result.cache_perplexity = _perplexity(totals.ce, totals.ce_n)
     result.kl_to_teacher = totals.kl / totals.kl_n if totals.kl_n else None
     result.top1_agreement = totals.hits / totals.kl_n if totals.kl_n else None

@@ -31,7 +31,8 @@ from unidistill.cache_builder.teacher import (
 )
 from unidistill.errors import CacheError, ConfigError
 from unidistill.fingerprint import ids_fingerprint, tokenizer_fingerprint, weights_fingerprint
-from unidistill.storage.layout import CacheLayout, index_dtype_for
+from unidistill.storage.head import head_digest, write_head
+from unidistill.storage.layout import HEAD_FILE, CacheLayout, index_dtype_for
 from unidistill.storage.writer import CacheWriter
 
 
@@ -95,7 +96,7 @@ def prepare(cfg: BuildConfig, log=print):
     n_layers = model_config.num_hidden_layers
     vocab = model_config.vocab_size
     layers = cfg.resolve_layers(n_layers)
-    if cfg.top_k > vocab:
+    if cfg.logits == "topk" and cfg.top_k > vocab:
         raise ConfigError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({vocab}); "
                           f"use 1 <= --top-k <= {vocab}")
     tokenizer = load_tokenizer(source)
@@ -111,11 +112,12 @@ def build_cache(cfg: BuildConfig, *, progress: bool = True, log=print) -> dict:
     source, device, model_config, layers, tokenizer, ids = prepare(cfg, log)
     log(f"{ids.shape[0]} sequences x {cfg.seq_len} tokens; loading teacher {source.path} on {device} ...")
     model = load_model(source, cfg.dtype, str(device))
+    head = model.get_output_embeddings()
     layout = CacheLayout(
-        n_sequences=int(ids.shape[0]), seq_len=cfg.seq_len, top_k=cfg.top_k,
-        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
-        hidden_size=int(model_config.hidden_size), layers=tuple(layers),
-        hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size)
+        n_sequences=int(ids.shape[0]), seq_len=cfg.seq_len, top_k=cfg.stored_k,
+        vocab_size=int(head.weight.shape[0]), hidden_size=int(model_config.hidden_size),
+        layers=tuple(layers), hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size,
+        logits_mode=cfg.logits)
     settings = {
         "teacher": {**source.describe(), "architecture": type(model).__name__,
                     "n_layers": model_config.num_hidden_layers,
@@ -130,13 +132,17 @@ def build_cache(cfg: BuildConfig, *, progress: bool = True, log=print) -> dict:
                  "packing": "documents joined with EOS, remainder dropped",
                  "ids_fingerprint": ids_fingerprint(ids)},
     }
+    if cfg.logits == "sampled":
+        settings["sampling"] = {"temperature": 1.0, "seed": cfg.sample_seed}
     writer = CacheWriter.open(cfg.out, layout, settings, overwrite=cfg.overwrite)
     pending = writer.pending_units()
     done_units = layout.n_units - len(pending)
     if done_units:
         log(f"resuming {cfg.out}: {done_units}/{layout.n_units} units already committed")
-    runner = TeacherRunner(model, layers, cfg.top_k, index_dtype=index_dtype_for(layout.vocab_size),
-                           hidden_dtype=cfg.hidden_dtype)
+    if cfg.logits == "exact":
+        write_head(cfg.out, head.weight, head.bias)
+    runner = TeacherRunner(model, layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
+                           hidden_dtype=cfg.hidden_dtype, mode=cfg.logits)
     todo_tokens = sum(np.subtract(*layout.unit_range(u)[::-1]) for u in pending) * cfg.seq_len
     bar = tqdm(total=int(todo_tokens), unit="tok", unit_scale=True, desc="cache-build",
                disable=not progress, smoothing=0.1)
@@ -150,7 +156,7 @@ def build_cache(cfg: BuildConfig, *, progress: bool = True, log=print) -> dict:
             for s in range(start, stop, cfg.batch_size):
                 batch = ids[s:min(s + cfg.batch_size, stop)]
                 t0 = time.perf_counter()
-                parts.append(runner(batch))
+                parts.append(runner(batch, seed=cfg.sample_seed * 1_000_003 + s))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 teacher_seconds += time.perf_counter() - t0
@@ -167,7 +173,10 @@ def build_cache(cfg: BuildConfig, *, progress: bool = True, log=print) -> dict:
              "tokens_per_second": round(todo_tokens / wall, 1) if wall > 0 else None,
              "device": str(device), "unidistill_version": __version__,
              "config": {k: v for k, v in asdict(cfg).items() if k != "overwrite"}}
-    manifest = writer.finalize({"build": build})
+    extra = {"build": build}
+    if cfg.logits == "exact":
+        extra["head"] = {"file": HEAD_FILE, "sha256": head_digest(cfg.out)}
+    manifest = writer.finalize(extra)
     log(f"cache complete: {cfg.out} ({layout.n_sequences * cfg.seq_len} tokens, "
         f"fingerprint {manifest['fingerprint'][:16]})")
     return manifest

@@ -19,9 +19,11 @@ from unidistill.cache_builder.config import check_layer_range
 from unidistill.errors import ConfigError
 from unidistill.storage.layout import (
     INPUT_IDS,
+    LOGIT_COUNTS,
     LOGIT_INDICES,
     LOGIT_TAIL,
     LOGIT_VALUES,
+    LOGITS_MODES,
     hidden_key,
 )
 
@@ -61,14 +63,41 @@ def top_k_with_tail(logits: torch.Tensor, k: int):
     return ids, logp, log_s_rest - log_s_all
 
 
+def sample_with_counts(logits: torch.Tensor, n: int, generator: torch.Generator | None = None):
+    """Draw ``n`` ids with replacement from softmax(logits) and keep the distinct ones with counts.
+
+    logits (R, V) -> ids (R, n) int64, counts (R, n) int64: per row the distinct ids in ascending
+    order with how often each was drawn (counts sum to n); unused slots hold id 0 and count 0.
+    counts / n is an unbiased estimate of the teacher distribution (random-sampling KD), so the
+    soft cross-entropy against it is an unbiased estimate of the full one.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)                                      # (R, V)
+    draws = torch.multinomial(probs, n, replacement=True, generator=generator)         # (R, n)
+    draws = draws.sort(dim=-1).values
+    is_new = torch.ones_like(draws, dtype=torch.bool)
+    is_new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = is_new.long().cumsum(-1) - 1                                                # (R, n)
+    counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
+    ids = torch.zeros_like(draws).scatter_(-1, slot, draws)
+    return ids, counts
+
+
 class TeacherRunner:
-    """Runs the teacher on batches of ids and returns numpy arrays in storage dtypes."""
+    """Runs the teacher on batches of ids and returns numpy arrays in storage dtypes.
+
+    ``mode`` is the cache's logit representation (see :mod:`unidistill.storage.layout`):
+    ``topk`` (``top_k`` ids + tail), ``sampled`` (``top_k`` draws per position, seeded per call)
+    or ``exact`` (no logit arrays; the final layer is among ``layers``).
+    """
 
     def __init__(self, model, layers, top_k: int | None, *, index_dtype: np.dtype = np.int32,
-                 hidden_dtype: str = "float16", rows_per_chunk: int = 1024):
+                 hidden_dtype: str = "float16", rows_per_chunk: int = 1024, mode: str = "topk"):
+        if mode not in LOGITS_MODES:
+            raise ConfigError(f"logits mode {mode!r} is not one of {LOGITS_MODES}")
         self.model = model
         self.layers = sorted(layers)
         self.top_k = top_k
+        self.mode = mode
         self.index_dtype = np.dtype(index_dtype)
         self.hidden_dtype = hidden_dtype
         self.rows_per_chunk = rows_per_chunk
@@ -139,18 +168,38 @@ class TeacherRunner:
         return (torch.cat(top_ids).reshape(b, length, -1), torch.cat(top_vals).reshape(b, length, -1),
                 torch.cat(tails).reshape(b, length))
 
+    @torch.no_grad()
+    def sampled(self, final: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """final hidden (B, L, D) -> distinct sampled ids and counts, (B, L, top_k) each.
+
+        The draws use a generator seeded with ``seed``, so a batch always gets the same sample
+        (a resumed build is identical to an uninterrupted one)."""
+        b, length = final.shape[:2]
+        rows = final.reshape(b * length, -1)                                 # (B*L, D)
+        generator = torch.Generator(device=rows.device).manual_seed(seed)
+        ids, counts = [], []
+        for s in range(0, rows.shape[0], self.rows_per_chunk):
+            i, c = sample_with_counts(self.head(rows[s:s + self.rows_per_chunk]), self.top_k, generator)
+            ids.append(i)
+            counts.append(c)
+        return torch.cat(ids).reshape(b, length, -1), torch.cat(counts).reshape(b, length, -1)
+
     @torch.inference_mode()
-    def __call__(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, input_ids: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+        """One batch in storage dtypes; ``seed`` seeds the draws of a sampled cache."""
         device = self.head.weight.device
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(device)
         final, captured = self.forward(ids)
-        top_ids, top_vals, tails = self.top_k_tail(final)
-        out = {
-            INPUT_IDS: input_ids.astype(np.int32, copy=False),
-            LOGIT_INDICES: top_ids.to(torch.int32).cpu().numpy().astype(self.index_dtype),
-            LOGIT_VALUES: top_vals.to(torch.float16).cpu().numpy(),
-            LOGIT_TAIL: tails.to(torch.float16).cpu().numpy(),
-        }
+        out = {INPUT_IDS: input_ids.astype(np.int32, copy=False)}
+        if self.mode == "topk":
+            top_ids, top_vals, tails = self.top_k_tail(final)
+            out[LOGIT_INDICES] = top_ids.to(torch.int32).cpu().numpy().astype(self.index_dtype)
+            out[LOGIT_VALUES] = top_vals.to(torch.float16).cpu().numpy()
+            out[LOGIT_TAIL] = tails.to(torch.float16).cpu().numpy()
+        elif self.mode == "sampled":
+            sample_ids, counts = self.sampled(final, seed)
+            out[LOGIT_INDICES] = sample_ids.to(torch.int32).cpu().numpy().astype(self.index_dtype)
+            out[LOGIT_COUNTS] = counts.to(torch.int32).cpu().numpy().astype(np.uint16)
         for j in self.layers:
             stored = self._to_storage(j, captured[j]).cpu().numpy()
             out[hidden_key(j)] = stored.view(np.uint16) if self.hidden_dtype == "bfloat16" else stored

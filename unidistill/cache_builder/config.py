@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unidistill.errors import ConfigError
-from unidistill.storage.layout import HIDDEN_DTYPES
+from unidistill.storage.layout import HIDDEN_DTYPES, LOGITS_MODES, MAX_SAMPLES
 
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -31,6 +31,9 @@ class BuildConfig:
     text_field: str = "text"
     seq_len: int = 512
     top_k: int = 64
+    logits: str = "topk"
+    samples: int = 64
+    sample_seed: int = 0
     layers: str = "all"
     student_layers: int | None = None
     layer_maps: tuple[str, ...] = ("uniform", "last")
@@ -47,6 +50,13 @@ class BuildConfig:
             raise ConfigError(f"seq_len must be >= 2 (one input and one next token), got {self.seq_len}")
         if self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        if self.logits not in LOGITS_MODES:
+            raise ConfigError(f"logits representation {self.logits!r} is not one of {LOGITS_MODES}: "
+                              "topk (top-k ids + tail), sampled (--samples draws per position) or "
+                              "exact (final hidden state + the head, full vocabulary offline)")
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            raise ConfigError(f"samples must be between 1 and {MAX_SAMPLES} draws per position, got "
+                              f"{self.samples}")
         for name in ("batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -63,12 +73,24 @@ class BuildConfig:
             raise ConfigError(f"output path {out} is a file; expected a folder for the cache. "
                               "Choose another --out.")
 
+    @property
+    def stored_k(self) -> int:
+        """What the layout's top_k holds: K ids, S draws, or 0 for exact logits."""
+        return {"topk": self.top_k, "sampled": self.samples, "exact": 0}[self.logits]
+
     def resolve_layers(self, n_layers: int) -> list[int]:
         """Teacher ``hidden_states`` indices to cache, checked against the teacher's depth.
 
         ``all`` = 1..n, ``none`` = logits only, ``6,12,18`` explicit; with ``student_layers`` the
-        union of the teacher layers that the listed maps pick for such a student.
+        union of the teacher layers that the listed maps pick for such a student. Exact logits
+        always add the last layer n (the final normed state the logits are rebuilt from).
         """
+        layers = self._listed_layers(n_layers)
+        if self.logits == "exact" and n_layers not in layers:
+            layers = sorted([*layers, n_layers])
+        return layers
+
+    def _listed_layers(self, n_layers: int) -> list[int]:
         if self.student_layers is not None:
             from unidistill.trainer.layer_map import teacher_layers_for_students
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unidistill.storage.layout import HIDDEN_PREFIX
+from unidistill.storage.layout import HEAD_FILE, HIDDEN_PREFIX
 from unidistill.storage.reader import CacheReader
 from unidistill.storage.writer import read_unit_marker
 
@@ -31,6 +31,8 @@ def cache_info(root) -> dict:
     def per_token(pred, key):
         return sum(a[key] for n, a in arrays.items() if pred(n)) / n_tokens
 
+    head = Path(reader.root) / HEAD_FILE
+    head_bytes = head.stat().st_size if head.is_file() else 0  # exact logits: stored once
     is_logits = lambda n: n.startswith("logits/")  # noqa: E731
     is_hidden = lambda n: n.startswith(HIDDEN_PREFIX)  # noqa: E731
     return {
@@ -45,6 +47,8 @@ def cache_info(root) -> dict:
         "seq_len": layout.seq_len,
         "n_tokens": n_tokens,
         "top_k": layout.top_k,
+        "logits_mode": layout.logits_mode,
+        "head_bytes": head_bytes,
         "layers": list(layout.layers),
         "hidden_dtype": layout.hidden_dtype,
         "settings": manifest.get("settings"),
@@ -52,7 +56,7 @@ def cache_info(root) -> dict:
         "arrays": arrays,
         "bytes_per_token": {
             "logits_raw": per_token(is_logits, "raw_bytes"),
-            "logits_disk": per_token(is_logits, "disk_bytes"),
+            "logits_disk": per_token(is_logits, "disk_bytes") + head_bytes / n_tokens,
             "hidden_raw": per_token(is_hidden, "raw_bytes"),
             "hidden_disk": per_token(is_hidden, "disk_bytes"),
             "total_disk": _disk_bytes(Path(reader.root)) / n_tokens,

@@ -12,6 +12,16 @@ whole units, so no two writers ever touch one shard (a write into a shard rewrit
 | logits/tail      | [N, L]      | float16 (log of mass off the K)| one sequence     |
 | hidden/<j>       | [N, L, D]   | float16, or bfloat16 as uint16 | one sequence     |
 
+The ``logits/*`` arrays depend on the logit representation (``logits_mode``):
+
+* ``topk`` (above): the K most likely ids, their log-probs and the log of the remaining mass;
+* ``sampled``: ``logits/indices`` [N, L, S] and ``logits/counts`` [N, L, S] (uint16): S ids drawn
+  with replacement from the teacher's distribution at T = 1, stored as the distinct ids with
+  their counts (unused slots: id 0, count 0). ``top_k`` holds S, the draws per position;
+* ``exact``: no logit arrays. The final normed hidden state (layer n) is always cached and the
+  teacher's output head is stored once as ``lm_head.safetensors``, so the full-vocabulary
+  teacher logits can be rebuilt offline at any temperature. ``top_k`` is 0.
+
 Fill values are sentinels that real data never holds (-1 ids, NaN floats, 0xFFFF bf16 NaN), so a
 chunk that was never written cannot pass for data.
 """
@@ -32,6 +42,8 @@ INPUT_IDS = "input_ids"
 LOGIT_INDICES = "logits/indices"
 LOGIT_VALUES = "logits/values"
 LOGIT_TAIL = "logits/tail"
+LOGIT_COUNTS = "logits/counts"
+HEAD_FILE = "lm_head.safetensors"
 HIDDEN_PREFIX = "hidden/"
 
 # logical hidden dtype -> (numpy storage dtype, sentinel fill value)
@@ -39,7 +51,8 @@ HIDDEN_DTYPES = {
     "float16": (np.dtype("float16"), float("nan")),
     "bfloat16": (np.dtype("uint16"), 0xFFFF),  # zarr has no bf16: raw bits; 0xFFFF is a bf16 NaN
 }
-LOGITS_MODES = ("topk",)
+LOGITS_MODES = ("topk", "sampled", "exact")
+MAX_SAMPLES = 65534  # counts are uint16 and 65535 is their fill sentinel
 UINT16_MAX_VOCAB = 65535  # 65535 itself is the fill sentinel, so the largest id must be below it
 
 
@@ -74,6 +87,12 @@ class CacheLayout:
             )
         if self.logits_mode not in LOGITS_MODES:
             raise ConfigError(f"logits mode {self.logits_mode!r} is not one of {LOGITS_MODES}")
+        if self.logits_mode == "exact" and self.top_k != 0:
+            raise ConfigError(f"an exact-logits cache stores no top-k ids, so top_k must be 0; got "
+                              f"{self.top_k}")
+        if self.logits_mode != "exact" and not 1 <= self.top_k <= MAX_SAMPLES:
+            raise ConfigError(f"top_k (ids per position, or draws per position when sampled) must "
+                              f"be between 1 and {MAX_SAMPLES}; got {self.top_k}")
         if self.shard_size < 1:
             raise ConfigError(f"shard size must be >= 1 sequence, got {self.shard_size}")
         object.__setattr__(self, "layers", tuple(sorted(int(j) for j in self.layers)))
@@ -109,12 +128,14 @@ class CacheLayout:
             return dict(shape=shape, chunks=chunks, shards=(s,) + tuple(shape[1:]),
                         dtype=dtype, fill_value=fill, compressors=codecs)
 
-        specs = {
-            INPUT_IDS: spec((n, length), np.dtype("int32"), -1, ints),
-            LOGIT_INDICES: spec((n, length, k), idx, -1 if idx.kind == "i" else 0xFFFF, ints),
-            LOGIT_VALUES: spec((n, length, k), np.dtype("float16"), float("nan"), floats),
-            LOGIT_TAIL: spec((n, length), np.dtype("float16"), float("nan"), floats),
-        }
+        specs = {INPUT_IDS: spec((n, length), np.dtype("int32"), -1, ints)}
+        if self.logits_mode != "exact":
+            specs[LOGIT_INDICES] = spec((n, length, k), idx, -1 if idx.kind == "i" else 0xFFFF, ints)
+        if self.logits_mode == "topk":
+            specs[LOGIT_VALUES] = spec((n, length, k), np.dtype("float16"), float("nan"), floats)
+            specs[LOGIT_TAIL] = spec((n, length), np.dtype("float16"), float("nan"), floats)
+        elif self.logits_mode == "sampled":
+            specs[LOGIT_COUNTS] = spec((n, length, k), np.dtype("uint16"), 0xFFFF, ints)
         store_dtype, fill = HIDDEN_DTYPES[self.hidden_dtype]
         for j in self.layers:
             specs[hidden_key(j)] = spec((n, length, self.hidden_size), store_dtype, fill, hidden)

@@ -12,6 +12,7 @@ from unidistill.errors import CacheIncompleteError, CacheMismatchError, CacheNot
 from unidistill.storage.layout import (
     FORMAT_VERSION,
     INPUT_IDS,
+    LOGIT_COUNTS,
     LOGIT_INDICES,
     LOGIT_TAIL,
     LOGIT_VALUES,
@@ -43,8 +44,21 @@ def truncate_top_k(values: np.ndarray, log_tail: np.ndarray, k: int) -> tuple[np
     return values[..., :k], new_tail.numpy().astype(log_tail.dtype)
 
 
+def counts_to_buckets(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts (.., S) of a sampled cache -> log(count / S) (.., S) and a log-tail of -inf (..).
+
+    The empirical distribution of the draws as top-k style buckets: unused slots (count 0) get
+    -inf, and nothing lies outside the drawn ids, so the forward KL against it is the sparse
+    soft cross-entropy minus the constant entropy of the sample.
+    """
+    n = counts.shape[-1]
+    with np.errstate(divide="ignore"):
+        logp = np.log(counts.astype(np.float32) / n)
+    return logp, np.full(counts.shape[:-1], -np.inf, dtype=np.float32)
+
+
 class CacheReader:
-    """Reads sequences of a cache: ids, top-k teacher log-probs and chosen hidden layers.
+    """Reads sequences of a cache: ids, teacher targets and chosen hidden layers.
 
     Opening checks the format version and (unless ``require_complete=False``, used by
     ``cache-verify``) that the build finished.
@@ -87,11 +101,33 @@ class CacheReader:
     def layers(self) -> tuple[int, ...]:
         return self.layout.layers
 
+    @property
+    def logits_mode(self) -> str:
+        return self.layout.logits_mode
+
+    @property
+    def final_layer(self) -> int:
+        """The teacher's last ``hidden_states`` index (its final normed state)."""
+        return int(self.manifest["settings"]["teacher"]["n_layers"])
+
+    def head(self):
+        """The teacher's output head of an exact-logits cache: (weight (V, D), bias or None)."""
+        from unidistill.storage.head import read_head
+
+        if self.logits_mode != "exact":
+            raise CacheMismatchError(f"cache {self.root} stores {self.logits_mode} logits, not the "
+                                     "teacher's head; only an exact-logits cache has one")
+        return read_head(self.root)
+
     def check_request(self, layers=None, top_k: int | None = None) -> None:
         missing = [j for j in (layers or ()) if j not in self.layout.layers]
         if missing:
             raise CacheMismatchError(f"teacher layers {missing} are not in cache {self.root}; it "
                                      f"holds layers {list(self.layout.layers)}")
+        if top_k is not None and self.logits_mode != "topk":
+            raise CacheMismatchError(f"top_k={top_k} asked, but cache {self.root} stores "
+                                     f"{self.logits_mode} logits, which have no top-k to cut; "
+                                     "leave --top-k unset")
         if top_k is not None and not 1 <= top_k <= self.layout.top_k:
             raise CacheMismatchError(f"top_k={top_k} asked, but cache {self.root} stores "
                                      f"k={self.layout.top_k}; use 1 <= top_k <= {self.layout.top_k} "
@@ -99,19 +135,30 @@ class CacheReader:
 
     def read(self, index: int, *, layers=None, top_k: int | None = None,
              logits: bool = True) -> dict:
-        """One sequence: ``input_ids (L,)``, ``teacher_ids/teacher_logp (L, k)``,
-        ``teacher_log_tail (L,)`` and ``hidden`` = {layer: (L, D) stored dtype}."""
+        """One sequence: ``input_ids (L,)``, the teacher's logit targets and ``hidden`` =
+        {layer: (L, D) stored dtype}.
+
+        Logit targets: ``teacher_ids/teacher_logp (L, k)`` and ``teacher_log_tail (L,)`` for top-k
+        and sampled caches (sampled: the empirical distribution of the draws, see
+        :func:`counts_to_buckets`); ``teacher_final_hidden (L, D)`` for exact caches, to go
+        through :meth:`head`.
+        """
         layers = list(self.layout.layers if layers is None else layers)
         self.check_request(layers, top_k)
         if not 0 <= index < self.layout.n_sequences:
             raise IndexError(f"sequence {index} out of range 0..{self.layout.n_sequences - 1}")
         g = self.group
         out = {"input_ids": g[INPUT_IDS][index]}
-        if logits:
+        if logits and self.logits_mode == "topk":
             k = top_k or self.layout.top_k
             ids = g[LOGIT_INDICES][index, :, :k]
             values, tail = truncate_top_k(g[LOGIT_VALUES][index], g[LOGIT_TAIL][index], k)
             out.update(teacher_ids=ids, teacher_logp=values, teacher_log_tail=tail)
+        elif logits and self.logits_mode == "sampled":
+            logp, tail = counts_to_buckets(g[LOGIT_COUNTS][index])
+            out.update(teacher_ids=g[LOGIT_INDICES][index], teacher_logp=logp, teacher_log_tail=tail)
+        elif logits:
+            out["teacher_final_hidden"] = g[hidden_key(self.final_layer)][index]
         out["hidden"] = {j: g[hidden_key(j)][index] for j in layers}
         return out
 

@@ -71,6 +71,16 @@ def verify_cache(root, progress=None) -> VerifyReport:
             if array_digest(data) != marker["digests"].get(name):
                 report.problems.append(Problem(
                     unit, name, f"content differs from its committed digest (sequences {start}..{stop - 1})"))
+    expected_head = reader.manifest.get("head")
+    if reader.logits_mode == "exact" and expected_head is not None:
+        from unidistill.storage.head import head_digest
+
+        path = Path(reader.root) / expected_head["file"]
+        if not path.is_file():
+            report.problems.append(Problem(-1, expected_head["file"], "missing: rebuild the cache"))
+        elif head_digest(reader.root) != expected_head["sha256"]:
+            report.problems.append(Problem(-1, expected_head["file"],
+                                           "content differs from the digest in the manifest"))
     report.stray_files = sorted(str(p.relative_to(reader.root))
                                 for p in Path(reader.root).rglob("*.partial"))
     return report

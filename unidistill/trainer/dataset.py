@@ -23,7 +23,9 @@ def hidden_field(layer: int) -> str:
 
 class CacheDataset(Dataset):
     """Items: ``input_ids (L,)``, ``teacher_ids/teacher_logp (L, k)``, ``teacher_log_tail (L,)``
-    and ``teacher_hidden_<j> (L, D)`` for each requested teacher layer j.
+    (top-k and sampled caches) or ``teacher_final_hidden (L, D)`` (exact caches, whose head the
+    trainer takes from ``reader.head()``), and ``teacher_hidden_<j> (L, D)`` for each requested
+    teacher layer j.
 
     Low-precision tensors stay as stored (fp16 / bf16) to keep host memory and copies small;
     the losses upcast to fp32.
@@ -42,11 +44,13 @@ class CacheDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         seq = self.reader.read(int(index), layers=self.layers, top_k=self.top_k, logits=self.logits)
         item = {"input_ids": torch.from_numpy(seq["input_ids"].astype(np.int64))}
-        if self.logits:
+        dtype = self.reader.layout.hidden_dtype
+        if self.logits and "teacher_final_hidden" in seq:
+            item["teacher_final_hidden"] = decode_hidden(seq["teacher_final_hidden"], dtype)
+        elif self.logits:
             item["teacher_ids"] = torch.from_numpy(seq["teacher_ids"].astype(np.int32))
             item["teacher_logp"] = torch.from_numpy(seq["teacher_logp"])
             item["teacher_log_tail"] = torch.from_numpy(seq["teacher_log_tail"])
-        dtype = self.reader.layout.hidden_dtype
         for j, h in seq["hidden"].items():
             item[hidden_field(j)] = decode_hidden(h, dtype)
         return item

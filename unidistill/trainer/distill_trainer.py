@@ -22,7 +22,8 @@ from unidistill.trainer.projectors import HiddenProjectors, load_projectors, sav
 
 
 def _exact_teacher(batch: dict):
-    """(final hidden, head weight, head bias) when an online full-vocabulary teacher gave them."""
+    """(final hidden, head weight, head bias) from an online full-vocabulary teacher or an
+    exact-logits cache."""
     if "teacher_final_hidden" not in batch:
         return None
     return batch["teacher_final_hidden"], batch["teacher_head_weight"], batch.get("teacher_head_bias")
@@ -45,16 +46,20 @@ class UniversalDistillationTrainer(Trainer):
     ``hidden_pairs`` maps each aligned student block to its teacher layer (hidden_states
     indices); ``projectors`` bring student widths to the teacher's. ``online_teacher``, if given,
     is a callable ``input_ids -> dict of teacher fields`` that replaces the cached targets (the
-    baseline with the teacher in memory).
+    baseline with the teacher in memory). ``teacher_head`` = (weight, bias) of an exact-logits
+    cache, through which the cached final teacher state gives the full-vocabulary logits.
     """
 
     def __init__(self, *args, projectors: HiddenProjectors, hidden_pairs: dict[int, int],
-                 online_teacher=None, **kwargs):
+                 online_teacher=None, teacher_head=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projectors = projectors.to(self.args.device)
         self.add_callback(_ZeroProjectorGrads(self.projectors))
         self.hidden_pairs = dict(sorted(hidden_pairs.items()))
         self.online_teacher = online_teacher
+        # exact-logits caches: the teacher's head (weight, bias), moved to the device once
+        self.teacher_head = None if teacher_head is None else tuple(
+            None if t is None else t.to(self.args.device) for t in teacher_head)
         # compute_loss returns a per-micro-batch mean, so the Trainer must divide by the
         # gradient-accumulation steps itself.
         self.loss_is_scaled_for_ga = False
@@ -83,9 +88,12 @@ class UniversalDistillationTrainer(Trainer):
 
     # -- loss -----------------------------------------------------------------------------------
     def _targets(self, inputs: dict) -> dict:
-        if self.online_teacher is None:
-            return inputs
-        return {**inputs, **self.online_teacher(inputs["input_ids"])}
+        if self.online_teacher is not None:
+            return {**inputs, **self.online_teacher(inputs["input_ids"])}
+        if self.teacher_head is not None and "teacher_final_hidden" in inputs:
+            weight, bias = self.teacher_head
+            return {**inputs, "teacher_head_weight": weight, "teacher_head_bias": bias}
+        return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args

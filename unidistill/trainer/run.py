@@ -82,10 +82,27 @@ def select_hidden_pairs(layer_map: dict[int, int], align: str, cached_layers) ->
     return pairs
 
 
+def check_logit_settings(reader: CacheReader, args: DistillationArguments) -> None:
+    """A sampled cache estimates the teacher at the temperature it was sampled at, forward KL only."""
+    if reader.logits_mode != "sampled" or args.beta == 0:
+        return
+    sampled_t = reader.manifest["settings"]["sampling"]["temperature"]
+    if args.kd_temperature != sampled_t:
+        raise ConfigError(f"cache {reader.root} holds ids sampled from the teacher at T = "
+                          f"{sampled_t:g}, so its KL is an estimate at that temperature only; got "
+                          f"--temperature {args.kd_temperature:g}. Pass --temperature {sampled_t:g}, "
+                          "or build a topk or exact cache for other temperatures")
+    if args.kl_direction != "forward":
+        raise ConfigError(f"kl_direction {args.kl_direction!r} needs the teacher's probability of "
+                          f"every id the student puts mass on, which a sampled cache ({reader.root}) "
+                          "does not have; use --kl-direction forward, or a topk or exact cache")
+
+
 def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> DistillPlan:
     reader = CacheReader(cache)
     check_student_matches_cache(reader, tokenizer, student_config)
     reader.check_request((), args.kd_top_k)
+    check_logit_settings(reader, args)
     teacher = reader.manifest["settings"]["teacher"]
     n_s, n_t = student_config.num_hidden_layers, teacher["n_layers"]
     layer_map = parse_layer_map(args.layer_map, n_s, n_t, provenance=provenance_from_config(student_config))
@@ -163,10 +180,13 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
         projectors.requires_grad_(False)  # no hidden loss: nothing to learn, still saved for the record
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     write_run_record(args, plan, student, cache)
+    teacher_head = None
+    if online_teacher is None and plan.reader.logits_mode == "exact" and args.beta > 0:
+        teacher_head = plan.reader.head()
     trainer = UniversalDistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collate_cache_batch,
         processing_class=tokenizer, projectors=projectors, hidden_pairs=plan.hidden_pairs,
-        online_teacher=online_teacher, callbacks=callbacks)
+        online_teacher=online_teacher, teacher_head=teacher_head, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss history `unidistill report` plots
