@@ -17,6 +17,7 @@ from unidistill.cli import main
 from unidistill.errors import CacheMismatchError, ConfigError
 from unidistill.evaluate import evaluate
 from unidistill.storage import CacheReader
+from unidistill.storage.info import cache_info
 from unidistill.storage.layout import HEAD_FILE
 from unidistill.storage.verify import verify_cache
 from unidistill.trainer.run import distill_from_cache
@@ -169,3 +170,46 @@ def test_bad_representation_settings_are_refused(tmp_path, tiny_teacher_dir, tex
         BuildConfig(teacher="t", data="d", out=str(tmp_path / "x"), logits="dense")
     with pytest.raises(ConfigError, match="samples must be between 1 and 65534"):
         BuildConfig(teacher="t", data="d", out=str(tmp_path / "x"), logits="sampled", samples=0)
+
+
+# -- compact top-k ---------------------------------------------------------------------------------
+def test_compact_top_k_round_trip():
+    from unidistill.storage.quantize import decode_top_k, encode_top_k
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 300) * 3
+    logp_all = torch.log_softmax(logits, -1)
+    logp, ids = logp_all.topk(16, dim=-1)                                 # sorted by probability
+    deltas, quant, value_range = encode_top_k(ids, logp)
+    assert quant.dtype == torch.uint8 and value_range.dtype == torch.float16
+    got_ids, got_logp = decode_top_k(deltas.numpy().astype(np.uint16), quant.numpy(), value_range.numpy())
+    step = value_range[..., 1:].float().numpy()
+    # the same ids, each with its own log-prob within half a step (plus the fp16 of the maximum)
+    got = torch.from_numpy(got_logp)
+    true_at_got = logp_all.gather(-1, torch.from_numpy(got_ids))
+    assert ((got - true_at_got).abs().numpy() <= step / 2 + 2e-3).all()
+    assert torch.equal(torch.from_numpy(got_ids).sort(-1).values, ids.sort(-1).values)
+    assert (np.diff(got_logp, axis=-1) <= 0).all()                       # sorted by probability
+
+
+def test_a_compact_cache_trains_like_the_full_precision_one(tmp_path, tiny_teacher_dir, text_file,
+                                                            student_dir):
+    build(tmp_path, tiny_teacher_dir, text_file, "fp16", top_k=16)
+    build(tmp_path, tiny_teacher_dir, text_file, "q8", top_k=16, logits="topk-q8")
+    full, compact = CacheReader(tmp_path / "fp16"), CacheReader(tmp_path / "q8")
+    for i in range(len(full)):
+        a, b = full.read(i, top_k=8), compact.read(i, top_k=8)
+        # near-ties may swap places after quantization: compare the distributions, not the order
+        pa = torch.zeros(32, full.layout.vocab_size).scatter_(-1, torch.from_numpy(a["teacher_ids"].astype(np.int64)),
+                                           torch.from_numpy(np.exp(a["teacher_logp"].astype(np.float32))))
+        pb = torch.zeros(32, full.layout.vocab_size).scatter_(-1, torch.from_numpy(b["teacher_ids"].astype(np.int64)),
+                                           torch.from_numpy(np.exp(b["teacher_logp"])))
+        assert float((pa - pb).abs().sum(-1).max()) < 0.02
+        np.testing.assert_allclose(b["teacher_log_tail"], a["teacher_log_tail"], atol=0.02)
+    runs = [distill_from_cache(tmp_path / name, str(student_dir), args_for(
+        tmp_path / f"run-{name}", max_steps=2, save_strategy="no")) for name in ("fp16", "q8")]
+    for x, y in zip(*(train_losses(r) for r in runs)):
+        assert y == pytest.approx(x, rel=5e-3)
+    fp16, q8 = (cache_info(tmp_path / name)["bytes_per_token"] for name in ("fp16", "q8"))
+    assert fp16["logits_raw"] == 16 * 2 + 16 * 2 + 2          # uint16 ids, fp16 log-probs, tail
+    assert q8["logits_raw"] == 16 * 2 + 16 + 2 * 2 + 2        # uint16 deltas, uint8, (max, step), tail

@@ -49,8 +49,9 @@ def main():
 @click.option("--out", required=True, help="Cache folder to create, or to resume.")
 @click.option("--seq-len", type=int, default=512, show_default=True)
 @click.option("--logits", default="topk", show_default=True,
-              type=click.Choice(["topk", "sampled", "exact"]),
-              help="topk: the --top-k most likely ids + tail; sampled: --samples draws per position "
+              type=click.Choice(["topk", "topk-q8", "sampled", "exact"]),
+              help="topk: the --top-k most likely ids + tail; topk-q8: the same with 8-bit "
+                   "log-probs and delta-coded ids (about half the bytes); sampled: --samples draws per position "
                    "(distinct ids + counts); exact: the final hidden state + the teacher's head, "
                    "full vocabulary at any temperature.")
 @click.option("--top-k", type=int, default=64, show_default=True)
@@ -117,6 +118,7 @@ def cache_info_cmd(path, as_json):
     click.echo(f"data         {s['data']['source']} split={s['data']['split']}")
     click.echo(f"tokens       {info['n_sequences']} sequences x {info['seq_len']} = {info['n_tokens']}")
     click.echo("logits       " + {"topk": f"top-{info['top_k']} + tail",
+                                  "topk-q8": f"top-{info['top_k']} + tail, 8-bit log-probs",
                                   "sampled": f"{info['top_k']} draws per position (ids + counts)",
                                   "exact": f"exact: final layer + {HEAD_FILE}"}[info["logits_mode"]])
     click.echo(f"layers       {info['layers']} ({info['hidden_dtype']})")

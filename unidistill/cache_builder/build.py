@@ -96,7 +96,7 @@ def prepare(cfg: BuildConfig, log=print):
     n_layers = model_config.num_hidden_layers
     vocab = model_config.vocab_size
     layers = cfg.resolve_layers(n_layers)
-    if cfg.logits == "topk" and cfg.top_k > vocab:
+    if cfg.logits in ("topk", "topk-q8") and cfg.top_k > vocab:
         raise ConfigError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({vocab}); "
                           f"use 1 <= --top-k <= {vocab}")
     tokenizer = load_tokenizer(source)

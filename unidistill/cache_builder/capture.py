@@ -21,11 +21,14 @@ from unidistill.storage.layout import (
     INPUT_IDS,
     LOGIT_COUNTS,
     LOGIT_INDICES,
+    LOGIT_QUANT,
+    LOGIT_RANGE,
     LOGIT_TAIL,
     LOGIT_VALUES,
     LOGITS_MODES,
     hidden_key,
 )
+from unidistill.storage.quantize import encode_top_k
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -86,7 +89,7 @@ class TeacherRunner:
     """Runs the teacher on batches of ids and returns numpy arrays in storage dtypes.
 
     ``mode`` is the cache's logit representation (see :mod:`unidistill.storage.layout`):
-    ``topk`` (``top_k`` ids + tail), ``sampled`` (``top_k`` draws per position, seeded per call)
+    ``topk`` (``top_k`` ids + tail), ``topk-q8`` (the same, compact), ``sampled`` (``top_k`` draws per position, seeded per call)
     or ``exact`` (no logit arrays; the final layer is among ``layers``).
     """
 
@@ -195,6 +198,13 @@ class TeacherRunner:
             top_ids, top_vals, tails = self.top_k_tail(final)
             out[LOGIT_INDICES] = top_ids.to(torch.int32).cpu().numpy().astype(self.index_dtype)
             out[LOGIT_VALUES] = top_vals.to(torch.float16).cpu().numpy()
+            out[LOGIT_TAIL] = tails.to(torch.float16).cpu().numpy()
+        elif self.mode == "topk-q8":
+            top_ids, top_vals, tails = self.top_k_tail(final)
+            deltas, quant, value_range = encode_top_k(top_ids, top_vals)
+            out[LOGIT_INDICES] = deltas.to(torch.int32).cpu().numpy().astype(self.index_dtype)
+            out[LOGIT_QUANT] = quant.cpu().numpy()
+            out[LOGIT_RANGE] = value_range.cpu().numpy()
             out[LOGIT_TAIL] = tails.to(torch.float16).cpu().numpy()
         elif self.mode == "sampled":
             sample_ids, counts = self.sampled(final, seed)

@@ -52,7 +52,7 @@ class BuildConfig:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if self.logits not in LOGITS_MODES:
             raise ConfigError(f"logits representation {self.logits!r} is not one of {LOGITS_MODES}: "
-                              "topk (top-k ids + tail), sampled (--samples draws per position) or "
+                              "topk (top-k ids + tail), topk-q8 (the same, compact), sampled (--samples draws per position) or "
                               "exact (final hidden state + the head, full vocabulary offline)")
         if not 1 <= self.samples <= MAX_SAMPLES:
             raise ConfigError(f"samples must be between 1 and {MAX_SAMPLES} draws per position, got "
@@ -76,7 +76,7 @@ class BuildConfig:
     @property
     def stored_k(self) -> int:
         """What the layout's top_k holds: K ids, S draws, or 0 for exact logits."""
-        return {"topk": self.top_k, "sampled": self.samples, "exact": 0}[self.logits]
+        return {"topk": self.top_k, "topk-q8": self.top_k, "sampled": self.samples, "exact": 0}[self.logits]
 
     def resolve_layers(self, n_layers: int) -> list[int]:
         """Teacher ``hidden_states`` indices to cache, checked against the teacher's depth.

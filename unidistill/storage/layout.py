@@ -15,6 +15,12 @@ whole units, so no two writers ever touch one shard (a write into a shard rewrit
 The ``logits/*`` arrays depend on the logit representation (``logits_mode``):
 
 * ``topk`` (above): the K most likely ids, their log-probs and the log of the remaining mass;
+* ``topk-q8``: the same top-k + tail in about half the bytes: ``logits/indices`` holds the ids in
+  ascending order, delta-coded (first id, then differences; they compress far better than ids in
+  probability order), ``logits/quant`` [N, L, K] uint8 the log-probs in the same order as
+  ``round((max - logp) / step)``, ``logits/range`` [N, L, 2] float16 (max, step) per position
+  (step = (max - min) / 255), and ``logits/tail`` as above. The reader restores ids and
+  log-probs sorted by probability, so every consumer sees what ``topk`` gives;
 * ``sampled``: ``logits/indices`` [N, L, S] and ``logits/counts`` [N, L, S] (uint16): S ids drawn
   with replacement from the teacher's distribution at T = 1, stored as the distinct ids with
   their counts (unused slots: id 0, count 0). ``top_k`` holds S, the draws per position;
@@ -43,6 +49,8 @@ LOGIT_INDICES = "logits/indices"
 LOGIT_VALUES = "logits/values"
 LOGIT_TAIL = "logits/tail"
 LOGIT_COUNTS = "logits/counts"
+LOGIT_QUANT = "logits/quant"
+LOGIT_RANGE = "logits/range"
 HEAD_FILE = "lm_head.safetensors"
 HIDDEN_PREFIX = "hidden/"
 
@@ -51,7 +59,8 @@ HIDDEN_DTYPES = {
     "float16": (np.dtype("float16"), float("nan")),
     "bfloat16": (np.dtype("uint16"), 0xFFFF),  # zarr has no bf16: raw bits; 0xFFFF is a bf16 NaN
 }
-LOGITS_MODES = ("topk", "sampled", "exact")
+LOGITS_MODES = ("topk", "topk-q8", "sampled", "exact")
+TOPK_MODES = ("topk", "topk-q8")  # modes that hold the teacher's K most likely ids
 MAX_SAMPLES = 65534  # counts are uint16 and 65535 is their fill sentinel
 UINT16_MAX_VOCAB = 65535  # 65535 itself is the fill sentinel, so the largest id must be below it
 
@@ -133,6 +142,11 @@ class CacheLayout:
             specs[LOGIT_INDICES] = spec((n, length, k), idx, -1 if idx.kind == "i" else 0xFFFF, ints)
         if self.logits_mode == "topk":
             specs[LOGIT_VALUES] = spec((n, length, k), np.dtype("float16"), float("nan"), floats)
+        if self.logits_mode == "topk-q8":
+            # no spare uint8 value for a sentinel: an unwritten chunk shows in logits/range (NaN)
+            specs[LOGIT_QUANT] = spec((n, length, k), np.dtype("uint8"), 0, ints)
+            specs[LOGIT_RANGE] = spec((n, length, 2), np.dtype("float16"), float("nan"), floats)
+        if self.logits_mode in TOPK_MODES:
             specs[LOGIT_TAIL] = spec((n, length), np.dtype("float16"), float("nan"), floats)
         elif self.logits_mode == "sampled":
             specs[LOGIT_COUNTS] = spec((n, length, k), np.dtype("uint16"), 0xFFFF, ints)

@@ -13,6 +13,9 @@ from unidistill.storage.layout import (
     FORMAT_VERSION,
     INPUT_IDS,
     LOGIT_COUNTS,
+    LOGIT_QUANT,
+    LOGIT_RANGE,
+    TOPK_MODES,
     LOGIT_INDICES,
     LOGIT_TAIL,
     LOGIT_VALUES,
@@ -20,6 +23,7 @@ from unidistill.storage.layout import (
     hidden_key,
 )
 from unidistill.storage.manifest import STATUS_COMPLETE
+from unidistill.storage.quantize import decode_top_k
 from unidistill.storage.writer import read_manifest
 
 
@@ -124,7 +128,7 @@ class CacheReader:
         if missing:
             raise CacheMismatchError(f"teacher layers {missing} are not in cache {self.root}; it "
                                      f"holds layers {list(self.layout.layers)}")
-        if top_k is not None and self.logits_mode != "topk":
+        if top_k is not None and self.logits_mode not in TOPK_MODES:
             raise CacheMismatchError(f"top_k={top_k} asked, but cache {self.root} stores "
                                      f"{self.logits_mode} logits, which have no top-k to cut; "
                                      "leave --top-k unset")
@@ -154,6 +158,12 @@ class CacheReader:
             ids = g[LOGIT_INDICES][index, :, :k]
             values, tail = truncate_top_k(g[LOGIT_VALUES][index], g[LOGIT_TAIL][index], k)
             out.update(teacher_ids=ids, teacher_logp=values, teacher_log_tail=tail)
+        elif logits and self.logits_mode == "topk-q8":
+            ids, values = decode_top_k(g[LOGIT_INDICES][index], g[LOGIT_QUANT][index],
+                                       g[LOGIT_RANGE][index])
+            k = top_k or self.layout.top_k
+            values, tail = truncate_top_k(values, g[LOGIT_TAIL][index].astype(np.float32), k)
+            out.update(teacher_ids=ids[:, :k], teacher_logp=values, teacher_log_tail=tail)
         elif logits and self.logits_mode == "sampled":
             logp, tail = counts_to_buckets(g[LOGIT_COUNTS][index])
             out.update(teacher_ids=g[LOGIT_INDICES][index], teacher_logp=logp, teacher_log_tail=tail)
