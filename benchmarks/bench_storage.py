@@ -1,0 +1,242 @@
+"""Logit representations side by side: bytes on disk, fidelity to the full teacher, build and read
+speed, and what a short distillation from each gives.
+
+Usage (CPU, the real SmolLM2-135M teacher over CPython's reference text, about 20 minutes):
+    python benchmarks/bench_storage.py --device cpu --tag cpu
+GPU:
+    python benchmarks/bench_storage.py --device cuda --seq-len 1024 --n-sequences 256 \
+        --distill-steps 100 --eval-sequences 64 --tag h100
+
+One cache per representation (``topk`` and ``topk-q8`` with k = 64, ``sampled`` with S = 12 and
+64 draws, ``exact``) over the same packed sequences, each with the same hidden layers. For each:
+  * bytes/token on disk of the logit arrays (exact: the head file, spread over the cache's tokens)
+    and of each hidden layer;
+  * fidelity against the teacher's full fp32 distribution p on the first --fidelity-sequences:
+    - KL(p || stored): top-k with the tail spread evenly over the other ids, exact rebuilt from
+      the cached fp16 state; sampled stores zero for every id not drawn, so the column gives
+      KL(stored || p) for it instead (marked);
+    - the gradient of the KD loss (T = 1) with respect to a student's logits, from the stored
+      targets against the one from p: relative error ||g - g*|| / ||g*|| and cosine. The student
+      is the teacher with its last 6 blocks dropped (untrained, so far from the teacher);
+  * build tokens/s against a bare teacher forward over the same batches;
+  * read tokens/s through ``CacheDataset`` + DataLoader (0 and 2 workers);
+  * with --distill-steps > 0: the same pruned student (``unidistill prune``) distilled from each
+    cache (alpha 0.5 CE + beta 0.5 KL at T = 1, no hidden loss) and evaluated on held-out text.
+Results: benchmarks/results/storage_<tag>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from machine import machine  # benchmarks/machine.py, beside this script
+
+from bench_cache_build import bare_forward_tps  # noqa: E402
+from unidistill.cache_builder.build import build_cache
+from unidistill.cache_builder.config import BuildConfig
+from unidistill.cache_builder.data import iter_documents, pack_documents
+from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_device, resolve_model_source
+from unidistill.pruning.depth import keep_blocks
+from unidistill.storage import CacheReader
+from unidistill.storage.info import cache_info
+from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
+from unidistill.trainer.losses import logit_losses_from_logits
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPRESENTATIONS = {"topk-64": dict(logits="topk", top_k=64), "topk-q8-64": dict(logits="topk-q8", top_k=64),
+                   "sampled-12": dict(logits="sampled", samples=12),
+                   "sampled-64": dict(logits="sampled", samples=64), "exact": dict(logits="exact")}
+
+
+def stored_targets(reader: CacheReader, index: int, head) -> dict:
+    """The stored teacher targets of one sequence as loss inputs (B = 1)."""
+    seq = reader.read(index, layers=[])
+    if reader.logits_mode == "exact":
+        final = torch.from_numpy(seq["teacher_final_hidden"]).float()             # (L, D)
+        return {"teacher_logits": torch.nn.functional.linear(final, *head)[None]}  # (1, L, V)
+    return {"teacher_ids": torch.from_numpy(seq["teacher_ids"].astype(np.int64))[None],
+            "teacher_logp": torch.from_numpy(seq["teacher_logp"]).float()[None],
+            "teacher_log_tail": torch.from_numpy(seq["teacher_log_tail"]).float()[None]}
+
+
+def stored_log_probs(reader: CacheReader, targets: dict, vocab: int) -> torch.Tensor:
+    """The distribution the cache stores, over the whole vocabulary (L, V) in log space."""
+    if "teacher_logits" in targets:
+        return torch.log_softmax(targets["teacher_logits"][0], -1)
+    ids, logp, tail = (targets[k][0] for k in ("teacher_ids", "teacher_logp", "teacher_log_tail"))
+    if reader.logits_mode == "sampled":  # counts / S on the drawn ids (unused slots add 0)
+        return torch.zeros(ids.shape[0], vocab).scatter_add(-1, ids, logp.exp()).log()
+    k = ids.shape[-1]
+    spread = (tail - np.log(vocab - k)).unsqueeze(-1).expand(-1, vocab)            # (L, V)
+    return spread.scatter(-1, ids, logp)
+
+
+def kd_grad(student_logits: torch.Tensor, **teacher) -> torch.Tensor:
+    z = student_logits.clone().requires_grad_(True)                                # (1, L, V)
+    labels = torch.full(z.shape[:2], -100)
+    mask = torch.ones(z.shape[:2], dtype=torch.bool)
+    _, _, kl, _ = logit_losses_from_logits(z, labels, mask, teacher.get("teacher_ids"),
+                                           teacher.get("teacher_logp"), teacher.get("teacher_log_tail"),
+                                           1.0, "forward", False, True, teacher.get("teacher_logits"))
+    kl.backward()
+    return z.grad[0]                                                               # (L, V)
+
+
+def fidelity(reader: CacheReader, teacher, student, n_seq: int) -> dict:
+    head = reader.head() if reader.logits_mode == "exact" else None
+    vocab = reader.layout.vocab_size
+    kls, err_num, err_den, cos = [], 0.0, 0.0, []
+    for i in range(min(n_seq, len(reader))):
+        ids = torch.from_numpy(reader.read(i, layers=[], logits=False)["input_ids"].astype(np.int64))[None]
+        with torch.no_grad():
+            true_logits = teacher(ids).logits.float()                              # (1, L, V)
+            student_logits = student(ids).logits.float()
+        log_p = torch.log_softmax(true_logits[0], -1)
+        targets = stored_targets(reader, i, head)
+        log_s = stored_log_probs(reader, targets, vocab)
+        if reader.logits_mode == "sampled":                                       # KL(stored || p)
+            s = log_s.exp()
+            kls.append(float(torch.where(s > 0, s * (log_s - log_p), 0.0).sum(-1).mean()))
+        else:                                                                      # KL(p || stored)
+            kls.append(float((log_p.exp() * (log_p - log_s)).sum(-1).mean()))
+        g, g_true = kd_grad(student_logits, **targets), kd_grad(student_logits, teacher_logits=true_logits)
+        err_num += float(((g - g_true) ** 2).sum())
+        err_den += float((g_true ** 2).sum())
+        cos.append(float(torch.nn.functional.cosine_similarity(g, g_true, dim=-1).mean()))
+    return {"kl": float(np.mean(kls)), "kl_direction": "stored||p" if reader.logits_mode == "sampled" else "p||stored",
+            "grad_rel_error": (err_num / err_den) ** 0.5, "grad_cosine": float(np.mean(cos))}
+
+
+def read_tps(root: Path, layers: list[int], workers: int, batch_size: int = 4) -> float:
+    dataset = CacheDataset(root, layers=layers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         num_workers=workers, collate_fn=collate_cache_batch,
+                                         generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    n = sum(batch["input_ids"].numel() for batch in loader)
+    return n / (time.perf_counter() - t0)
+
+
+def distill(opts, work: Path, caches: dict) -> dict:
+    """Prune once, distill the student from each cache, evaluate each on held-out text."""
+    bin_dir = Path(sys.executable).parent
+    student = work / "student"
+    if not (student / "config.json").is_file():
+        subprocess.run([str(bin_dir / "unidistill"), "prune", "--model", opts.teacher, "--out", str(student),
+                        "--drop-layers", "6", "--mlp-keep", "0.67", "--hidden-keep", "0.78",
+                        "--calib-data", opts.data, "--calib-sequences", "16", "--device", opts.device],
+                       check=True)
+    from unidistill.evaluate import evaluate
+    from unidistill.trainer.arguments import DistillationArguments
+    from unidistill.trainer.run import distill_from_cache
+
+    def heldout(model):
+        return evaluate(model, data=opts.data, max_sequences=opts.eval_sequences, seq_len=opts.seq_len,
+                        device=opts.device, progress=False).perplexity
+
+    out = {"student_before": heldout(str(student))}
+    for name, root in caches.items():
+        run = work / f"run-{name}"
+        args = DistillationArguments(
+            output_dir=str(run), max_steps=opts.distill_steps, per_device_train_batch_size=4,
+            learning_rate=3e-4, warmup_steps=2, lr_scheduler_type="cosine", alpha=0.5, beta=0.5,
+            gamma=0.0, kd_temperature=1.0, save_strategy="no", report_to=[], logging_steps=1,
+            use_cpu=opts.device == "cpu", seed=0, data_seed=0, disable_tqdm=True)
+        t0 = time.perf_counter()
+        distill_from_cache(root, str(student), args)
+        out[name] = {"heldout_perplexity": heldout(str(run)), "train_seconds": round(time.perf_counter() - t0, 1)}
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="builtin:smollm2")
+    p.add_argument("--data", default="builtin:pydoc_topics")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--n-sequences", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--layers", default="8,15,23")
+    p.add_argument("--fidelity-sequences", type=int, default=2)
+    p.add_argument("--distill-steps", type=int, default=10)
+    p.add_argument("--eval-sequences", type=int, default=12)
+    p.add_argument("--work", default="out/bench-storage")
+    p.add_argument("--tag", default="cpu")
+    p.add_argument("--results", default=str(RESULTS))
+    opts = p.parse_args(argv)
+    device = resolve_device(opts.device)
+    opts.device = device.type
+    work = Path(opts.work)
+
+    source = resolve_model_source(opts.teacher)
+    tok = load_tokenizer(source)
+    ids = pack_documents(iter_documents(opts.data, split="train"), tok, opts.seq_len, opts.n_sequences)
+    teacher = load_model(source, "float32", str(device))
+    bare_forward_tps(teacher, ids[: opts.batch_size], opts.batch_size, device)  # warm-up
+    bare = bare_forward_tps(teacher, ids, opts.batch_size, device)
+    student = keep_blocks(copy.deepcopy(teacher), list(range(teacher.config.num_hidden_layers - 6)))
+
+    rows, caches = {}, {}
+    for name, kw in REPRESENTATIONS.items():
+        root = work / f"cache-{name}"
+        cfg = BuildConfig(teacher=opts.teacher, data=opts.data, split="train", out=str(root),
+                          seq_len=opts.seq_len, layers=opts.layers, max_sequences=opts.n_sequences,
+                          batch_size=opts.batch_size, device=opts.device, overwrite=True, **kw)
+        manifest = build_cache(cfg, progress=False, log=lambda m: print(m, file=sys.stderr))
+        info = cache_info(root)
+        hidden = {name_: a["disk_bytes_per_token"] for name_, a in info["arrays"].items()
+                  if name_.startswith("hidden/")}
+        rows[name] = {
+            "logits_bytes_per_token": round(info["bytes_per_token"]["logits_disk"], 1),
+            "hidden_bytes_per_token": {k: round(v, 1) for k, v in hidden.items()},
+            "build_tokens_per_s": manifest["build"]["tokens_per_second"],
+            "build_over_bare": round(manifest["build"]["tokens_per_second"] / bare, 3),
+            "read_tokens_per_s": {w: round(read_tps(root, [int(x) for x in opts.layers.split(",")], w), 1)
+                                  for w in (0, 2)},
+            **fidelity(CacheReader(root), teacher, student, opts.fidelity_sequences),
+        }
+        caches[name] = root
+        print(name, json.dumps(rows[name]), file=sys.stderr)
+    del teacher, student
+    effect = distill(opts, work, caches) if opts.distill_steps > 0 else None
+
+    command = "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))
+    result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine(opts.device),
+              "settings": {k: v for k, v in vars(opts).items() if k != "results"},
+              "bare_forward_tokens_per_s": round(bare, 1), "representations": rows, "distillation": effect}
+    results = Path(opts.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"storage_{opts.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [f"# Logit representations ({opts.tag})", "",
+          f"`{command}` on {result['date']}, {json.dumps(result['machine'])}", "",
+          f"{opts.n_sequences} x {opts.seq_len} tokens of `{opts.data}`; hidden layers {opts.layers} "
+          f"(fp16) in every cache; fidelity on {opts.fidelity_sequences} sequences against the teacher's "
+          "fp32 distribution; KD gradient w.r.t. the logits of the teacher minus its last 6 blocks.", "",
+          "| representation | logits B/token | KL to the teacher | KD grad rel. error | KD grad cosine "
+          "| build / bare forward | read tok/s (0 / 2 workers) |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        kl = f"{r['kl']:.2e}" + (" (stored‖p)" if r["kl_direction"] == "stored||p" else "")
+        md.append(f"| {name} | {r['logits_bytes_per_token']} | {kl} | {r['grad_rel_error']:.3f} | "
+                  f"{r['grad_cosine']:.4f} | {r['build_over_bare']:.2f} | "
+                  f"{r['read_tokens_per_s'][0]:.0f} / {r['read_tokens_per_s'][2]:.0f} |")
+    md += ["", "Hidden states, bytes/token on disk per layer: "
+           + ", ".join(f"{k} {v}" for k, v in rows["topk-64"]["hidden_bytes_per_token"].items()) + "."]
+    if effect:
+        md += ["", f"Distillation, {opts.distill_steps} steps x 4 x {opts.seq_len} tokens per run, held-out "
+               f"perplexity ({opts.eval_sequences} sequences): untrained student "
+               f"{effect['student_before']:.1f}; " + "; ".join(
+                   f"{name} {effect[name]['heldout_perplexity']:.1f}" for name in caches) + "."]
+    (results / f"storage_{opts.tag}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
