@@ -11,6 +11,8 @@ One cache per representation (``topk`` and ``topk-q8`` with k = 64, ``sampled`` 
 64 draws, ``exact``) over the same packed sequences, each with the same hidden layers. For each:
   * bytes/token on disk of the logit arrays (exact: the head file, spread over the cache's tokens)
     and of each hidden layer;
+  * hidden states stored as fp16, bf16 and int8 (per-channel scales): bytes/token and relative
+    error against the teacher's fp32 states;
   * fidelity against the teacher's full fp32 distribution p on the first --fidelity-sequences:
     - KL(p || stored): top-k with the tail spread evenly over the other ids, exact rebuilt from
       the cached fp16 state; sampled stores zero for every id not drawn, so the column gives
@@ -45,7 +47,8 @@ from unidistill.cache_builder.config import BuildConfig
 from unidistill.cache_builder.data import iter_documents, pack_documents
 from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_device, resolve_model_source
 from unidistill.pruning.depth import keep_blocks
-from unidistill.storage import CacheReader
+from unidistill.cache_builder.capture import TeacherRunner
+from unidistill.storage import CacheReader, decode_hidden
 from unidistill.storage.info import cache_info
 from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
 from unidistill.trainer.losses import logit_losses_from_logits
@@ -113,6 +116,21 @@ def fidelity(reader: CacheReader, teacher, student, n_seq: int) -> dict:
         cos.append(float(torch.nn.functional.cosine_similarity(g, g_true, dim=-1).mean()))
     return {"kl": float(np.mean(kls)), "kl_direction": "stored||p" if reader.logits_mode == "sampled" else "p||stored",
             "grad_rel_error": (err_num / err_den) ** 0.5, "grad_cosine": float(np.mean(cos))}
+
+
+def hidden_error(reader: CacheReader, runner, n_seq: int) -> dict:
+    """Relative error ||stored - h|| / ||h|| of every cached layer against the fp32 teacher states,
+    over the first n_seq sequences (all positions)."""
+    num, den = {}, {}
+    for i in range(min(n_seq, len(reader))):
+        seq = reader.read(i, logits=False)
+        _, captured = runner.forward(torch.from_numpy(seq["input_ids"].astype(np.int64))[None])
+        for j, stored in seq["hidden"].items():
+            exact = captured[j][0].float()
+            got = decode_hidden(stored, reader.layout.hidden_dtype).float()
+            num[j] = num.get(j, 0.0) + float(((got - exact) ** 2).sum())
+            den[j] = den.get(j, 0.0) + float((exact ** 2).sum())
+    return {f"hidden/{j}": (num[j] / den[j]) ** 0.5 for j in num}
 
 
 def read_tps(root: Path, layers: list[int], workers: int, batch_size: int = 4) -> float:
@@ -205,13 +223,29 @@ def main(argv=None):
         }
         caches[name] = root
         print(name, json.dumps(rows[name]), file=sys.stderr)
+    hidden_rows = {}
+    runner = TeacherRunner(teacher, [int(x) for x in opts.layers.split(",")], None)
+    for dtype in ("float16", "bfloat16", "int8"):
+        root = work / f"cache-hidden-{dtype}"
+        build_cache(BuildConfig(teacher=opts.teacher, data=opts.data, split="train", out=str(root),
+                                seq_len=opts.seq_len, layers=opts.layers, max_sequences=opts.n_sequences,
+                                batch_size=opts.batch_size, device=opts.device, overwrite=True,
+                                hidden_dtype=dtype), progress=False, log=lambda m: print(m, file=sys.stderr))
+        arrays = cache_info(root)["arrays"]
+        hidden_rows[dtype] = {
+            "disk_bytes_per_token": round(sum(a["disk_bytes_per_token"] for n, a in arrays.items()
+                                              if n.startswith("hidden/")), 1),
+            "relative_error": hidden_error(CacheReader(root), runner, opts.fidelity_sequences)}
+        print(dtype, json.dumps(hidden_rows[dtype]), file=sys.stderr)
+    runner.close()
     del teacher, student
     effect = distill(opts, work, caches) if opts.distill_steps > 0 else None
 
     command = "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))
     result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine(opts.device),
               "settings": {k: v for k, v in vars(opts).items() if k != "results"},
-              "bare_forward_tokens_per_s": round(bare, 1), "representations": rows, "distillation": effect}
+              "bare_forward_tokens_per_s": round(bare, 1), "representations": rows,
+              "hidden": hidden_rows, "distillation": effect}
     results = Path(opts.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"storage_{opts.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -227,8 +261,12 @@ def main(argv=None):
         md.append(f"| {name} | {r['logits_bytes_per_token']} | {kl} | {r['grad_rel_error']:.3f} | "
                   f"{r['grad_cosine']:.4f} | {r['build_over_bare']:.2f} | "
                   f"{r['read_tokens_per_s'][0]:.0f} / {r['read_tokens_per_s'][2]:.0f} |")
-    md += ["", "Hidden states, bytes/token on disk per layer: "
-           + ", ".join(f"{k} {v}" for k, v in rows["topk-64"]["hidden_bytes_per_token"].items()) + "."]
+    fp16_bytes = hidden_rows["float16"]["disk_bytes_per_token"]
+    md += ["", f"Hidden states ({opts.layers}), all layers together, against the fp32 teacher states:", "",
+           "| stored as | bytes/token on disk | vs fp16 | relative error per layer (max) |", "|---|---|---|---|"]
+    for dtype, h in hidden_rows.items():
+        md.append(f"| {dtype} | {h['disk_bytes_per_token']} | {h['disk_bytes_per_token'] / fp16_bytes:.2f} | "
+                  f"{max(h['relative_error'].values()):.2e} |")
     if effect:
         md += ["", f"Distillation, {opts.distill_steps} steps x 4 x {opts.seq_len} tokens per run, held-out "
                f"perplexity ({opts.eval_sequences} sequences): untrained student "

@@ -71,7 +71,9 @@ def main():
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]), help="Teacher compute dtype.")
 @click.option("--hidden-dtype", default="float16", show_default=True,
-              type=click.Choice(["float16", "bfloat16"]), help="Stored hidden-state dtype.")
+              type=click.Choice(["float16", "bfloat16", "int8"]),
+              help="Stored hidden-state dtype; int8 keeps one fp16 scale per channel and sequence "
+                   "(about half of fp16, robust to outlier channels).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace a complete cache at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

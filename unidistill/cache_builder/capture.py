@@ -27,7 +27,9 @@ from unidistill.storage.layout import (
     LOGIT_VALUES,
     LOGITS_MODES,
     hidden_key,
+    hidden_scale_key,
 )
+from unidistill.storage import hidden_q8
 from unidistill.storage.quantize import encode_top_k
 
 
@@ -211,6 +213,11 @@ class TeacherRunner:
             out[LOGIT_INDICES] = sample_ids.to(torch.int32).cpu().numpy().astype(self.index_dtype)
             out[LOGIT_COUNTS] = counts.to(torch.int32).cpu().numpy().astype(np.uint16)
         for j in self.layers:
+            if self.hidden_dtype == "int8":
+                q, scale = hidden_q8.quantize(captured[j])
+                out[hidden_key(j)] = q.cpu().numpy()
+                out[hidden_scale_key(j)] = scale.cpu().numpy()
+                continue
             stored = self._to_storage(j, captured[j]).cpu().numpy()
             out[hidden_key(j)] = stored.view(np.uint16) if self.hidden_dtype == "bfloat16" else stored
         return out

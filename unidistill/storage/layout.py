@@ -10,7 +10,8 @@ whole units, so no two writers ever touch one shard (a write into a shard rewrit
 | logits/indices   | [N, L, K]   | uint16 if V <= 65535 else int32| one sequence     |
 | logits/values    | [N, L, K]   | float16 (log-probs at T = 1)   | one sequence     |
 | logits/tail      | [N, L]      | float16 (log of mass off the K)| one sequence     |
-| hidden/<j>       | [N, L, D]   | float16, or bfloat16 as uint16 | one sequence     |
+| hidden/<j>       | [N, L, D]   | float16, bfloat16 as uint16, or int8 | one sequence |
+| hidden/<j>_scale | [N, D]      | float16 (int8 only: per channel and sequence) | one sequence |
 
 The ``logits/*`` arrays depend on the logit representation (``logits_mode``):
 
@@ -58,6 +59,7 @@ HIDDEN_PREFIX = "hidden/"
 HIDDEN_DTYPES = {
     "float16": (np.dtype("float16"), float("nan")),
     "bfloat16": (np.dtype("uint16"), 0xFFFF),  # zarr has no bf16: raw bits; 0xFFFF is a bf16 NaN
+    "int8": (np.dtype("int8"), -128),  # + hidden/<j>_scale, see unidistill.storage.hidden_q8
 }
 LOGITS_MODES = ("topk", "topk-q8", "sampled", "exact")
 TOPK_MODES = ("topk", "topk-q8")  # modes that hold the teacher's K most likely ids
@@ -67,6 +69,11 @@ UINT16_MAX_VOCAB = 65535  # 65535 itself is the fill sentinel, so the largest id
 
 def hidden_key(layer: int) -> str:
     return f"{HIDDEN_PREFIX}{layer}"
+
+
+def hidden_scale_key(layer: int) -> str:
+    """The per-channel scales (one row per sequence) of an int8 hidden layer."""
+    return f"{HIDDEN_PREFIX}{layer}_scale"
 
 
 def index_dtype_for(vocab_size: int) -> np.dtype:
@@ -153,4 +160,7 @@ class CacheLayout:
         store_dtype, fill = HIDDEN_DTYPES[self.hidden_dtype]
         for j in self.layers:
             specs[hidden_key(j)] = spec((n, length, self.hidden_size), store_dtype, fill, hidden)
+            if self.hidden_dtype == "int8":
+                specs[hidden_scale_key(j)] = spec((n, self.hidden_size), np.dtype("float16"),
+                                                  float("nan"), floats)
         return specs

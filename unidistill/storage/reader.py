@@ -21,14 +21,17 @@ from unidistill.storage.layout import (
     TOPK_MODES,
     CacheLayout,
     hidden_key,
+    hidden_scale_key,
 )
+from unidistill.storage import hidden_q8
 from unidistill.storage.manifest import STATUS_COMPLETE
 from unidistill.storage.quantize import decode_top_k
 from unidistill.storage.writer import read_manifest
 
 
 def decode_hidden(a: np.ndarray, logical_dtype: str) -> torch.Tensor:
-    """Stored hidden states as a torch tensor of their logical dtype (bf16 is kept as raw bits)."""
+    """Hidden states from :meth:`CacheReader.read` as a torch tensor: bf16 from its raw bits,
+    fp16 as stored, int8 already dequantized to fp32 by the reader."""
     if logical_dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
@@ -140,7 +143,7 @@ class CacheReader:
     def read(self, index: int, *, layers=None, top_k: int | None = None,
              logits: bool = True) -> dict:
         """One sequence: ``input_ids (L,)``, the teacher's logit targets and ``hidden`` =
-        {layer: (L, D) stored dtype}.
+        {layer: (L, D) stored dtype; int8 comes back dequantized to float32}.
 
         Logit targets: ``teacher_ids/teacher_logp (L, k)`` and ``teacher_log_tail (L,)`` for top-k
         and sampled caches (sampled: the empirical distribution of the draws, see
@@ -168,9 +171,16 @@ class CacheReader:
             logp, tail = counts_to_buckets(g[LOGIT_COUNTS][index])
             out.update(teacher_ids=g[LOGIT_INDICES][index], teacher_logp=logp, teacher_log_tail=tail)
         elif logits:
-            out["teacher_final_hidden"] = g[hidden_key(self.final_layer)][index]
-        out["hidden"] = {j: g[hidden_key(j)][index] for j in layers}
+            out["teacher_final_hidden"] = self._hidden(self.final_layer, index)
+        out["hidden"] = {j: self._hidden(j, index) for j in layers}
         return out
+
+    def _hidden(self, layer: int, index: int) -> np.ndarray:
+        """One sequence of a hidden layer as stored (fp16, bf16 bits), int8 dequantized."""
+        stored = self.group[hidden_key(layer)][index]
+        if self.layout.hidden_dtype != "int8":
+            return stored
+        return hidden_q8.dequantize(stored, self.group[hidden_scale_key(layer)][index])
 
     def read_array_unit(self, name: str, unit: int) -> np.ndarray:
         start, stop = self.layout.unit_range(unit)
