@@ -165,9 +165,7 @@ def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_d
     totals = _Totals(cfg.num_hidden_layers + 1, len(teacher_layers))
     layers = teacher_layers if pairs else []
     dataset = CacheDataset(reader, layers=layers)
-    head = None
-    if reader.logits_mode == "exact":
-        head = tuple(None if t is None else t.to(device) for t in reader.head())
+    head = reader.head(device) if reader.logits_mode == "exact" else None
     for rows in tqdm(list(_batches(n, batch_size)), desc="teacher agreement", disable=not progress):
         batch = {k: v.to(device) for k, v in collate_cache_batch([dataset[i] for i in rows]).items()}
         _score_batch(model, batch.pop("input_ids"), totals, batch, pairs, layers, head)

@@ -26,6 +26,7 @@ from unidistill.storage.layout import (
     LOGIT_TAIL,
     LOGIT_VALUES,
     LOGITS_MODES,
+    TOPK_MODES,
     hidden_key,
     hidden_scale_key,
 )
@@ -196,18 +197,16 @@ class TeacherRunner:
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(device)
         final, captured = self.forward(ids)
         out = {INPUT_IDS: input_ids.astype(np.int32, copy=False)}
-        if self.mode == "topk":
+        if self.mode in TOPK_MODES:
             top_ids, top_vals, tails = self.top_k_tail(final)
+            out[LOGIT_TAIL] = tails.to(torch.float16).cpu().numpy()
+            if self.mode == "topk-q8":
+                top_ids, quant, value_range = encode_top_k(top_ids, top_vals)  # ids delta-coded
+                out[LOGIT_QUANT] = quant.cpu().numpy()
+                out[LOGIT_RANGE] = value_range.cpu().numpy()
+            else:
+                out[LOGIT_VALUES] = top_vals.to(torch.float16).cpu().numpy()
             out[LOGIT_INDICES] = top_ids.to(torch.int32).cpu().numpy().astype(self.index_dtype)
-            out[LOGIT_VALUES] = top_vals.to(torch.float16).cpu().numpy()
-            out[LOGIT_TAIL] = tails.to(torch.float16).cpu().numpy()
-        elif self.mode == "topk-q8":
-            top_ids, top_vals, tails = self.top_k_tail(final)
-            deltas, quant, value_range = encode_top_k(top_ids, top_vals)
-            out[LOGIT_INDICES] = deltas.to(torch.int32).cpu().numpy().astype(self.index_dtype)
-            out[LOGIT_QUANT] = quant.cpu().numpy()
-            out[LOGIT_RANGE] = value_range.cpu().numpy()
-            out[LOGIT_TAIL] = tails.to(torch.float16).cpu().numpy()
         elif self.mode == "sampled":
             sample_ids, counts = self.sampled(final, seed)
             out[LOGIT_INDICES] = sample_ids.to(torch.int32).cpu().numpy().astype(self.index_dtype)

@@ -33,11 +33,11 @@ def head_digest(root) -> str:
     return hashlib.sha256((Path(root) / HEAD_FILE).read_bytes()).hexdigest()
 
 
-def read_head(root) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (V, D) fp32, bias (V,) or None) of an exact-logits cache."""
+def read_head(root, device="cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (V, D) fp32, bias (V,) or None) of an exact-logits cache, loaded onto ``device``."""
     path = Path(root) / HEAD_FILE
     if not path.is_file():
         raise CacheError(f"{path} is missing: an exact-logits cache keeps the teacher's output head "
                          f"there. Rebuild the cache (its unit data alone cannot rebuild the logits)")
-    tensors = safetensors.torch.load_file(path)
+    tensors = safetensors.torch.load_file(path, device=str(device))
     return tensors["weight"], tensors.get("bias")

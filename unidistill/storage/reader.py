@@ -117,14 +117,15 @@ class CacheReader:
         """The teacher's last ``hidden_states`` index (its final normed state)."""
         return int(self.manifest["settings"]["teacher"]["n_layers"])
 
-    def head(self):
-        """The teacher's output head of an exact-logits cache: (weight (V, D), bias or None)."""
+    def head(self, device="cpu"):
+        """The teacher's output head of an exact-logits cache on ``device``: (weight (V, D), bias
+        or None)."""
         from unidistill.storage.head import read_head
 
         if self.logits_mode != "exact":
             raise CacheMismatchError(f"cache {self.root} stores {self.logits_mode} logits, not the "
                                      "teacher's head; only an exact-logits cache has one")
-        return read_head(self.root)
+        return read_head(self.root, device)
 
     def check_request(self, layers=None, top_k: int | None = None) -> None:
         missing = [j for j in (layers or ()) if j not in self.layout.layers]

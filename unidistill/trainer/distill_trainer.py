@@ -57,9 +57,7 @@ class UniversalDistillationTrainer(Trainer):
         self.add_callback(_ZeroProjectorGrads(self.projectors))
         self.hidden_pairs = dict(sorted(hidden_pairs.items()))
         self.online_teacher = online_teacher
-        # exact-logits caches: the teacher's head (weight, bias), moved to the device once
-        self.teacher_head = None if teacher_head is None else tuple(
-            None if t is None else t.to(self.args.device) for t in teacher_head)
+        self.teacher_head = teacher_head  # exact-logits caches: (weight, bias) on the device
         # compute_loss returns a per-micro-batch mean, so the Trainer must divide by the
         # gradient-accumulation steps itself.
         self.loss_is_scaled_for_ga = False

@@ -199,23 +199,31 @@ def parse_layer_map(spec: str | dict, n_student: int, n_teacher: int, *,
     return create_layer_map(n_student, n_teacher, text, provenance=provenance)
 
 
-def provenance_from_config(config) -> list[int] | None:
-    """The pruning provenance ``config.unidistill_provenance["teacher_blocks"]``, or None.
+def provenance_record(config) -> Mapping:
+    """The pruning record ``config.unidistill_provenance`` ({} when the model was not pruned).
 
     ``config`` is a Hugging Face config (attribute) or a plain dict (key), e.g. a loaded
-    ``config.json``. The list is returned as stored; :func:`create_layer_map` validates it.
+    ``config.json``.
     """
     if isinstance(config, Mapping):
         record = config.get(PROVENANCE_KEY)
     else:
         record = getattr(config, PROVENANCE_KEY, None)
     if record is None:
-        return None
+        return {}
     if not isinstance(record, Mapping):
         raise ConfigError(f"the student config's {PROVENANCE_KEY} is {record!r}, but it must be a "
                           f"dict with a '{PROVENANCE_BLOCKS_KEY}' list; the config was edited "
                           f"by hand or by another tool, re-run the pruning step")
-    blocks = record.get(PROVENANCE_BLOCKS_KEY)
+    return record
+
+
+def provenance_from_config(config) -> list[int] | None:
+    """The pruning provenance ``config.unidistill_provenance["teacher_blocks"]``, or None.
+
+    The list is returned as stored; :func:`create_layer_map` validates it.
+    """
+    blocks = provenance_record(config).get(PROVENANCE_BLOCKS_KEY)
     return None if blocks is None else list(blocks)
 
 

@@ -22,7 +22,7 @@ from unidistill.storage.files import atomic_write_json
 from unidistill.trainer.arguments import DistillationArguments
 from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
 from unidistill.trainer.layer_map import (
-    PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config,
+    PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
 )
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.projectors import HiddenProjectors
@@ -131,8 +131,7 @@ def projector_init(requested: str, config, d_student: int, d_teacher: int
     ``auto`` picks ``channels`` when the student config records the ``hidden_channels`` a
     width-pruning step kept from this teacher's width, and ``xavier`` otherwise.
     """
-    record = getattr(config, PROVENANCE_KEY, None)
-    channels = record.get("hidden_channels") if isinstance(record, dict) else None
+    channels = provenance_record(config).get("hidden_channels")
     fits = channels is not None and len(channels) == d_student and max(channels) < d_teacher
     if requested == "auto":
         return ("channels", list(channels)) if fits else ("xavier", None)
@@ -182,7 +181,7 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     write_run_record(args, plan, student, cache)
     teacher_head = None
     if online_teacher is None and plan.reader.logits_mode == "exact" and args.beta > 0:
-        teacher_head = plan.reader.head()
+        teacher_head = plan.reader.head(args.device)
     trainer = UniversalDistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collate_cache_batch,
         processing_class=tokenizer, projectors=projectors, hidden_pairs=plan.hidden_pairs,
