@@ -72,8 +72,9 @@ def main():
               type=click.Choice(["float32", "bfloat16", "float16"]), help="Teacher compute dtype.")
 @click.option("--hidden-dtype", default="float16", show_default=True,
               type=click.Choice(["float16", "bfloat16", "int8"]),
-              help="Stored hidden-state dtype; int8 keeps one fp16 scale per channel and sequence "
-                   "(about half of fp16, robust to outlier channels).")
+              help="Stored hidden-state dtype; int8 keeps each sequence's 2 highest-norm tokens in "
+                   "fp16 and one scale per channel and 64 tokens for the rest (about half of fp16, "
+                   "robust to massive tokens and outlier channels).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace a complete cache at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -28,6 +28,8 @@ from unidistill.storage.layout import (
     LOGITS_MODES,
     TOPK_MODES,
     hidden_key,
+    hidden_outlier_pos_key,
+    hidden_outliers_key,
     hidden_scale_key,
 )
 from unidistill.storage import hidden_q8
@@ -213,9 +215,11 @@ class TeacherRunner:
             out[LOGIT_COUNTS] = counts.to(torch.int32).cpu().numpy().astype(np.uint16)
         for j in self.layers:
             if self.hidden_dtype == "int8":
-                q, scale = hidden_q8.quantize(captured[j])
+                q, scale, kept, pos = hidden_q8.quantize(captured[j])
                 out[hidden_key(j)] = q.cpu().numpy()
                 out[hidden_scale_key(j)] = scale.cpu().numpy()
+                out[hidden_outliers_key(j)] = kept.cpu().numpy()
+                out[hidden_outlier_pos_key(j)] = pos.cpu().numpy()
                 continue
             stored = self._to_storage(j, captured[j]).cpu().numpy()
             out[hidden_key(j)] = stored.view(np.uint16) if self.hidden_dtype == "bfloat16" else stored

@@ -11,7 +11,9 @@ whole units, so no two writers ever touch one shard (a write into a shard rewrit
 | logits/values    | [N, L, K]   | float16 (log-probs at T = 1)   | one sequence     |
 | logits/tail      | [N, L]      | float16 (log of mass off the K)| one sequence     |
 | hidden/<j>       | [N, L, D]   | float16, bfloat16 as uint16, or int8 | one sequence |
-| hidden/<j>_scale | [N, D]      | float16 (int8 only: per channel and sequence) | one sequence |
+| hidden/<j>_scale | [N, ⌈L/64⌉, D] | float16 (int8 only: per channel and 64-token block) | one sequence |
+| hidden/<j>_outliers | [N, 2, D] | float16 (int8 only: each sequence's 2 highest-norm tokens) | one sequence |
+| hidden/<j>_outlier_pos | [N, 2] | int32 (int8 only: their positions)  | one sequence |
 
 The ``logits/*`` arrays depend on the logit representation (``logits_mode``):
 
@@ -42,6 +44,7 @@ import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from unidistill.errors import ConfigError
+from unidistill.storage.hidden_q8 import OUTLIERS, n_blocks
 
 FORMAT_VERSION = 1
 
@@ -59,7 +62,7 @@ HIDDEN_PREFIX = "hidden/"
 HIDDEN_DTYPES = {
     "float16": (np.dtype("float16"), float("nan")),
     "bfloat16": (np.dtype("uint16"), 0xFFFF),  # zarr has no bf16: raw bits; 0xFFFF is a bf16 NaN
-    "int8": (np.dtype("int8"), -128),  # + hidden/<j>_scale, see unidistill.storage.hidden_q8
+    "int8": (np.dtype("int8"), -128),  # + scales and outlier tokens, see storage.hidden_q8
 }
 LOGITS_MODES = ("topk", "topk-q8", "sampled", "exact")
 TOPK_MODES = ("topk", "topk-q8")  # modes that hold the teacher's K most likely ids
@@ -72,8 +75,17 @@ def hidden_key(layer: int) -> str:
 
 
 def hidden_scale_key(layer: int) -> str:
-    """The per-channel scales (one row per sequence) of an int8 hidden layer."""
+    """The per-channel scales (one row per block of tokens) of an int8 hidden layer."""
     return f"{HIDDEN_PREFIX}{layer}_scale"
+
+
+def hidden_outliers_key(layer: int) -> str:
+    """The fp16 tokens an int8 hidden layer keeps apart, one set per sequence."""
+    return f"{HIDDEN_PREFIX}{layer}_outliers"
+
+
+def hidden_outlier_pos_key(layer: int) -> str:
+    return f"{HIDDEN_PREFIX}{layer}_outlier_pos"
 
 
 def index_dtype_for(vocab_size: int) -> np.dtype:
@@ -136,8 +148,12 @@ class CacheLayout:
         idx = index_dtype_for(self.vocab_size)
         ints = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
         floats = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
-        # Raw hidden states barely compress (about 1.25x): a fast codec keeps the writer ahead.
-        hidden = [BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
+        # Raw fp16/bf16 states barely compress: a fast codec keeps the writer ahead. int8 codes
+        # do compress (about 1.1x with zstd), which pays for their scales.
+        if self.hidden_dtype == "int8":
+            hidden = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.noshuffle), Crc32cCodec()]
+        else:
+            hidden = [BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
 
         def spec(shape, dtype, fill, codecs):
             chunks = (1,) + tuple(shape[1:])
@@ -161,6 +177,10 @@ class CacheLayout:
         for j in self.layers:
             specs[hidden_key(j)] = spec((n, length, self.hidden_size), store_dtype, fill, hidden)
             if self.hidden_dtype == "int8":
-                specs[hidden_scale_key(j)] = spec((n, self.hidden_size), np.dtype("float16"),
-                                                  float("nan"), floats)
+                kept = min(OUTLIERS, length)
+                specs[hidden_scale_key(j)] = spec((n, n_blocks(length), self.hidden_size),
+                                                  np.dtype("float16"), float("nan"), floats)
+                specs[hidden_outliers_key(j)] = spec((n, kept, self.hidden_size), np.dtype("float16"),
+                                                     float("nan"), floats)
+                specs[hidden_outlier_pos_key(j)] = spec((n, kept), np.dtype("int32"), -1, ints)
         return specs

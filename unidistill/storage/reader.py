@@ -21,6 +21,8 @@ from unidistill.storage.layout import (
     TOPK_MODES,
     CacheLayout,
     hidden_key,
+    hidden_outlier_pos_key,
+    hidden_outliers_key,
     hidden_scale_key,
 )
 from unidistill.storage import hidden_q8
@@ -181,7 +183,9 @@ class CacheReader:
         stored = self.group[hidden_key(layer)][index]
         if self.layout.hidden_dtype != "int8":
             return stored
-        return hidden_q8.dequantize(stored, self.group[hidden_scale_key(layer)][index])
+        g = self.group
+        return hidden_q8.dequantize(stored, g[hidden_scale_key(layer)][index], g[hidden_outliers_key(layer)][index],
+                                    g[hidden_outlier_pos_key(layer)][index])
 
     def read_array_unit(self, name: str, unit: int) -> np.ndarray:
         start, stop = self.layout.unit_range(unit)
