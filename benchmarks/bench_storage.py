@@ -173,8 +173,10 @@ def distill(opts, work: Path, caches: dict) -> dict:
             gamma=0.0, kd_temperature=1.0, save_strategy="no", report_to=[], logging_steps=1,
             use_cpu=opts.device == "cpu", seed=0, data_seed=0, disable_tqdm=True)
         t0 = time.perf_counter()
-        distill_from_cache(root, str(student), args)
-        out[name] = {"heldout_perplexity": heldout(str(run)), "train_seconds": round(time.perf_counter() - t0, 1)}
+        trainer = distill_from_cache(root, str(student), args)
+        runtime = next(e["train_runtime"] for e in reversed(trainer.state.log_history) if "train_runtime" in e)
+        out[name] = {"heldout_perplexity": heldout(str(run)), "train_seconds": round(time.perf_counter() - t0, 1),
+                     "trainer_tokens_per_s": round(opts.distill_steps * 4 * opts.seq_len / runtime, 1)}
     return out
 
 
@@ -278,6 +280,14 @@ def main(argv=None):
                f"perplexity ({opts.eval_sequences} sequences): untrained student "
                f"{effect['student_before']:.1f}; " + "; ".join(
                    f"{name} {effect[name]['heldout_perplexity']:.1f}" for name in caches) + "."]
+    if effect:
+        md += ["", "Read path against the trainer's consumption (the loader reads every hidden layer; the "
+               "trainer's tokens/s over its training loop, model loading excluded):", "",
+               "| representation | trainer tok/s | loader tok/s, 0 workers | loader / trainer |", "|---|---|---|---|"]
+        for name, r in rows.items():
+            tps = effect[name]["trainer_tokens_per_s"]
+            md.append(f"| {name} | {tps:.0f} | {r['read_tokens_per_s'][0]:.0f} | "
+                      f"{r['read_tokens_per_s'][0] / tps:.0f}x |")
     (results / f"storage_{opts.tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
