@@ -1,8 +1,10 @@
 """The cache manifest: the root group's attributes.
 
-The manifest is written twice: at creation with ``status: building`` and the settings that
-identify the build, and once more, last of all, with ``status: complete`` and the content
-fingerprint. A reader trusts a cache only when the status is ``complete``.
+The manifest is written three times: with the root group as ``status: creating`` (the arrays
+may not all exist yet: a build that finds this status starts over, nothing was committed), then
+``status: building`` once every array exists, with the settings that identify the build, and
+last of all ``status: complete`` with the content fingerprint. A reader trusts a cache only
+when the status is ``complete``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+STATUS_CREATING = "creating"
 STATUS_BUILDING = "building"
 STATUS_COMPLETE = "complete"
 

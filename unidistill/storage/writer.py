@@ -24,6 +24,7 @@ from unidistill.storage.layout import FORMAT_VERSION, CacheLayout
 from unidistill.storage.manifest import (
     STATUS_BUILDING,
     STATUS_COMPLETE,
+    STATUS_CREATING,
     content_fingerprint,
     diff_settings,
 )
@@ -81,8 +82,8 @@ class CacheWriter:
         if root.is_dir() and existing is None and any(root.iterdir()):
             raise ConfigError(f"output folder {root} is not empty and holds no unidistill cache; "
                               "refusing to write into it. Choose an empty or new --out.")
-        if existing is not None and overwrite:
-            shutil.rmtree(root)
+        if existing is not None and (overwrite or existing.get("status") == STATUS_CREATING):
+            shutil.rmtree(root)  # a creation cut short holds no committed work: start it again
             existing = None
         if existing is None:
             return cls._create(root, layout, settings)
@@ -109,17 +110,18 @@ class CacheWriter:
         manifest = {
             "format_version": FORMAT_VERSION,
             "package_version": __version__,
-            "status": STATUS_BUILDING,
+            "status": STATUS_CREATING,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "settings": settings,
             "layout": layout.to_dict(),
         }
-        group = zarr.open_group(str(root), mode="w")
+        # The group is born with the manifest saying "creating", so a build killed before every
+        # array exists is recognised as ours and started over, not mistaken for foreign files.
+        group = zarr.open_group(str(root), mode="w", attributes={MANIFEST_KEY: manifest})
         for name, spec in layout.array_specs().items():
             group.create_array(name, **spec)
-        (root / UNITS_DIR).mkdir()
-        # The manifest goes in last, so a folder interrupted during creation has none and is
-        # recognised as "not a cache" rather than as a build to resume with missing arrays.
+        (root / UNITS_DIR).mkdir(exist_ok=True)
+        manifest = {**manifest, "status": STATUS_BUILDING}
         group.attrs[MANIFEST_KEY] = manifest
         return cls(root, group, layout, manifest)
 
