@@ -222,7 +222,9 @@ def distill_from_cache_cmd(cache, student, resume_from_checkpoint, report_to, **
                                  save_strategy="steps", **kwargs)
     resume = True if resume_from_checkpoint == "last" else resume_from_checkpoint
     distill_from_cache(cache, student, args, resume_from_checkpoint=resume)
-    click.echo(f"student saved to {args.output_dir} (loads with AutoModelForCausalLM.from_pretrained)")
+    if args.should_save:  # once, from the main process of a multi-process run
+        click.echo(f"student saved to {args.output_dir} "
+                   "(loads with AutoModelForCausalLM.from_pretrained)")
 
 
 @main.command("prune")

@@ -120,6 +120,7 @@ def write_run_record(args: DistillationArguments, plan: DistillPlan, student: st
         "layer_map": {str(i): j for i, j in plan.layer_map.items()},
         "hidden_pairs": {str(i): j for i, j in plan.hidden_pairs.items()},
         "arguments": json.loads(args.to_json_string()),
+        "processes": args.world_size,  # the batch per optimizer step is processes x per-device x GA
     }
     atomic_write_json(Path(args.output_dir) / RUN_RECORD, record)
 
@@ -178,7 +179,8 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     if not plan.hidden_pairs:
         projectors.requires_grad_(False)  # no hidden loss: nothing to learn, still saved for the record
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    write_run_record(args, plan, student, cache)
+    if args.should_save:  # the main process of a multi-process run (the one the Trainer saves from)
+        write_run_record(args, plan, student, cache)
     teacher_head = None
     if online_teacher is None and plan.reader.logits_mode == "exact" and args.beta > 0:
         teacher_head = plan.reader.head(args.device)
