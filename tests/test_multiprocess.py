@@ -64,16 +64,17 @@ _save_projectors, _record = dt.save_projectors, run.write_run_record
 def save_projectors(projectors, directory):
     note(f"projectors {os.path.basename(str(directory))}")
     return _save_projectors(projectors, directory)
-def write_run_record(*a, **k):
-    note("run record")
-    return _record(*a, **k)
+def write_run_record(folder, record):
+    note(f"run record {os.path.basename(str(folder))}")
+    return _record(folder, record)
 _save_pretrained = PreTrainedModel.save_pretrained
 def save_pretrained(self, save_directory, *a, is_main_process=True, **k):
     if is_main_process:
         note(f"model {os.path.basename(str(save_directory))}")
     return _save_pretrained(self, save_directory, *a, is_main_process=is_main_process, **k)
-dt.save_projectors, run.write_run_record, PreTrainedModel.save_pretrained = (
-    save_projectors, write_run_record, save_pretrained)
+dt.save_projectors, dt.write_run_record, run.write_run_record = (
+    save_projectors, write_run_record, write_run_record)
+PreTrainedModel.save_pretrained = save_pretrained
 _train = dt.UniversalDistillationTrainer.train
 def train(self, *a, **k):
     out = _train(self, *a, **k)
@@ -196,9 +197,9 @@ def test_two_process_training_matches_double_batch_and_saves_once(tmp_path, cach
     # saved once, by the main process: final model, projectors, checkpoints, run record
     assert not (dump / "saves_rank1.txt").exists()
     saves = (dump / "saves_rank0.txt").read_text().splitlines()
-    assert sorted(saves) == sorted(["run record", "model checkpoint-2", "projectors checkpoint-2",
-                                    "model checkpoint-3", "projectors checkpoint-3",
-                                    "model two", "projectors two"])
+    assert sorted(saves) == sorted([f"{what} {folder}" for what in ("model", "projectors", "run record")
+                                    for folder in ("checkpoint-2", "checkpoint-3", "two")]
+                                   + ["run record two"])  # at the start, and with the final model
     final = load_file(two / "projectors.safetensors")
     assert all(torch.equal(t, rank0[f"projectors.{n}"]) for n, t in final.items())
     model = AutoModelForCausalLM.from_pretrained(two)

@@ -19,6 +19,7 @@ from unidistill.trainer.losses import (
     next_token_labels,
 )
 from unidistill.trainer.projectors import HiddenProjectors, load_projectors, save_projectors
+from unidistill.trainer.run import write_run_record
 
 
 def _exact_teacher(batch: dict):
@@ -51,13 +52,14 @@ class UniversalDistillationTrainer(Trainer):
     """
 
     def __init__(self, *args, projectors: HiddenProjectors, hidden_pairs: dict[int, int],
-                 online_teacher=None, teacher_head=None, **kwargs):
+                 online_teacher=None, teacher_head=None, run_record: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projectors = projectors.to(self.args.device)
         self.add_callback(_ZeroProjectorGrads(self.projectors))
         self.hidden_pairs = dict(sorted(hidden_pairs.items()))
         self.online_teacher = online_teacher
         self.teacher_head = teacher_head  # exact-logits caches: (weight, bias) on the device
+        self.run_record = run_record  # unidistill_run.json: copied beside every checkpoint
         # compute_loss returns a per-micro-batch mean, so the Trainer must divide by the
         # gradient-accumulation steps itself.
         self.loss_is_scaled_for_ga = False
@@ -182,6 +184,8 @@ class UniversalDistillationTrainer(Trainer):
         super()._save(output_dir, state_dict)
         if self.args.should_save:  # the Trainer calls _save on every process; one writes
             save_projectors(self.projectors, output_dir or self.args.output_dir)
+            if self.run_record is not None:  # which cache (fingerprint) this state was trained on
+                write_run_record(output_dir or self.args.output_dir, self.run_record)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
