@@ -2,7 +2,8 @@
 
 A build launched by ``torchrun --nproc_per_node N`` (or ``accelerate launch --multi_gpu
 --num_processes N``, which starts the same ``torch.distributed.run`` workers) sees ``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in its environment. The
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in its environment (under
+mpirun, the MPI rank and size variables stand in for the first three). The
 processes then meet at a few sync points through a small gloo group (CPU tensors, so it works
 the same beside a GPU teacher), never exchanging array data: every process writes its own work
 units straight into the cache.
@@ -33,11 +34,28 @@ class PeerFailedError(UnidistillError, RuntimeError):
     """Another process of a multi-process run failed; this one stops too."""
 
 
+# torch.distributed.run sets the first of each; mpirun (accelerate launch --cpu with an MPI
+# hostfile) the others. The same lists as accelerate's CPU launcher reads.
+_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
+                    "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _env_int(names, default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return default
+    return default
+
+
 def world_size_from_env() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
+    """The number of processes the launcher started (1 without a distributed launcher)."""
+    return _env_int(_SIZE_VARS, 1)
 
 
 def _describe(e: BaseException) -> str:
@@ -67,11 +85,17 @@ class ProcessGroup:
         owns = False
         group = None
         if not dist.is_initialized():
-            dist.init_process_group(backend="gloo", timeout=timeout)
+            missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+            if missing:
+                raise UnidistillError(f"{world} processes launched, but {' and '.join(missing)} "
+                                      "is not set; launch with torchrun or accelerate launch, or "
+                                      "set MASTER_ADDR and MASTER_PORT")
+            dist.init_process_group(backend="gloo", rank=_env_int(_RANK_VARS, 0), world_size=world,
+                                    timeout=timeout)
             owns = True
         elif dist.get_backend() != "gloo":
             group = dist.new_group(backend="gloo", timeout=timeout)
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+        return cls(dist.get_rank(), dist.get_world_size(), _env_int(_LOCAL_RANK_VARS, 0),
                    group=group, owns_default_group=owns)
 
     @property

@@ -12,15 +12,11 @@ from unidistill.trainer.projectors import PROJECTOR_INITS
 
 
 def _distributed_without_accelerator() -> bool:
-    import os
-
     import torch
 
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return False
-    if world <= 1:
+    from unidistill.distributed import world_size_from_env
+
+    if world_size_from_env() <= 1:
         return False
     has_accelerator = getattr(torch, "accelerator", None)
     if has_accelerator is not None and hasattr(has_accelerator, "is_available"):
