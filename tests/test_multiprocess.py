@@ -219,3 +219,18 @@ def test_two_process_training_matches_double_batch_and_saves_once(tmp_path, cach
     assert got[0] == pytest.approx(want[0], rel=1e-5)  # first step: same batch, same weights
     for a, b in zip(got, want):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_single_process_group_only_reraises(monkeypatch):
+    from unidistill.distributed import ProcessGroup, world_size_from_env
+
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert world_size_from_env() == 1
+    group = ProcessGroup.from_env()
+    assert group.is_main and not group.distributed
+    assert group.agree(None, {"a": 1}) == [{"a": 1}]
+    with pytest.raises(KeyError, match="mine"):
+        group.agree(KeyError("mine"), None)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")  # mpirun's variables count as well
+    assert world_size_from_env() == 3
