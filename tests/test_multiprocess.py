@@ -166,6 +166,9 @@ def test_failure_in_one_process_stops_both_and_resume_resplits(tmp_path, tiny_te
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr and "7/12 units already committed" in resumed.stderr
     assert CacheReader(out).manifest["build"]["units_computed_this_run"] == N_UNITS - len(committed)
+    # the 5 remaining units were split again: 3, 7, 11 by process 0 and 5, 9 by process 1
+    runs = {u: read_unit_marker(out, u)["run_id"] for u in (3, 5, 7, 9, 11)}
+    assert runs[3] == runs[7] == runs[11] != runs[5] == runs[9]
     assert_same_cache(out, reference_cache)
 
 
