@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from unidistill.ablate import check_variants, parse_variant, recovery
 from unidistill.cli import main
 from unidistill.errors import ConfigError
+from unidistill.storage import CacheReader
+from unidistill.trainer.run import RUN_RECORD
 
 
 def test_recovery_is_the_share_of_the_log_perplexity_gap_closed():
@@ -53,6 +55,10 @@ def test_ablate_then_report(tmp_path, cache, student_dir, tiny_teacher_dir, text
     table = json.loads((out / "ablation.json").read_text())
     names = [r["name"] for r in table["rows"]]
     assert names == ["teacher", "student (before)", "ce", "ce+kl", "ce+kl+hidden"]
+    fingerprint = CacheReader(cache).manifest["fingerprint"]
+    assert table["cache_fingerprint"] == fingerprint
+    assert all(json.loads((out / name / RUN_RECORD).read_text())["cache"]["fingerprint"] == fingerprint
+               for name in names[2:])
     rows = {r["name"]: r for r in table["rows"]}
     assert rows["teacher"]["recovery_pct"] == pytest.approx(100.0)
     assert rows["student (before)"]["recovery_pct"] == pytest.approx(0.0)

@@ -157,7 +157,10 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
     ref_teacher = _evaluate_to(_mkdir(out / "_teacher"), teacher, heldout, heldout_cache, eval_kwargs)
     ref_student = _evaluate_to(_mkdir(out / "_student"), student, heldout, heldout_cache, eval_kwargs)
     ref = {"teacher": ref_teacher.get("nll"), "student": ref_student.get("nll")}
-    table = {"cache": str(cache), "teacher": teacher, "student": student, "heldout": heldout,
+    from unidistill.storage.writer import read_manifest
+
+    fingerprint = (read_manifest(Path(cache)) or {}).get("fingerprint")  # each run records it too
+    table = {"cache": str(cache), "cache_fingerprint": fingerprint, "teacher": teacher, "student": student, "heldout": heldout,
              "heldout_cache": None if heldout_cache is None else str(heldout_cache), "common": common,
              "rows": [_row("teacher", {}, ref_teacher, ref, None),
                       _row("student (before)", {}, ref_student, ref, None)]}

@@ -80,7 +80,13 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_friendly_errors
 def cache_build(layer_maps, quiet, **kwargs):
-    """Run the teacher once over packed text and write the cache (resumable)."""
+    """Run the teacher once over packed text and write the cache (resumable).
+
+    \b
+    Several processes split the work units (same cache as one process):
+      torchrun --nproc_per_node N -m unidistill.cli cache-build ...
+      accelerate launch --multi_gpu --num_processes N -m unidistill.cli cache-build ...
+    """
     from unidistill.cache_builder.build import build_cache
     from unidistill.cache_builder.config import BuildConfig
 
@@ -214,7 +220,13 @@ def _config_option(fn):
               help="A checkpoint folder, or 'last' for the newest in --out.")
 @_friendly_errors
 def distill_from_cache_cmd(cache, student, resume_from_checkpoint, report_to, **kwargs):
-    """Train a student from a teacher cache: alpha*CE + beta*T^2*KL + gamma*hidden."""
+    """Train a student from a teacher cache: alpha*CE + beta*T^2*KL + gamma*hidden.
+
+    \b
+    Data parallel (DDP; gloo on CPU), per-device batch x N per step:
+      torchrun --nproc_per_node N -m unidistill.cli distill-from-cache ...
+      accelerate launch --multi_gpu --num_processes N -m unidistill.cli distill-from-cache ...
+    """
     from unidistill.trainer.arguments import DistillationArguments
     from unidistill.trainer.run import distill_from_cache
 
@@ -222,7 +234,9 @@ def distill_from_cache_cmd(cache, student, resume_from_checkpoint, report_to, **
                                  save_strategy="steps", **kwargs)
     resume = True if resume_from_checkpoint == "last" else resume_from_checkpoint
     distill_from_cache(cache, student, args, resume_from_checkpoint=resume)
-    click.echo(f"student saved to {args.output_dir} (loads with AutoModelForCausalLM.from_pretrained)")
+    if args.should_save:  # once, from the main process of a multi-process run
+        click.echo(f"student saved to {args.output_dir} "
+                   "(loads with AutoModelForCausalLM.from_pretrained)")
 
 
 @main.command("prune")

@@ -29,6 +29,7 @@ from unidistill.cache_builder.teacher import (
     resolve_device,
     resolve_model_source,
 )
+from unidistill.distributed import ProcessGroup
 from unidistill.errors import CacheError, ConfigError
 from unidistill.fingerprint import ids_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from unidistill.storage.head import head_digest, write_head
@@ -108,75 +109,129 @@ def prepare(cfg: BuildConfig, log=print):
 
 
 def build_cache(cfg: BuildConfig, *, progress: bool = True, log=print) -> dict:
-    """Build (or resume) the cache described by ``cfg``; returns the final manifest."""
-    source, device, model_config, layers, tokenizer, ids = prepare(cfg, log)
-    log(f"{ids.shape[0]} sequences x {cfg.seq_len} tokens; loading teacher {source.path} on {device} ...")
-    model = load_model(source, cfg.dtype, str(device))
-    head = model.get_output_embeddings()
-    layout = CacheLayout(
-        n_sequences=int(ids.shape[0]), seq_len=cfg.seq_len, top_k=cfg.stored_k,
-        vocab_size=int(head.weight.shape[0]), hidden_size=int(model_config.hidden_size),
-        layers=tuple(layers), hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size,
-        logits_mode=cfg.logits)
-    settings = {
-        "teacher": {**source.describe(), "architecture": type(model).__name__,
-                    "n_layers": model_config.num_hidden_layers,
-                    "hidden_size": model_config.hidden_size,
-                    "vocab_size": layout.vocab_size,
-                    "weights_fingerprint": weights_fingerprint(model),
-                    "dtype": cfg.dtype},
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
-                      "eos_token_id": tokenizer.eos_token_id},
-        "data": {"source": cfg.data, "config": cfg.data_config, "split": cfg.split,
-                 "text_field": cfg.text_field, "max_sequences": cfg.max_sequences,
-                 "packing": "documents joined with EOS, remainder dropped",
-                 "ids_fingerprint": ids_fingerprint(ids)},
-    }
-    if cfg.logits == "sampled":
-        settings["sampling"] = {"temperature": 1.0, "seed": cfg.sample_seed}
-    writer = CacheWriter.open(cfg.out, layout, settings, overwrite=cfg.overwrite)
-    pending = writer.pending_units()
-    done_units = layout.n_units - len(pending)
-    if done_units:
-        log(f"resuming {cfg.out}: {done_units}/{layout.n_units} units already committed")
-    if cfg.logits == "exact":
-        write_head(cfg.out, head.weight, head.bias)
-    runner = TeacherRunner(model, layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
-                           hidden_dtype=cfg.hidden_dtype, mode=cfg.logits)
+    """Build (or resume) the cache described by ``cfg``; returns the final manifest.
+
+    Launched as several processes (``torchrun --nproc_per_node N`` or ``accelerate launch
+    --multi_gpu --num_processes N``; see :mod:`unidistill.distributed`), the processes split the
+    pending work units round-robin by rank: each runs its own copy of the teacher and writes its
+    own units, so no two writers ever share a shard. Process 0 alone creates (or resumes) the
+    cache, writes the head file and finalizes the manifest; the others open the cache only after
+    it exists. The result is the same cache, byte for byte and fingerprint, as one process builds.
+    """
+    group = ProcessGroup.from_env()
+    try:
+        return _build(cfg, group, progress=progress and group.is_main,
+                      log=log if group.is_main else (lambda m: None))
+    finally:
+        group.close()
+
+
+def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dict:
+    main = group.is_main
+    error = writer = None
+    pending: list[int] = []
+    try:
+        source, device, model_config, layers, tokenizer, ids = prepare(cfg, log)
+        if group.distributed and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", group.local_rank % torch.cuda.device_count())
+        log(f"{ids.shape[0]} sequences x {cfg.seq_len} tokens; loading teacher {source.path} on {device} ..."
+            + (f" (x{group.world_size} processes)" if group.distributed else ""))
+        model = load_model(source, cfg.dtype, str(device))
+        head = model.get_output_embeddings()
+        layout = CacheLayout(
+            n_sequences=int(ids.shape[0]), seq_len=cfg.seq_len, top_k=cfg.stored_k,
+            vocab_size=int(head.weight.shape[0]), hidden_size=int(model_config.hidden_size),
+            layers=tuple(layers), hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size,
+            logits_mode=cfg.logits)
+        settings = {
+            "teacher": {**source.describe(), "architecture": type(model).__name__,
+                        "n_layers": model_config.num_hidden_layers,
+                        "hidden_size": model_config.hidden_size,
+                        "vocab_size": layout.vocab_size,
+                        "weights_fingerprint": weights_fingerprint(model),
+                        "dtype": cfg.dtype},
+            "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
+                          "eos_token_id": tokenizer.eos_token_id},
+            "data": {"source": cfg.data, "config": cfg.data_config, "split": cfg.split,
+                     "text_field": cfg.text_field, "max_sequences": cfg.max_sequences,
+                     "packing": "documents joined with EOS, remainder dropped",
+                     "ids_fingerprint": ids_fingerprint(ids)},
+        }
+        if cfg.logits == "sampled":
+            settings["sampling"] = {"temperature": 1.0, "seed": cfg.sample_seed}
+        if main:  # the only process that creates, overwrites or resumes the cache
+            writer = CacheWriter.open(cfg.out, layout, settings, overwrite=cfg.overwrite)
+            pending = writer.pending_units()
+            done_units = layout.n_units - len(pending)
+            if done_units:
+                log(f"resuming {cfg.out}: {done_units}/{layout.n_units} units already committed")
+            if cfg.logits == "exact":
+                write_head(cfg.out, head.weight, head.bias)
+    except BaseException as e:  # told to the other processes at the sync point, then re-raised
+        error = e
+    # process 0's pending list is the one every process splits: read before anyone writes a unit
+    pending = group.agree(error, pending)[0]
+    if group.distributed:
+        if not main:
+            try:  # the cache exists now, with this build's settings; never overwrite it from here
+                writer = CacheWriter.open(cfg.out, layout, settings, overwrite=False)
+            except BaseException as e:
+                error = e
+        group.agree(error)  # every process has the cache open
+    mine = pending[group.rank::group.world_size]
+
     todo_tokens = sum(np.subtract(*layout.unit_range(u)[::-1]) for u in pending) * cfg.seq_len
-    bar = tqdm(total=int(todo_tokens), unit="tok", unit_scale=True, desc="cache-build",
-               disable=not progress, smoothing=0.1)
-    thread = UnitWriterThread(writer)
+    my_tokens = sum(np.subtract(*layout.unit_range(u)[::-1]) for u in mine) * cfg.seq_len
     t_start = time.perf_counter()
     teacher_seconds = 0.0
+    thread = None
     try:
-        for unit in pending:
-            start, stop = layout.unit_range(unit)
-            parts = []
-            for s in range(start, stop, cfg.batch_size):
-                batch = ids[s:min(s + cfg.batch_size, stop)]
-                t0 = time.perf_counter()
-                parts.append(runner(batch, seed=cfg.sample_seed * 1_000_003 + s))
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                teacher_seconds += time.perf_counter() - t0
-                bar.update(batch.size)
-            thread.submit(unit, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-    finally:
-        runner.close()
-        bar.close()
-        thread.close()  # writes what was queued: finished units are never thrown away
+        runner = TeacherRunner(model, layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
+                               hidden_dtype=cfg.hidden_dtype, mode=cfg.logits)
+        bar = tqdm(total=int(my_tokens), unit="tok", unit_scale=True,
+                   desc="cache-build" + (f" (process 0 of {group.world_size})" if group.distributed else ""),
+                   disable=not progress, smoothing=0.1)
+        thread = UnitWriterThread(writer)
+        try:
+            for unit in mine:
+                start, stop = layout.unit_range(unit)
+                parts = []
+                for s in range(start, stop, cfg.batch_size):
+                    batch = ids[s:min(s + cfg.batch_size, stop)]
+                    t0 = time.perf_counter()
+                    parts.append(runner(batch, seed=cfg.sample_seed * 1_000_003 + s))
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    teacher_seconds += time.perf_counter() - t0
+                    bar.update(batch.size)
+                thread.submit(unit, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        finally:
+            runner.close()
+            bar.close()
+            thread.close()  # writes what was queued: finished units are never thrown away
+    except BaseException as e:
+        error = e
+    stats = group.agree(error, {"teacher_seconds": teacher_seconds,
+                                "writer_seconds": thread.write_seconds if thread else 0.0})
     wall = time.perf_counter() - t_start
-    build = {"units_computed_this_run": len(pending), "wall_seconds": round(wall, 3),
-             "teacher_seconds": round(teacher_seconds, 3),
-             "writer_seconds": round(thread.write_seconds, 3),
-             "tokens_per_second": round(todo_tokens / wall, 1) if wall > 0 else None,
-             "device": str(device), "unidistill_version": __version__,
-             "config": {k: v for k, v in asdict(cfg).items() if k != "overwrite"}}
-    extra = {"build": build}
-    if cfg.logits == "exact":
-        extra["head"] = {"file": HEAD_FILE, "sha256": head_digest(cfg.out)}
-    manifest = writer.finalize(extra)
-    log(f"cache complete: {cfg.out} ({layout.n_sequences * cfg.seq_len} tokens, "
-        f"fingerprint {manifest['fingerprint'][:16]})")
-    return manifest
+
+    manifest = None
+    error = None
+    if main:
+        try:
+            build = {"units_computed_this_run": len(pending), "wall_seconds": round(wall, 3),
+                     "teacher_seconds": round(sum(s["teacher_seconds"] for s in stats), 3),
+                     "writer_seconds": round(sum(s["writer_seconds"] for s in stats), 3),
+                     "tokens_per_second": round(todo_tokens / wall, 1) if wall > 0 else None,
+                     "device": str(device), "processes": group.world_size,
+                     "unidistill_version": __version__,
+                     "config": {k: v for k, v in asdict(cfg).items() if k != "overwrite"}}
+            extra = {"build": build}
+            if cfg.logits == "exact":
+                extra["head"] = {"file": HEAD_FILE, "sha256": head_digest(cfg.out)}
+            manifest = writer.finalize(extra)
+            log(f"cache complete: {cfg.out} ({layout.n_sequences * cfg.seq_len} tokens, "
+                f"fingerprint {manifest['fingerprint'][:16]})")
+        except BaseException as e:
+            error = e
+    return group.agree(error, manifest)[0]

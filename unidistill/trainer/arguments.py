@@ -11,6 +11,19 @@ from unidistill.trainer.losses import HIDDEN_KINDS, KL_DIRECTIONS, validate_loss
 from unidistill.trainer.projectors import PROJECTOR_INITS
 
 
+def _distributed_without_accelerator() -> bool:
+    import torch
+
+    from unidistill.distributed import world_size_from_env
+
+    if world_size_from_env() <= 1:
+        return False
+    has_accelerator = getattr(torch, "accelerator", None)
+    if has_accelerator is not None and hasattr(has_accelerator, "is_available"):
+        return not torch.accelerator.is_available()
+    return not torch.cuda.is_available()
+
+
 @dataclass
 class DistillationArguments(TrainingArguments):
     """Loss weights: L = alpha*CE + beta*T^2*KL_T + gamma*L_hidden."""
@@ -37,6 +50,11 @@ class DistillationArguments(TrainingArguments):
     logits_chunk_size: int = field(default=64, metadata={"help": "positions per chunk of fp32 log-probs"})
 
     def __post_init__(self):
+        if not self.use_cpu and _distributed_without_accelerator():
+            # `torchrun` / `accelerate launch --multi_gpu` on a machine without GPUs: accelerate
+            # makes a gloo process group only when asked for the CPU, and would otherwise run
+            # each process alone on its own copy of the data.
+            self.use_cpu = True
         super().__post_init__()
         validate_loss_weights(self.alpha, self.beta, self.gamma, self.kd_temperature)
         if self.kl_direction not in KL_DIRECTIONS:

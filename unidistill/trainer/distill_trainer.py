@@ -19,6 +19,7 @@ from unidistill.trainer.losses import (
     next_token_labels,
 )
 from unidistill.trainer.projectors import HiddenProjectors, load_projectors, save_projectors
+from unidistill.trainer.run import write_run_record
 
 
 def _exact_teacher(batch: dict):
@@ -51,13 +52,14 @@ class UniversalDistillationTrainer(Trainer):
     """
 
     def __init__(self, *args, projectors: HiddenProjectors, hidden_pairs: dict[int, int],
-                 online_teacher=None, teacher_head=None, **kwargs):
+                 online_teacher=None, teacher_head=None, run_record: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projectors = projectors.to(self.args.device)
         self.add_callback(_ZeroProjectorGrads(self.projectors))
         self.hidden_pairs = dict(sorted(hidden_pairs.items()))
         self.online_teacher = online_teacher
         self.teacher_head = teacher_head  # exact-logits caches: (weight, bias) on the device
+        self.run_record = run_record  # unidistill_run.json: copied beside every checkpoint
         # compute_loss returns a per-micro-batch mean, so the Trainer must divide by the
         # gradient-accumulation steps itself.
         self.loss_is_scaled_for_ga = False
@@ -74,6 +76,37 @@ class UniversalDistillationTrainer(Trainer):
             lr = self.args.projector_learning_rate or self.args.learning_rate
             optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
         return optimizer
+
+    # -- data parallel: the projectors are outside the DDP-wrapped model ---------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # the micro-batch on which DDP syncs the model
+            self._average_projector_grads()
+        return loss
+
+    def _average_projector_grads(self) -> None:
+        """Average the projectors' gradients over the processes, as DDP does the student's.
+
+        DDP all-reduces only the parameters of the model it wraps; the projectors live beside
+        it (so the saved model stays a plain HF model), and without this each process would
+        step them with its own shard's gradient and they would drift apart. Runs once per
+        optimizer step, after the last micro-batch's backward and before clipping, so the
+        clipping norm and the update are the same on every process.
+        """
+        if self.accelerator.num_processes <= 1:
+            return
+        params = [p for p in self.projectors.parameters() if p.requires_grad]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
 
     def _clip_grad_norm(self, model):
         """Clip student and projector gradients together, so max_grad_norm bounds the whole
@@ -130,9 +163,18 @@ class UniversalDistillationTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        if "loss" in logs and self._term_count:
-            for name, total in self._term_sums.items():
-                logs[f"loss_{name}"] = round(total / self._term_count, 6)
+        if "loss" in logs:
+            sums, count = dict(self._term_sums), self._term_count
+            if self.accelerator.num_processes > 1:
+                # "loss" is already the mean over processes (the Trainer gathers it); the terms
+                # must be too. Every process logs the same steps, so this collective matches.
+                t = torch.tensor([*sums.values(), float(count)], dtype=torch.float64,
+                                 device=self.args.device)
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+                sums, count = dict(zip(sums, t[:-1].tolist())), int(t[-1].item())
+            if count:
+                for name, total in sums.items():
+                    logs[f"loss_{name}"] = round(total / count, 6)
             self._term_sums = dict.fromkeys(self._term_sums, 0.0)
             self._term_count = 0
         super().log(logs, start_time)
@@ -140,7 +182,10 @@ class UniversalDistillationTrainer(Trainer):
     # -- projectors travel with every save and resume -----------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
-        save_projectors(self.projectors, output_dir or self.args.output_dir)
+        if self.args.should_save:  # the Trainer calls _save on every process; one writes
+            save_projectors(self.projectors, output_dir or self.args.output_dir)
+            if self.run_record is not None:  # which cache (fingerprint) this state was trained on
+                write_run_record(output_dir or self.args.output_dir, self.run_record)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -2,8 +2,9 @@
 
 Every check that can fail on bad input runs before the student is trained: cache complete,
 tokenizer and vocabulary equal to the cache's, layer map valid and its teacher layers cached,
-k within the stored k. The run folder records the command, the settings and the cache
-fingerprint in ``unidistill_run.json``.
+k within the stored k. The run folder, and every checkpoint in it, records the command, the
+settings and the cache fingerprint in ``unidistill_run.json``; a resume from a checkpoint trained
+on another cache is refused.
 """
 
 from __future__ import annotations
@@ -110,18 +111,61 @@ def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> D
     return DistillPlan(reader, layer_map, pairs, student_config.hidden_size, teacher["hidden_size"])
 
 
-def write_run_record(args: DistillationArguments, plan: DistillPlan, student: str, cache) -> None:
-    record = {
+def make_run_record(args: DistillationArguments, plan: DistillPlan, student: str, cache,
+                    resumed_from: str | None = None) -> dict:
+    return {
         "unidistill_version": __version__,
         "command": sys.argv,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "student": str(student),
         "cache": {"path": str(cache), "fingerprint": plan.reader.manifest["fingerprint"]},
+        "resumed_from": resumed_from,
         "layer_map": {str(i): j for i, j in plan.layer_map.items()},
         "hidden_pairs": {str(i): j for i, j in plan.hidden_pairs.items()},
         "arguments": json.loads(args.to_json_string()),
+        "processes": args.world_size,  # the batch per optimizer step is processes x per-device x GA
     }
-    atomic_write_json(Path(args.output_dir) / RUN_RECORD, record)
+
+
+def write_run_record(folder, record: dict) -> None:
+    """``unidistill_run.json`` into a run folder or checkpoint."""
+    atomic_write_json(Path(folder) / RUN_RECORD, record)
+
+
+def resolve_checkpoint(resume_from_checkpoint, output_dir) -> str | None:
+    """The checkpoint folder a resume will load (``True``: the newest in ``output_dir``)."""
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    return str(resume_from_checkpoint)
+
+
+def check_checkpoint_cache(checkpoint: str | None, fingerprint: str) -> None:
+    """Refuse to resume a checkpoint trained on another cache.
+
+    The checkpoint's own run record (written beside every checkpoint) is read; a checkpoint
+    without one falls back to its run folder's record. No record: nothing to compare.
+    """
+    if checkpoint is None:
+        return
+    for folder in (Path(checkpoint), Path(checkpoint).parent):
+        path = folder / RUN_RECORD
+        if path.is_file():
+            try:
+                recorded = json.loads(path.read_text())["cache"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                return
+            if recorded.get("fingerprint") != fingerprint:
+                raise CacheMismatchError(
+                    f"checkpoint {checkpoint} was trained on the cache at {recorded.get('path')} "
+                    f"(fingerprint {str(recorded.get('fingerprint'))[:16]}), not on this one "
+                    f"(fingerprint {fingerprint[:16]}); resuming would continue its data order on "
+                    "other data. Resume with the recorded --cache, or start a new run in another "
+                    "--out.")
+            return
 
 
 def projector_init(requested: str, config, d_student: int, d_teacher: int
@@ -163,6 +207,8 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     tokenizer = AutoTokenizer.from_pretrained(student)
     config = AutoConfig.from_pretrained(student)
     plan = plan_run(cache, tokenizer, config, args)
+    checkpoint = resolve_checkpoint(resume_from_checkpoint, args.output_dir)
+    check_checkpoint_cache(checkpoint, plan.reader.manifest["fingerprint"])
     teacher_layers = sorted(set(plan.hidden_pairs.values()))
     online_teacher = None
     if teacher_model is not None:
@@ -178,14 +224,17 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     if not plan.hidden_pairs:
         projectors.requires_grad_(False)  # no hidden loss: nothing to learn, still saved for the record
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    write_run_record(args, plan, student, cache)
+    record = make_run_record(args, plan, student, cache, resumed_from=checkpoint)
+    if args.should_save:  # the main process of a multi-process run (the one the Trainer saves from)
+        write_run_record(args.output_dir, record)
     teacher_head = None
     if online_teacher is None and plan.reader.logits_mode == "exact" and args.beta > 0:
         teacher_head = plan.reader.head(args.device)
     trainer = UniversalDistillationTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collate_cache_batch,
         processing_class=tokenizer, projectors=projectors, hidden_pairs=plan.hidden_pairs,
-        online_teacher=online_teacher, teacher_head=teacher_head, callbacks=callbacks)
+        online_teacher=online_teacher, teacher_head=teacher_head, callbacks=callbacks,
+        run_record=record)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss history `unidistill report` plots
