@@ -77,8 +77,9 @@ class CacheLocation:
         if isinstance(root, str) and root.startswith("file://"):
             root = root[len("file://"):]  # file:///abs/path -> /abs/path: a plain local folder
         if is_url(root):
-            self.url = root.rstrip("/")
-            self.protocol = self.url.split("://", 1)[0].lower()
+            scheme, rest = root.split("://", 1)
+            self.url = f"{scheme}://{rest.rstrip('/')}"
+            self.protocol = scheme.lower()
             self.root = self.url
             self.is_local = False
         else:
@@ -310,8 +311,13 @@ class CacheLocation:
                 shutil.rmtree(self.root)
             return
         with self._errors("delete"):
-            if self.fs.exists(self._path()):
-                self.fs.rm(self._path(), recursive=True)
+            # The files one by one (batched by the client): a cache at a bucket's root must not
+            # take the bucket with it.
+            files = self.fs.find(self._path())
+            if files:
+                self.fs.rm(files)
+            if not self.bucket and self.fs.exists(self._path()):
+                self.fs.rm(self._path(), recursive=True)  # pseudo-folders (memory://)
             self.fs.invalidate_cache()
 
     def file_sizes(self, prefix: str = "") -> dict[str, int]:
