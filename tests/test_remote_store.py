@@ -313,3 +313,23 @@ def test_memory_url_exact_logits_cache_and_file_url(tiny_teacher_dir, text_file,
     assert result.exit_code == 1 and "lm_head.safetensors: content differs" in result.output
     loc.remove()
     assert not loc.exists()
+
+
+def test_location_small_files_listing_and_removal(s3_server, tmp_path):
+    """The CacheLocation primitives on a bucket prefix, a bucket root, memory:// and a folder."""
+    s3_server.mkdir("root-bucket")
+    for root in (f"s3://{BUCKET}/loc/", "s3://root-bucket", "memory://loc", str(tmp_path / "loc")):
+        loc = CacheLocation(root)
+        assert loc.is_empty() and loc.read_bytes("missing") is None
+        loc.write_json("_units/000001.json", {"unit": 1})
+        loc.write_bytes("a/b/c", b"123")
+        assert loc.list_files() == ["_units/000001.json", "a/b/c"]
+        assert loc.file_sizes("a") == {"a/b/c": 3} and loc.disk_bytes() == 3 + len(
+            loc.read_bytes("_units/000001.json"))
+        assert json.loads(loc.read_bytes("_units/000001.json")) == {"unit": 1}
+        clone = pickle.loads(pickle.dumps(loc))
+        assert clone._fs is None and clone.read_bytes("a/b/c") == b"123"
+        loc.remove()
+        assert loc.list_files() == [] and loc.is_empty()
+    assert s3_server.exists("root-bucket")  # removing a cache at a bucket's root keeps the bucket
+    assert CacheLocation(f"file://{tmp_path}").root == tmp_path
