@@ -218,8 +218,12 @@ def main(argv=None):
         info = cache_info(root)
         hidden = {name_: a["disk_bytes_per_token"] for name_, a in info["arrays"].items()
                   if name_.startswith("hidden/")}
+        final_layer = f"hidden/{info['layers'][-1]}" if kw["logits"] == "exact" else None
+        logits_bpt = (hidden.pop(final_layer) if final_layer else info["bytes_per_token"]["logits_disk"])
         rows[name] = {
-            "logits_bytes_per_token": round(info["bytes_per_token"]["logits_disk"], 1),
+            # exact: the cached final hidden state per token; its head file, stored once, apart
+            "logits_bytes_per_token": round(logits_bpt, 1),
+            "head_bytes": info["head_bytes"],
             "hidden_bytes_per_token": {k: round(v, 1) for k, v in hidden.items()},
             "build_tokens_per_s": manifest["build"]["tokens_per_second"],
             "build_over_bare": round(manifest["build"]["tokens_per_second"] / bare, 3),
@@ -264,7 +268,8 @@ def main(argv=None):
           "| build / bare forward | read tok/s (0 / 2 workers) |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         kl = f"{r['kl']:.2e}" + (" (stored‖p)" if r["kl_direction"] == "stored||p" else "")
-        md.append(f"| {name} | {r['logits_bytes_per_token']} | {kl} | {r['grad_rel_error']:.3f} | "
+        head = f" + head {r['head_bytes'] / 2 ** 20:.0f} MiB once" if r["head_bytes"] else ""
+        md.append(f"| {name} | {r['logits_bytes_per_token']}{head} | {kl} | {r['grad_rel_error']:.3f} | "
                   f"{r['grad_cosine']:.4f} | {r['build_over_bare']:.2f} | "
                   f"{r['read_tokens_per_s'][0]:.0f} / {r['read_tokens_per_s'][2]:.0f} |")
     fp16_bytes = hidden_rows["float16"]["disk_bytes_per_token"]

@@ -46,7 +46,8 @@ def main():
 @click.option("--data-config", default=None, help="Hub data set config, e.g. stories.")
 @click.option("--split", default="train", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
-@click.option("--out", required=True, help="Cache folder to create, or to resume.")
+@click.option("--out", required=True,
+              help="Cache folder or URL (s3://bucket/prefix) to create, or to resume.")
 @click.option("--seq-len", type=int, default=512, show_default=True)
 @click.option("--logits", default="topk", show_default=True,
               type=click.Choice(["topk", "topk-q8", "sampled", "exact"]),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from unidistill.errors import ConfigError
 from unidistill.storage.layout import HIDDEN_DTYPES, LOGITS_MODES, MAX_SAMPLES
+from unidistill.storage.location import CacheLocation, is_url
 
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -24,7 +25,7 @@ def check_layer_range(layers, n_layers: int) -> None:
 class BuildConfig:
     teacher: str = field(metadata={"help": "model folder, hub id, .gguf file or builtin:smollm2"})
     data: str = field(metadata={"help": "data source: builtin:pydoc_topics, local file/folder or hub id"})
-    out: str = field(metadata={"help": "cache folder to create or resume"})
+    out: str = field(metadata={"help": "cache folder or URL (s3://bucket/prefix) to create or resume"})
     gguf_file: str | None = None
     data_config: str | None = None
     split: str = "train"
@@ -68,6 +69,11 @@ class BuildConfig:
             raise ConfigError(f"hidden_dtype {self.hidden_dtype!r} is not one of {sorted(HIDDEN_DTYPES)}")
         if self.student_layers is not None and self.student_layers < 1:
             raise ConfigError(f"student_layers must be >= 1, got {self.student_layers}")
+        if is_url(self.out):
+            # Bad scheme, missing s3fs, missing bucket or credentials: said now, before the
+            # teacher is loaded (one request to the storage service).
+            CacheLocation(self.out).check_container("write to")
+            return
         out = Path(self.out).expanduser()
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output path {out} is a file; expected a folder for the cache. "

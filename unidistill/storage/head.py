@@ -8,36 +8,43 @@ teacher logits is the cached final hidden state's.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from unidistill.errors import CacheError
-from unidistill.storage.files import atomic_write_bytes
 from unidistill.storage.layout import HEAD_FILE
+from unidistill.storage.location import as_location
 
 
 def write_head(root, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Store the head (weight (V, D), optional bias (V,)) unless an earlier run already did."""
-    path = Path(root) / HEAD_FILE
-    if path.is_file():
+    """Store the head (weight (V, D), optional bias (V,)) unless an earlier run already did.
+
+    ``root``: the cache folder, URL or :class:`CacheLocation`."""
+    loc = as_location(root)
+    if loc.is_file(HEAD_FILE):
         return
     tensors = {"weight": weight.detach().to("cpu", torch.float32).contiguous()}
     if bias is not None:
         tensors["bias"] = bias.detach().to("cpu", torch.float32).contiguous()
-    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    loc.write_bytes(HEAD_FILE, safetensors.torch.save(tensors, metadata={"format": "pt"}))
 
 
-def head_digest(root) -> str:
-    return hashlib.sha256((Path(root) / HEAD_FILE).read_bytes()).hexdigest()
+def head_digest(root) -> str | None:
+    """sha256 of the head file, None when there is none."""
+    data = as_location(root).read_bytes(HEAD_FILE)
+    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
 def read_head(root, device="cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight (V, D) fp32, bias (V,) or None) of an exact-logits cache, loaded onto ``device``."""
-    path = Path(root) / HEAD_FILE
-    if not path.is_file():
-        raise CacheError(f"{path} is missing: an exact-logits cache keeps the teacher's output head "
-                         f"there. Rebuild the cache (its unit data alone cannot rebuild the logits)")
-    tensors = safetensors.torch.load_file(path, device=str(device))
+    loc = as_location(root)
+    if not loc.is_file(HEAD_FILE):
+        raise CacheError(f"{HEAD_FILE} is missing from {loc}: an exact-logits cache keeps the "
+                         "teacher's output head there. Rebuild the cache (its unit data alone "
+                         "cannot rebuild the logits)")
+    if loc.is_local:
+        tensors = safetensors.torch.load_file(loc.root / HEAD_FILE, device=str(device))
+    else:
+        tensors = {k: v.to(device) for k, v in safetensors.torch.load(loc.read_bytes(HEAD_FILE)).items()}
     return tensors["weight"], tensors.get("bias")

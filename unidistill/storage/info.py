@@ -2,37 +2,37 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from unidistill.storage.layout import HEAD_FILE, HIDDEN_PREFIX
 from unidistill.storage.reader import CacheReader
-from unidistill.storage.writer import read_unit_marker
-
-
-def _disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+from unidistill.storage.writer import read_unit_marker, unit_marker_key
 
 
 def cache_info(root) -> dict:
+    """``root``: a local folder or a URL (``s3://bucket/prefix``); sizes are bytes on disk or
+    object sizes in the bucket, from one listing."""
     reader = CacheReader(root, require_complete=False)
     layout, manifest = reader.layout, reader.manifest
+    sizes = reader.location.file_sizes()
+
+    def disk_bytes(prefix: str) -> int:
+        return sum(n for key, n in sizes.items() if key.startswith(prefix + "/"))
     n_tokens = layout.n_sequences * layout.seq_len
     arrays = {}
     for name, spec in layout.array_specs().items():
         raw = spec["dtype"].itemsize
         for dim in spec["shape"]:
             raw *= dim
-        disk = _disk_bytes(Path(reader.root) / name)
+        disk = disk_bytes(name)
         arrays[name] = {"shape": list(spec["shape"]), "dtype": str(spec["dtype"]),
                         "raw_bytes": raw, "disk_bytes": disk,
                         "disk_bytes_per_token": disk / n_tokens}
-    committed = sum(read_unit_marker(reader.root, u) is not None for u in range(layout.n_units))
+    committed = sum(unit_marker_key(u) in sizes and read_unit_marker(reader.location, u) is not None
+                    for u in range(layout.n_units))
 
     def per_token(pred, key):
         return sum(a[key] for n, a in arrays.items() if pred(n)) / n_tokens
 
-    head = Path(reader.root) / HEAD_FILE
-    head_bytes = head.stat().st_size if head.is_file() else 0  # exact logits: stored once
+    head_bytes = sizes.get(HEAD_FILE, 0)  # exact logits: stored once
     is_logits = lambda n: n.startswith("logits/")  # noqa: E731
     is_hidden = lambda n: n.startswith(HIDDEN_PREFIX)  # noqa: E731
     return {
@@ -59,6 +59,6 @@ def cache_info(root) -> dict:
             "logits_disk": per_token(is_logits, "disk_bytes") + head_bytes / n_tokens,
             "hidden_raw": per_token(is_hidden, "raw_bytes"),
             "hidden_disk": per_token(is_hidden, "disk_bytes"),
-            "total_disk": _disk_bytes(Path(reader.root)) / n_tokens,
+            "total_disk": sum(sizes.values()) / n_tokens,
         },
     }

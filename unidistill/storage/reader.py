@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from unidistill.storage.layout import (
     hidden_scale_key,
 )
 from unidistill.storage import hidden_q8
+from unidistill.storage.location import as_location
 from unidistill.storage.manifest import STATUS_COMPLETE
 from unidistill.storage.quantize import decode_top_k
 from unidistill.storage.writer import read_manifest
@@ -74,11 +75,14 @@ class CacheReader:
     """
 
     def __init__(self, root, *, require_complete: bool = True):
-        self.root = Path(root)
-        manifest = read_manifest(self.root) if self.root.is_dir() else None
+        self.location = as_location(root)
+        self.root = self.location.root  # a Path for a local cache, the URL for a remote one
+        manifest = read_manifest(self.location)
         if manifest is None:
+            self.location.check_container("read")  # a missing bucket says so
             raise CacheNotFoundError(f"no unidistill cache at {self.root} (no manifest found); "
-                                     "build one with `unidistill cache-build`")
+                                     "check the path or URL, or build one with "
+                                     "`unidistill cache-build`")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CacheMismatchError(f"cache {self.root} has format version "
                                      f"{manifest.get('format_version')}, this unidistill reads "
@@ -90,17 +94,22 @@ class CacheReader:
         self.manifest = manifest
         self.layout = CacheLayout.from_dict(manifest["layout"])
         self._group = None
+        self._group_pid = None
 
     @property
     def group(self) -> zarr.Group:
-        # Opened lazily so a reader can be pickled into DataLoader workers before first use.
-        if self._group is None:
-            self._group = zarr.open_group(str(self.root), mode="r")
+        # Opened lazily, and again in each process: a reader pickled into DataLoader workers (or
+        # inherited through fork) opens its own store there; a remote store's client cannot
+        # cross a fork.
+        if self._group is None or self._group_pid != os.getpid():
+            self._group = self.location.open_group(mode="r")
+            self._group_pid = os.getpid()
         return self._group
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_group"] = None
+        state["_group_pid"] = None
         return state
 
     def __len__(self) -> int:
@@ -127,7 +136,7 @@ class CacheReader:
         if self.logits_mode != "exact":
             raise CacheMismatchError(f"cache {self.root} stores {self.logits_mode} logits, not the "
                                      "teacher's head; only an exact-logits cache has one")
-        return read_head(self.root, device)
+        return read_head(self.location, device)
 
     def check_request(self, layers=None, top_k: int | None = None) -> None:
         missing = [j for j in (layers or ()) if j not in self.layout.layers]

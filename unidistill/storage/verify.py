@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from unidistill.storage.files import array_digest
 from unidistill.storage.reader import CacheReader
-from unidistill.storage.writer import read_unit_marker
+from unidistill.storage.writer import UNITS_DIR, read_unit_marker, unit_marker_key
 
 
 @dataclass
@@ -47,14 +47,18 @@ def _locate_bad_chunks(reader: CacheReader, name: str, start: int, stop: int) ->
 
 
 def verify_cache(root, progress=None) -> VerifyReport:
-    """Check markers, digests and crc32c of every unit. ``progress`` wraps an iterable (tqdm)."""
+    """Check markers, digests and crc32c of every unit. ``progress`` wraps an iterable (tqdm).
+
+    ``root``: a local folder or a URL (``s3://bucket/prefix``)."""
     reader = CacheReader(root, require_complete=False)
+    loc = reader.location
     layout = reader.layout
-    report = VerifyReport(str(root), layout.n_units, reader.manifest.get("status", "?"))
+    report = VerifyReport(str(reader.root), layout.n_units, reader.manifest.get("status", "?"))
     names = list(layout.array_specs())
     units = range(layout.n_units)
+    present = set(loc.list_files(UNITS_DIR))
     for unit in progress(units) if progress else units:
-        marker = read_unit_marker(reader.root, unit)
+        marker = read_unit_marker(loc, unit) if unit_marker_key(unit) in present else None
         if marker is None:
             report.problems.append(Problem(unit, None, "not committed (no marker): rerun "
                                                        "`unidistill cache-build` to redo it"))
@@ -73,14 +77,12 @@ def verify_cache(root, progress=None) -> VerifyReport:
                     unit, name, f"content differs from its committed digest (sequences {start}..{stop - 1})"))
     expected_head = reader.manifest.get("head")
     if reader.logits_mode == "exact" and expected_head is not None:
-        from unidistill.storage.head import head_digest
-
-        path = Path(reader.root) / expected_head["file"]
-        if not path.is_file():
+        data = loc.read_bytes(expected_head["file"])
+        if data is None:
             report.problems.append(Problem(-1, expected_head["file"], "missing: rebuild the cache"))
-        elif head_digest(reader.root) != expected_head["sha256"]:
+        elif hashlib.sha256(data).hexdigest() != expected_head["sha256"]:
             report.problems.append(Problem(-1, expected_head["file"],
                                            "content differs from the digest in the manifest"))
-    report.stray_files = sorted(str(p.relative_to(reader.root))
-                                for p in Path(reader.root).rglob("*.partial"))
+    # Zarr's LocalStore writes <key>.<uuid>.partial then renames: leftovers of a killed writer.
+    report.stray_files = [key for key in loc.list_files() if key.endswith(".partial")]
     return report

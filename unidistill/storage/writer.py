@@ -9,7 +9,6 @@ there. A killed writer can leave a half-written shard, but never a committed one
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -19,8 +18,9 @@ import zarr
 
 from unidistill import __version__
 from unidistill.errors import CacheError, CacheMismatchError, ConfigError
-from unidistill.storage.files import array_digest, atomic_write_json
+from unidistill.storage.files import array_digest
 from unidistill.storage.layout import FORMAT_VERSION, CacheLayout
+from unidistill.storage.location import CacheLocation, as_location
 from unidistill.storage.manifest import (
     STATUS_BUILDING,
     STATUS_COMPLETE,
@@ -33,25 +33,31 @@ MANIFEST_KEY = "unidistill"
 UNITS_DIR = "_units"
 
 
+def unit_marker_key(unit: int) -> str:
+    return f"{UNITS_DIR}/{unit:06d}.json"
+
+
 def unit_marker_path(root: Path, unit: int) -> Path:
-    return Path(root) / UNITS_DIR / f"{unit:06d}.json"
+    """The marker file of ``unit`` in a local cache (see :func:`unit_marker_key` for any)."""
+    return Path(root) / unit_marker_key(unit)
 
 
-def read_manifest(root: Path) -> dict | None:
-    """The manifest dict of the cache at ``root``, or None when there is no unidistill cache."""
-    meta = Path(root) / "zarr.json"
-    if not meta.is_file():
+def read_manifest(root) -> dict | None:
+    """The manifest dict of the cache at ``root`` (folder, URL or :class:`CacheLocation`), or None
+    when there is no unidistill cache."""
+    raw = as_location(root).read_bytes("zarr.json")
+    if raw is None:
         return None
-    attrs = json.loads(meta.read_text()).get("attributes", {})
+    attrs = json.loads(raw).get("attributes", {})
     return attrs.get(MANIFEST_KEY)
 
 
-def read_unit_marker(root: Path, unit: int) -> dict | None:
-    path = unit_marker_path(root, unit)
-    if not path.is_file():
+def read_unit_marker(root, unit: int) -> dict | None:
+    raw = as_location(root).read_bytes(unit_marker_key(unit))
+    if raw is None:
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(raw)
     except json.JSONDecodeError:
         return None  # torn marker: atomic writes make this unlikely; treat as uncommitted
 
@@ -59,8 +65,9 @@ def read_unit_marker(root: Path, unit: int) -> dict | None:
 class CacheWriter:
     """Writes whole work units into a cache and finishes it. Use :meth:`open`."""
 
-    def __init__(self, root: Path, group: zarr.Group, layout: CacheLayout, manifest: dict):
-        self.root = Path(root)
+    def __init__(self, root, group: zarr.Group, layout: CacheLayout, manifest: dict):
+        self.location = as_location(root)
+        self.root = self.location.root  # a Path for a local cache, the URL for a remote one
         self.group = group
         self.layout = layout
         self.manifest = manifest
@@ -71,24 +78,28 @@ class CacheWriter:
     def open(cls, root, layout: CacheLayout, settings: dict, *, overwrite: bool = False) -> "CacheWriter":
         """Create a new cache at ``root``, or resume the unfinished build with the same settings.
 
-        Refuses (and writes nothing) when ``root`` is a file, a folder that is not a unidistill
-        cache, a complete cache (unless ``overwrite``), or a build with other settings.
+        ``root`` is a local folder or an fsspec URL (``s3://bucket/prefix``). Refuses (and writes
+        nothing) when ``root`` is a file, a folder / prefix that is not a unidistill cache, a
+        complete cache (unless ``overwrite``), or a build with other settings.
         """
-        root = Path(root)
-        if root.exists() and not root.is_dir():
-            raise ConfigError(f"output path {root} is a file; expected a folder for the cache. "
+        loc = CacheLocation(root)
+        loc.check_container("write to")
+        if loc.is_file():
+            what = "a file" if loc.is_local else "an object, not a prefix"
+            raise ConfigError(f"output path {loc} is {what}; expected a folder for the cache. "
                               "Choose another --out.")
-        existing = read_manifest(root) if root.is_dir() else None
-        if root.is_dir() and existing is None and any(root.iterdir()):
-            raise ConfigError(f"output folder {root} is not empty and holds no unidistill cache; "
-                              "refusing to write into it. Choose an empty or new --out.")
+        existing = read_manifest(loc)
+        if existing is None and not loc.is_empty():
+            raise ConfigError(f"output {'folder' if loc.is_local else 'prefix'} {loc} is not empty "
+                              "and holds no unidistill cache; refusing to write into it. Choose an "
+                              "empty or new --out.")
         if existing is not None and (overwrite or existing.get("status") == STATUS_CREATING):
-            shutil.rmtree(root)  # a creation cut short holds no committed work: start it again
+            loc.remove()  # a creation cut short holds no committed work: start it again
             existing = None
         if existing is None:
-            return cls._create(root, layout, settings)
+            return cls._create(loc, layout, settings)
         if existing.get("status") == STATUS_COMPLETE:
-            raise CacheError(f"{root} already holds a complete cache "
+            raise CacheError(f"{loc} already holds a complete cache "
                              f"(fingerprint {existing.get('fingerprint', '?')[:16]}). "
                              "Pass --overwrite to rebuild it, or choose another --out.")
         differences = diff_settings(
@@ -97,16 +108,16 @@ class CacheWriter:
         )
         if differences:
             raise CacheMismatchError(
-                f"{root} holds an unfinished build with other settings:\n  "
+                f"{loc} holds an unfinished build with other settings:\n  "
                 + "\n  ".join(differences)
                 + "\nRerun with the cache's settings to resume it, pass --overwrite to start over, "
                 "or choose another --out."
             )
-        group = zarr.open_group(str(root), mode="r+")
-        return cls(root, group, layout, existing)
+        group = loc.open_group(mode="r+")
+        return cls(loc, group, layout, existing)
 
     @classmethod
-    def _create(cls, root: Path, layout: CacheLayout, settings: dict) -> "CacheWriter":
+    def _create(cls, loc: CacheLocation, layout: CacheLayout, settings: dict) -> "CacheWriter":
         manifest = {
             "format_version": FORMAT_VERSION,
             "package_version": __version__,
@@ -117,16 +128,19 @@ class CacheWriter:
         }
         # The group is born with the manifest saying "creating", so a build killed before every
         # array exists is recognised as ours and started over, not mistaken for foreign files.
-        group = zarr.open_group(str(root), mode="w", attributes={MANIFEST_KEY: manifest})
+        group = loc.open_group(mode="w", attributes={MANIFEST_KEY: manifest})
         for name, spec in layout.array_specs().items():
             group.create_array(name, **spec)
-        (root / UNITS_DIR).mkdir(exist_ok=True)
+        loc.make_dir(UNITS_DIR)
         manifest = {**manifest, "status": STATUS_BUILDING}
         group.attrs[MANIFEST_KEY] = manifest
-        return cls(root, group, layout, manifest)
+        return cls(loc, group, layout, manifest)
 
     def committed_units(self) -> set[int]:
-        return {u for u in range(self.layout.n_units) if read_unit_marker(self.root, u) is not None}
+        # One listing, then only the markers that are there are read (one request each remotely).
+        present = set(self.location.list_files(UNITS_DIR))
+        return {u for u in range(self.layout.n_units)
+                if unit_marker_key(u) in present and read_unit_marker(self.location, u) is not None}
 
     def pending_units(self) -> list[int]:
         done = self.committed_units()
@@ -149,7 +163,7 @@ class CacheWriter:
         marker = {"unit": unit, "start": start, "stop": stop, "digests": digests,
                   "run_id": self.run_id,
                   "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        atomic_write_json(unit_marker_path(self.root, unit), marker)
+        self.location.write_json(unit_marker_key(unit), marker)
         return marker
 
     def finalize(self, extra: dict | None = None) -> dict:
@@ -157,7 +171,7 @@ class CacheWriter:
         missing = self.pending_units()
         if missing:
             raise CacheError(f"cannot finish {self.root}: units {missing[:10]} are not committed")
-        markers = [read_unit_marker(self.root, u) for u in range(self.layout.n_units)]
+        markers = [read_unit_marker(self.location, u) for u in range(self.layout.n_units)]
         manifest = dict(self.manifest)
         manifest.update(extra or {})
         manifest["status"] = STATUS_COMPLETE
