@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from unidistill.errors import CacheIncompleteError, CacheMismatchError, CacheNotFoundError
 from unidistill.storage.layout import (
@@ -110,6 +112,8 @@ class CacheReader:
         state = dict(self.__dict__)
         state["_group"] = None
         state["_group_pid"] = None
+        state.pop("_opened", None)
+        state.pop("_opened_pid", None)
         return state
 
     def __len__(self) -> int:
@@ -166,35 +170,67 @@ class CacheReader:
         self.check_request(layers, top_k)
         if not 0 <= index < self.layout.n_sequences:
             raise IndexError(f"sequence {index} out of range 0..{self.layout.n_sequences - 1}")
-        g = self.group
-        out = {"input_ids": g[INPUT_IDS][index]}
-        if logits and self.logits_mode == "topk":
-            k = top_k or self.layout.top_k
-            ids = g[LOGIT_INDICES][index, :, :k]
-            values, tail = truncate_top_k(g[LOGIT_VALUES][index], g[LOGIT_TAIL][index], k)
-            out.update(teacher_ids=ids, teacher_logp=values, teacher_log_tail=tail)
-        elif logits and self.logits_mode == "topk-q8":
-            ids, values = decode_top_k(g[LOGIT_INDICES][index], g[LOGIT_QUANT][index],
-                                       g[LOGIT_RANGE][index])
-            k = top_k or self.layout.top_k
-            values, tail = truncate_top_k(values, g[LOGIT_TAIL][index].astype(np.float32), k)
+        mode = self.logits_mode
+        names = [INPUT_IDS]
+        if logits:
+            names += {"topk": [LOGIT_INDICES, LOGIT_VALUES, LOGIT_TAIL],
+                      "topk-q8": [LOGIT_INDICES, LOGIT_QUANT, LOGIT_RANGE, LOGIT_TAIL],
+                      "sampled": [LOGIT_INDICES, LOGIT_COUNTS]}.get(mode, [])
+        hidden_layers = layers + ([self.final_layer] if logits and mode == "exact" else [])
+        for j in dict.fromkeys(hidden_layers):
+            names += self._hidden_names(j)
+        got = self.fetch(names, index)
+        out = {"input_ids": got[INPUT_IDS]}
+        k = top_k or self.layout.top_k
+        if logits and mode == "topk":
+            values, tail = truncate_top_k(got[LOGIT_VALUES], got[LOGIT_TAIL], k)
+            out.update(teacher_ids=got[LOGIT_INDICES][:, :k], teacher_logp=values, teacher_log_tail=tail)
+        elif logits and mode == "topk-q8":
+            ids, values = decode_top_k(got[LOGIT_INDICES], got[LOGIT_QUANT], got[LOGIT_RANGE])
+            values, tail = truncate_top_k(values, got[LOGIT_TAIL].astype(np.float32), k)
             out.update(teacher_ids=ids[:, :k], teacher_logp=values, teacher_log_tail=tail)
-        elif logits and self.logits_mode == "sampled":
-            logp, tail = counts_to_buckets(g[LOGIT_COUNTS][index])
-            out.update(teacher_ids=g[LOGIT_INDICES][index], teacher_logp=logp, teacher_log_tail=tail)
+        elif logits and mode == "sampled":
+            logp, tail = counts_to_buckets(got[LOGIT_COUNTS])
+            out.update(teacher_ids=got[LOGIT_INDICES], teacher_logp=logp, teacher_log_tail=tail)
         elif logits:
-            out["teacher_final_hidden"] = self._hidden(self.final_layer, index)
-        out["hidden"] = {j: self._hidden(j, index) for j in layers}
+            out["teacher_final_hidden"] = self._decode_hidden(self.final_layer, got)
+        out["hidden"] = {j: self._decode_hidden(j, got) for j in layers}
         return out
 
-    def _hidden(self, layer: int, index: int) -> np.ndarray:
-        """One sequence of a hidden layer as stored (fp16, bf16 bits), int8 dequantized."""
-        stored = self.group[hidden_key(layer)][index]
+    def fetch(self, names, index) -> dict[str, np.ndarray]:
+        """``{name: array[index]}`` for several arrays, read concurrently: one sequence spans
+        3-12 arrays, and on an object store each read is a round trip, so they go out together
+        on Zarr's event loop rather than one after another."""
+        arrays = self._arrays()
+
+        async def one(name):
+            array = arrays[name]
+            return name, await getattr(array, "async_array", array._async_array).getitem(index)
+
+        async def together():
+            return await asyncio.gather(*(one(n) for n in names))
+
+        return dict(zarr_sync(together()))
+
+    def _arrays(self) -> dict[str, zarr.Array]:
+        # opened once per process (each open reads the array's metadata: a request remotely)
+        if getattr(self, "_opened_pid", None) != os.getpid():
+            group = self.group
+            self._opened = {name: group[name] for name in self.layout.array_specs()}
+            self._opened_pid = os.getpid()
+        return self._opened
+
+    def _hidden_names(self, layer: int) -> list[str]:
         if self.layout.hidden_dtype != "int8":
-            return stored
-        g = self.group
-        return hidden_q8.dequantize(stored, g[hidden_scale_key(layer)][index], g[hidden_outliers_key(layer)][index],
-                                    g[hidden_outlier_pos_key(layer)][index])
+            return [hidden_key(layer)]
+        return [hidden_key(layer), hidden_scale_key(layer), hidden_outliers_key(layer),
+                hidden_outlier_pos_key(layer)]
+
+    def _decode_hidden(self, layer: int, got: dict) -> np.ndarray:
+        """One sequence of a hidden layer as stored (fp16, bf16 bits), int8 dequantized."""
+        if self.layout.hidden_dtype != "int8":
+            return got[hidden_key(layer)]
+        return hidden_q8.dequantize(*(got[n] for n in self._hidden_names(layer)))
 
     def read_array_unit(self, name: str, unit: int) -> np.ndarray:
         start, stop = self.layout.unit_range(unit)
