@@ -180,6 +180,47 @@ def distill(opts, work: Path, caches: dict) -> dict:
     return out
 
 
+def render(result: dict) -> str:
+    """The markdown table of a result (also from a saved JSON: ``--render results/storage_cpu.json``)."""
+    o, rows, hidden_rows, effect = (result["settings"], result["representations"], result["hidden"],
+                                    result["distillation"])
+    reads = {name: {int(w): v for w, v in r["read_tokens_per_s"].items()} for name, r in rows.items()}
+    md = [f"# Logit representations ({o['tag']})", "",
+          f"`{result['command']}` on {result['date']}, {json.dumps(result['machine'])}", "",
+          f"{o['n_sequences']} x {o['seq_len']} tokens of `{o['data']}`; hidden layers {o['layers']} "
+          f"(fp16) in every cache; fidelity on {o['fidelity_sequences']} sequences against the teacher's "
+          "fp32 distribution; KD gradient w.r.t. the logits of the teacher minus its last 6 blocks.", "",
+          "| representation | logits B/token | hidden B/token, per layer | KL to the teacher | KD grad rel. error "
+          "| KD grad cosine | build / bare forward | read tok/s (0 / 2 workers) |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        kl = f"{r['kl']:.2e}" + (" (stored‖p)" if r["kl_direction"] == "stored||p" else "")
+        head = f" + head {r['head_bytes'] / 2 ** 20:.0f} MiB once" if r.get("head_bytes") else ""
+        per_layer = ", ".join(f"{k.split('/')[1]}: {v}" for k, v in r["hidden_bytes_per_token"].items())
+        md.append(f"| {name} | {r['logits_bytes_per_token']}{head} | {per_layer} | {kl} | "
+                  f"{r['grad_rel_error']:.3f} | {r['grad_cosine']:.4f} | {r['build_over_bare']:.2f} | "
+                  f"{reads[name][0]:.0f} / {reads[name][2]:.0f} |")
+    fp16_bytes = hidden_rows["float16"]["disk_bytes_per_token"]
+    md += ["", f"Hidden states ({o['layers']}), all layers together, against the fp32 teacher states:", "",
+           "| stored as | bytes/token on disk | vs fp16 | rel. error per token, mean (worst layer) "
+           "| per token, max | whole array (worst layer) |", "|---|---|---|---|---|---|"]
+    for dtype, h in hidden_rows.items():
+        worst = {k: max(e[k] for e in h["relative_error"].values()) for k in ("token_mean", "token_max", "whole")}
+        md.append(f"| {dtype} | {h['disk_bytes_per_token']} | {h['disk_bytes_per_token'] / fp16_bytes:.3f} | "
+                  f"{worst['token_mean']:.2e} | {worst['token_max']:.2e} | {worst['whole']:.2e} |")
+    if effect:
+        md += ["", f"Distillation, {o['distill_steps']} steps x 4 x {o['seq_len']} tokens per run, held-out "
+               f"perplexity ({o['eval_sequences']} sequences): untrained student "
+               f"{effect['student_before']:.1f}; " + "; ".join(
+                   f"{name} {effect[name]['heldout_perplexity']:.1f}" for name in rows) + ".",
+               "", "Read path against the trainer's consumption (the loader reads every hidden layer; the "
+               "trainer's tokens/s over its training loop, model loading excluded):", "",
+               "| representation | trainer tok/s | loader tok/s, 0 workers | loader / trainer |", "|---|---|---|---|"]
+        for name in rows:
+            tps = effect[name]["trainer_tokens_per_s"]
+            md.append(f"| {name} | {tps:.0f} | {reads[name][0]:.0f} | {reads[name][0] / tps:.0f}x |")
+    return "\n".join(md) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="builtin:smollm2")
@@ -195,7 +236,12 @@ def main(argv=None):
     p.add_argument("--work", default="out/bench-storage")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown of a saved result")
     opts = p.parse_args(argv)
+    if opts.render:
+        path = Path(opts.render)
+        path.with_suffix(".md").write_text(render(json.loads(path.read_text())))
+        return
     device = resolve_device(opts.device)
     opts.device = device.type
     work = Path(opts.work)
@@ -259,42 +305,9 @@ def main(argv=None):
     results = Path(opts.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"storage_{opts.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# Logit representations ({opts.tag})", "",
-          f"`{command}` on {result['date']}, {json.dumps(result['machine'])}", "",
-          f"{opts.n_sequences} x {opts.seq_len} tokens of `{opts.data}`; hidden layers {opts.layers} "
-          f"(fp16) in every cache; fidelity on {opts.fidelity_sequences} sequences against the teacher's "
-          "fp32 distribution; KD gradient w.r.t. the logits of the teacher minus its last 6 blocks.", "",
-          "| representation | logits B/token | KL to the teacher | KD grad rel. error | KD grad cosine "
-          "| build / bare forward | read tok/s (0 / 2 workers) |", "|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        kl = f"{r['kl']:.2e}" + (" (stored‖p)" if r["kl_direction"] == "stored||p" else "")
-        head = f" + head {r['head_bytes'] / 2 ** 20:.0f} MiB once" if r["head_bytes"] else ""
-        md.append(f"| {name} | {r['logits_bytes_per_token']}{head} | {kl} | {r['grad_rel_error']:.3f} | "
-                  f"{r['grad_cosine']:.4f} | {r['build_over_bare']:.2f} | "
-                  f"{r['read_tokens_per_s'][0]:.0f} / {r['read_tokens_per_s'][2]:.0f} |")
-    fp16_bytes = hidden_rows["float16"]["disk_bytes_per_token"]
-    md += ["", f"Hidden states ({opts.layers}), all layers together, against the fp32 teacher states:", "",
-           "| stored as | bytes/token on disk | vs fp16 | rel. error per token, mean (worst layer) "
-           "| per token, max | whole array (worst layer) |", "|---|---|---|---|---|---|"]
-    for dtype, h in hidden_rows.items():
-        worst = {k: max(e[k] for e in h["relative_error"].values()) for k in ("token_mean", "token_max", "whole")}
-        md.append(f"| {dtype} | {h['disk_bytes_per_token']} | {h['disk_bytes_per_token'] / fp16_bytes:.3f} | "
-                  f"{worst['token_mean']:.2e} | {worst['token_max']:.2e} | {worst['whole']:.2e} |")
-    if effect:
-        md += ["", f"Distillation, {opts.distill_steps} steps x 4 x {opts.seq_len} tokens per run, held-out "
-               f"perplexity ({opts.eval_sequences} sequences): untrained student "
-               f"{effect['student_before']:.1f}; " + "; ".join(
-                   f"{name} {effect[name]['heldout_perplexity']:.1f}" for name in caches) + "."]
-    if effect:
-        md += ["", "Read path against the trainer's consumption (the loader reads every hidden layer; the "
-               "trainer's tokens/s over its training loop, model loading excluded):", "",
-               "| representation | trainer tok/s | loader tok/s, 0 workers | loader / trainer |", "|---|---|---|---|"]
-        for name, r in rows.items():
-            tps = effect[name]["trainer_tokens_per_s"]
-            md.append(f"| {name} | {tps:.0f} | {r['read_tokens_per_s'][0]:.0f} | "
-                      f"{r['read_tokens_per_s'][0] / tps:.0f}x |")
-    (results / f"storage_{opts.tag}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    md = render(result)
+    (results / f"storage_{opts.tag}.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":
