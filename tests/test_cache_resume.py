@@ -20,18 +20,23 @@ from unidistill.storage import CacheReader
 from unidistill.storage.layout import hidden_key
 from unidistill.storage.writer import UNITS_DIR, read_unit_marker
 
-# The build subprocess is slowed by patching the teacher call, so the test can kill it mid-way.
-SLOW_DRIVER = """
+def slow_build_driver(seconds: float) -> str:
+    """A `python -c` script running the CLI with every teacher call slowed by ``seconds``, so a
+    test can kill the build mid-way."""
+    return f"""
 import sys, time
 from unidistill.cache_builder import capture
 _call = capture.TeacherRunner.__call__
 def slow(self, ids, **kw):
-    time.sleep(0.4)
+    time.sleep({seconds})
     return _call(self, ids, **kw)
 capture.TeacherRunner.__call__ = slow
 from unidistill.cli import main
 sys.exit(main())
 """
+
+
+SLOW_DRIVER = slow_build_driver(0.4)
 
 
 def build_args(teacher, data, out, *extra):

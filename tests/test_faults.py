@@ -29,23 +29,13 @@ from unidistill.storage import CacheReader
 from unidistill.storage.verify import verify_cache
 from unidistill.storage.writer import UNITS_DIR, read_unit_marker
 
-from .test_cache_resume import build_args, read_all, run_cli
+from .test_cache_resume import build_args, read_all, run_cli, slow_build_driver
 
 REPO = Path(__file__).resolve().parents[1]
 N_UNITS = 12  # build_args: 24 sequences, 2 per shard
 
 # A build whose teacher calls are slowed, so a kill can land anywhere in it.
-SLOW_BUILD = """
-import sys, time
-from unidistill.cache_builder import capture
-_call = capture.TeacherRunner.__call__
-def slow(self, ids, **kw):
-    time.sleep(0.15)
-    return _call(self, ids, **kw)
-capture.TeacherRunner.__call__ = slow
-from unidistill.cli import main
-sys.exit(main())
-"""
+SLOW_BUILD = slow_build_driver(0.15)
 
 
 def subprocess_env():

@@ -159,7 +159,7 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
     ref = {"teacher": ref_teacher.get("nll"), "student": ref_student.get("nll")}
     from unidistill.storage.writer import read_manifest
 
-    fingerprint = (read_manifest(Path(cache)) or {}).get("fingerprint")  # each run records it too
+    fingerprint = (read_manifest(cache) or {}).get("fingerprint")  # each run records it too
     table = {"cache": str(cache), "cache_fingerprint": fingerprint, "teacher": teacher, "student": student, "heldout": heldout,
              "heldout_cache": None if heldout_cache is None else str(heldout_cache), "common": common,
              "rows": [_row("teacher", {}, ref_teacher, ref, None),

@@ -180,8 +180,10 @@ def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dic
         group.agree(error)  # every process has the cache open
     mine = pending[group.rank::group.world_size]
 
-    todo_tokens = sum(np.subtract(*layout.unit_range(u)[::-1]) for u in pending) * cfg.seq_len
-    my_tokens = sum(np.subtract(*layout.unit_range(u)[::-1]) for u in mine) * cfg.seq_len
+    def tokens(units):
+        return sum(np.subtract(*layout.unit_range(u)[::-1]) for u in units) * cfg.seq_len
+
+    todo_tokens, my_tokens = tokens(pending), tokens(mine)
     t_start = time.perf_counter()
     teacher_seconds = 0.0
     thread = None

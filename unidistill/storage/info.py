@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from unidistill.storage.layout import HEAD_FILE, HIDDEN_PREFIX
 from unidistill.storage.reader import CacheReader
-from unidistill.storage.writer import read_unit_marker, unit_marker_key
+from unidistill.storage.writer import read_unit_markers
 
 
 def cache_info(root) -> dict:
@@ -26,8 +26,7 @@ def cache_info(root) -> dict:
         arrays[name] = {"shape": list(spec["shape"]), "dtype": str(spec["dtype"]),
                         "raw_bytes": raw, "disk_bytes": disk,
                         "disk_bytes_per_token": disk / n_tokens}
-    committed = sum(unit_marker_key(u) in sizes and read_unit_marker(reader.location, u) is not None
-                    for u in range(layout.n_units))
+    committed = len(read_unit_markers(reader.location, layout.n_units))
 
     def per_token(pred, key):
         return sum(a[key] for n, a in arrays.items() if pred(n)) / n_tokens

@@ -97,6 +97,7 @@ class CacheReader:
         self.layout = CacheLayout.from_dict(manifest["layout"])
         self._group = None
         self._group_pid = None
+        self._opened = None
 
     @property
     def group(self) -> zarr.Group:
@@ -106,14 +107,12 @@ class CacheReader:
         if self._group is None or self._group_pid != os.getpid():
             self._group = self.location.open_group(mode="r")
             self._group_pid = os.getpid()
+            self._opened = None  # arrays of another process's group
         return self._group
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_group"] = None
-        state["_group_pid"] = None
-        state.pop("_opened", None)
-        state.pop("_opened_pid", None)
+        state.update(_group=None, _group_pid=None, _opened=None)
         return state
 
     def __len__(self) -> int:
@@ -214,10 +213,9 @@ class CacheReader:
 
     def _arrays(self) -> dict[str, zarr.Array]:
         # opened once per process (each open reads the array's metadata: a request remotely)
-        if getattr(self, "_opened_pid", None) != os.getpid():
-            group = self.group
+        group = self.group  # reopened, and the arrays dropped, in a new process
+        if self._opened is None:
             self._opened = {name: group[name] for name in self.layout.array_specs()}
-            self._opened_pid = os.getpid()
         return self._opened
 
     def _hidden_names(self, layer: int) -> list[str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from unidistill.storage.files import array_digest
 from unidistill.storage.reader import CacheReader
-from unidistill.storage.writer import UNITS_DIR, read_unit_marker, unit_marker_key
+from unidistill.storage.writer import read_unit_markers
 
 
 @dataclass
@@ -56,9 +56,9 @@ def verify_cache(root, progress=None) -> VerifyReport:
     report = VerifyReport(str(reader.root), layout.n_units, reader.manifest.get("status", "?"))
     names = list(layout.array_specs())
     units = range(layout.n_units)
-    present = set(loc.list_files(UNITS_DIR))
+    markers = read_unit_markers(loc, layout.n_units)
     for unit in progress(units) if progress else units:
-        marker = read_unit_marker(loc, unit) if unit_marker_key(unit) in present else None
+        marker = markers.get(unit)
         if marker is None:
             report.problems.append(Problem(unit, None, "not committed (no marker): rerun "
                                                        "`unidistill cache-build` to redo it"))

@@ -62,6 +62,15 @@ def read_unit_marker(root, unit: int) -> dict | None:
         return None  # torn marker: atomic writes make this unlikely; treat as uncommitted
 
 
+def read_unit_markers(root, n_units: int) -> dict[int, dict]:
+    """``{unit: marker}`` of every committed unit: one listing of ``_units/``, then only the
+    markers that are there are read (one request each on an object store)."""
+    loc = as_location(root)
+    present = set(loc.list_files(UNITS_DIR))
+    markers = {u: read_unit_marker(loc, u) for u in range(n_units) if unit_marker_key(u) in present}
+    return {u: m for u, m in markers.items() if m is not None}
+
+
 class CacheWriter:
     """Writes whole work units into a cache and finishes it. Use :meth:`open`."""
 
@@ -137,10 +146,7 @@ class CacheWriter:
         return cls(loc, group, layout, manifest)
 
     def committed_units(self) -> set[int]:
-        # One listing, then only the markers that are there are read (one request each remotely).
-        present = set(self.location.list_files(UNITS_DIR))
-        return {u for u in range(self.layout.n_units)
-                if unit_marker_key(u) in present and read_unit_marker(self.location, u) is not None}
+        return set(read_unit_markers(self.location, self.layout.n_units))
 
     def pending_units(self) -> list[int]:
         done = self.committed_units()
@@ -168,10 +174,11 @@ class CacheWriter:
 
     def finalize(self, extra: dict | None = None) -> dict:
         """Check every unit is committed, then write the manifest with ``status: complete``."""
-        missing = self.pending_units()
+        committed = read_unit_markers(self.location, self.layout.n_units)
+        missing = [u for u in range(self.layout.n_units) if u not in committed]
         if missing:
             raise CacheError(f"cannot finish {self.root}: units {missing[:10]} are not committed")
-        markers = [read_unit_marker(self.location, u) for u in range(self.layout.n_units)]
+        markers = [committed[u] for u in range(self.layout.n_units)]
         manifest = dict(self.manifest)
         manifest.update(extra or {})
         manifest["status"] = STATUS_COMPLETE
