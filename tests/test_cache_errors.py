@@ -101,3 +101,45 @@ def test_unknown_gguf_file(tmp_path, tiny_teacher_dir, text_file):
     out = tmp_path / "c"
     assert_refused(invoke(tiny_teacher_dir, text_file, out, "--gguf-file", "x.gguf"),
                    "GGUF file 'x.gguf' not found", out=out)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_exact_logits_refuse_a_rounded_final_state(tmp_path, tiny_teacher_dir, text_file, dtype):
+    out = tmp_path / "c"
+    assert_refused(invoke(tiny_teacher_dir, text_file, out, "--logits", "exact", "--hidden-dtype",
+                          dtype), f"--hidden-dtype {dtype} would round", "--hidden-dtype float16",
+                   out=out)
+
+
+@pytest.mark.parametrize("mode, flag", [("sampled", "serves T = 1 only"),
+                                        ("exact", "serves every temperature")])
+def test_temperatures_are_refused_where_a_cache_cannot_use_them(tmp_path, tiny_teacher_dir,
+                                                                text_file, mode, flag):
+    out = tmp_path / "c"
+    assert_refused(invoke(tiny_teacher_dir, text_file, out, "--logits", mode, "--temperatures", "1,2"),
+                   flag, out=out)
+
+
+@pytest.mark.parametrize("spec", ["1,x", "0,2", "-1", ","])
+def test_bad_temperatures_are_refused(tmp_path, tiny_teacher_dir, text_file, spec):
+    out = tmp_path / "c"
+    assert_refused(invoke(tiny_teacher_dir, text_file, out, "--temperatures", spec),
+                   "--temperatures", out=out)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_hidden_states_beyond_float16_are_refused_not_stored_as_inf(dtype):
+    import torch
+
+    from unidistill.cache_builder.capture import TeacherRunner
+    from unidistill.errors import ConfigError
+
+    from .conftest import make_llama
+
+    model = make_llama(64)
+    big = lambda _m, _i, out: (out[0] * 0 + 7e4,) + tuple(out[1:]) if isinstance(out, tuple) \
+        else out * 0 + 7e4  # noqa: E731
+    model.model.layers[0].register_forward_hook(big)  # before the runner's capture hook
+    runner = TeacherRunner(model, [1], 4, hidden_dtype=dtype)
+    with pytest.raises(ConfigError, match=r"layer 1 reach \|x\| = 7e\+04.*--hidden-dtype bfloat16"):
+        runner(torch.randint(0, 64, (2, 70)).numpy())

@@ -166,7 +166,7 @@ def test_cache_info_json_reports_sizes(tmp_path, tiny_teacher_dir, text_file):
     assert info["n_tokens"] == 24 * 32 and info["layers"] == [1, 4]
     bpt = info["bytes_per_token"]
     # raw hidden: 2 layers x 32 channels x 2 bytes; raw logits: 8 x (2 + 2) + 2 bytes
-    assert bpt["hidden_raw"] == 2 * 32 * 2 and bpt["logits_raw"] == 8 * 4 + 2
+    assert bpt["hidden_raw"] == 2 * 32 * 2 and bpt["logits_raw"] == 8 * 4 + 2 + 2  # + the T = 2 tail
     assert 0 < bpt["logits_disk"] and 0 < bpt["hidden_disk"]
     text = CliRunner().invoke(main, ["cache-info", str(out)]).output
     assert "complete (12/12 units)" in text and "hidden/4" in text

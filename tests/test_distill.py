@@ -24,9 +24,13 @@ def test_golden_run_and_resume(tmp_path, cache, student_dir):
     losses = train_losses(trainer)
     assert [s for s, *_ in losses] == [1, 2, 3, 4]
     # pinned reference run (step, loss, ce, kl, hidden); any change to the loss math, the data
-    # order, the layer map or the projector init moves these
-    golden = [(1, 3.748986, 5.545527, 0.830387, 1.010786), (2, 3.726195, 5.519360, 0.828579, 0.963622),
-              (3, 3.711382, 5.499899, 0.825535, 0.952827), (4, 3.695781, 5.479560, 0.823627, 0.930767)]
+    # order, the layer map or the projector init moves these. The KL at T = 2 is small: both tiny
+    # random models are near-uniform at T = 2 (before the exact tempered tail it read 0.83, the
+    # bias of tempering the tail bucket as one token)
+    golden = [(1, 2.421200, 5.545527, 0.0005201946, 1.010786),
+              (2, 2.399594, 5.515459, 0.0005407795, 0.9627243),
+              (3, 2.388314, 5.493101, 0.0005217489, 0.9511942),
+              (4, 2.374405, 5.469201, 0.0005319546, 0.9293709)]
     for got, want in zip(losses, golden):
         assert got == pytest.approx(want, rel=1e-4)
     # every term is active and finite, and the compound equals its weighted parts

@@ -60,7 +60,7 @@ def teacher_log_probs(teacher, input_ids: np.ndarray) -> torch.Tensor:
 def test_sampled_counts_are_distinct_ids_with_unbiased_frequencies():
     p = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0])
     logits = p.log().expand(400, -1)                                     # 400 rows, one distribution
-    ids, counts = sample_with_counts(logits, 50, torch.Generator().manual_seed(0))
+    ids, counts, _ = sample_with_counts(logits, 50, torch.Generator().manual_seed(0))
     assert ids.shape == counts.shape == (400, 50)
     assert torch.equal(counts.sum(-1), torch.full((400,), 50))
     used = counts > 0
@@ -72,6 +72,31 @@ def test_sampled_counts_are_distinct_ids_with_unbiased_frequencies():
     freq = torch.zeros(6).scatter_add_(0, ids[used], counts[used].float()) / (400 * 50)
     sigma = (p * (1 - p) / (400 * 50)).sqrt()
     assert ((freq - p).abs() <= 4 * sigma + 1e-9).all(), (freq, p)
+
+
+def test_sampled_kl_estimate_is_zero_for_the_teacher_and_unbiased_for_another_student():
+    from unidistill.storage.reader import counts_to_buckets, sample_kl_offset
+    from unidistill.trainer.losses import bucket_log_probs, kl_per_position
+
+    g = torch.Generator().manual_seed(1)
+    teacher = (torch.randn(1, 30, generator=g) * 2).expand(4000, -1)   # one distribution, 4000 rows
+    student = torch.randn(1, 30, generator=g).expand(4000, -1)
+    ids, counts, logp_mean = sample_with_counts(teacher.clone(), 12, g)
+    logp = torch.log_softmax(teacher[0].double(), -1)
+    # the stored mean is Σ (count / n) log p(id), by hand
+    by_hand = (counts.double() / 12 * logp[ids]).sum(-1)
+    torch.testing.assert_close(logp_mean.double(), by_hand, atol=1e-5, rtol=1e-6)
+    w_logp, tail = counts_to_buckets(counts.numpy())
+    offset = torch.from_numpy(sample_kl_offset(w_logp, logp_mean.numpy()))
+
+    def estimate(z):
+        s_logq, t_logp = bucket_log_probs(z, ids, torch.from_numpy(w_logp), torch.from_numpy(tail), 1.0)
+        return kl_per_position(s_logq, t_logp, "forward") - offset                   # (R,)
+
+    assert estimate(teacher).abs().max() < 1e-5                       # every row, not on average
+    true_kl = float((logp.exp() * (logp - torch.log_softmax(student[0].double(), -1))).sum())
+    est = estimate(student)
+    assert float(est.mean()) == pytest.approx(true_kl, abs=4 * float(est.std()) / 4000 ** 0.5)
 
 
 def test_a_sampled_cache_estimates_the_teacher(sampled_cache, teacher):
@@ -211,5 +236,6 @@ def test_a_compact_cache_trains_like_the_full_precision_one(tmp_path, tiny_teach
     for x, y in zip(*(train_losses(r) for r in runs)):
         assert y == pytest.approx(x, rel=5e-3)
     fp16, q8 = (cache_info(tmp_path / name)["bytes_per_token"] for name in ("fp16", "q8"))
-    assert fp16["logits_raw"] == 16 * 2 + 16 * 2 + 2          # uint16 ids, fp16 log-probs, tail
-    assert q8["logits_raw"] == 16 * 2 + 16 + 2 * 2 + 2        # uint16 deltas, uint8, (max, step), tail
+    # + 2 bytes: the default --temperatures 1,2 stores the T = 2 tempered tail
+    assert fp16["logits_raw"] == 16 * 2 + 16 * 2 + 2 + 2      # uint16 ids, fp16 log-probs, tails
+    assert q8["logits_raw"] == 16 * 2 + 16 + 2 * 2 + 2 + 2    # uint16 deltas, uint8, (max, step), tails

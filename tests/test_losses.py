@@ -24,16 +24,17 @@ def close(actual, expected, atol=1e-6, rtol=1e-5):
                                torch.as_tensor(expected, dtype=torch.float32), atol=atol, rtol=rtol)
 
 
-def teacher_from_logits(z: torch.Tensor, k: int):
-    """What the cache would store for teacher logits z (N, V): top-k ids, log-probs, exact tail."""
-    logp = torch.log_softmax(z.float(), dim=-1)                                  # (N, V)
+def teacher_from_logits(z: torch.Tensor, k: int, temperature: float = 1.0):
+    """What the cache reader gives for teacher logits z (N, V) at T: top-k ids, log-probs at
+    T = 1 and the exact tempered tail log Σ_tail p^(1/T), computed here in float64."""
+    logp = torch.log_softmax(z.double(), dim=-1)                                 # (N, V)
     values, ids = logp.topk(k, dim=-1)                                           # (N, K)
-    tail = logp.scatter(-1, ids, -INF).logsumexp(-1)                             # (N,)
-    return ids, values, tail
+    tail = (logp / temperature).scatter(-1, ids, -INF).logsumexp(-1)             # (N,)
+    return ids, values.float(), tail.float()
 
 
 def bucket_kl(student_logits, teacher_logits, k, temperature, direction):
-    ids, logp, tail = teacher_from_logits(teacher_logits, k)
+    ids, logp, tail = teacher_from_logits(teacher_logits, k, temperature)
     s_logq, t_logp = bucket_log_probs(student_logits, ids, logp, tail, temperature)
     return kl_per_position(s_logq, t_logp, direction)
 
@@ -100,8 +101,9 @@ HAND_KL = {
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_bucket_log_probs_by_hand(temperature):
+    # the tail holds one token, so its tempered statistic log Σ p^(1/T) is log_tail / T
     s_logq, t_logp = bucket_log_probs(HAND_STUDENT, HAND_IDS, HAND_T_LOGP.half().float(),
-                                      HAND_T_TAIL, temperature)
+                                      HAND_T_TAIL / temperature, temperature)
     s_expected, t_expected = HAND_BUCKETS[temperature]
     close(s_logq.exp(), [s_expected])
     close(t_logp.exp(), [t_expected], atol=5e-4)  # teacher log-probs went through fp16
@@ -110,8 +112,8 @@ def test_bucket_log_probs_by_hand(temperature):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("direction", KL_DIRECTIONS)
 def test_kl_by_hand(direction, temperature):
-    s_logq, t_logp = bucket_log_probs(HAND_STUDENT, HAND_IDS, HAND_T_LOGP, HAND_T_TAIL,
-                                      temperature)
+    s_logq, t_logp = bucket_log_probs(HAND_STUDENT, HAND_IDS, HAND_T_LOGP,
+                                      HAND_T_TAIL / temperature, temperature)
     close(kl_per_position(s_logq, t_logp, direction), [HAND_KL[temperature, direction]])
 
 
@@ -171,7 +173,8 @@ def random_logits(n=6, v=V, seed=0, scale=3.0):
 
 
 @pytest.mark.parametrize("direction", KL_DIRECTIONS)
-@pytest.mark.parametrize("k, temperature", [(3, 1.0), (V, 1.0), (V, 2.0), (V, 0.5)])
+@pytest.mark.parametrize("k, temperature", [(3, 1.0), (3, 2.0), (3, 4.0), (3, 0.5), (1, 2.0),
+                                            (V, 1.0), (V, 2.0), (V, 0.5)])
 def test_kl_is_zero_when_student_equals_teacher(direction, k, temperature):
     z = random_logits()
     close(bucket_kl(z, z, k, temperature, direction), torch.zeros(len(z)))
@@ -534,3 +537,68 @@ def test_fused_loss_with_exact_teacher_and_a_term_off():
     for got, want in zip(torch.autograd.grad(loss, (hidden, weight)),
                          torch.autograd.grad(ref, (hidden, weight))):
         close(got, want)
+
+
+# --- tempering the tail: exact at every temperature ---------------------------------------------
+
+# Vocab of 4, teacher p = [0.5, 0.3, 0.15, 0.05], cached K = 2 (ids 0, 1), tail = ids 2, 3.
+# At T = 2 the tempered teacher is sqrt(p) / Σ sqrt(p): sqrt = [.707107, .547723, .387298,
+# .223607], Σ = 1.865735, so the buckets are [.378999, .293569, (.387298 + .223607) / Σ =
+# .327432]. Tempering the tail as one token would give sqrt(.2) / (… + .447214) = .263…: wrong.
+TAIL2_P = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
+
+
+def test_tempered_teacher_buckets_by_hand_with_a_two_token_tail():
+    ids = torch.tensor([[0, 1]])
+    logp = TAIL2_P[:, :2].log().float()
+    tail_t2 = torch.tensor([math.log(math.sqrt(0.15) + math.sqrt(0.05))])   # log Σ_tail p^(1/2)
+    _, t_logp = bucket_log_probs(TAIL2_P.log().float(), ids, logp, tail_t2, 2.0)
+    close(t_logp.exp(), [[0.37899870, 0.29356814, 0.32743316]])
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 4.0])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_tempered_bucket_teacher_equals_full_vocab_softmax_summed_over_the_tail(k, temperature):
+    z = random_logits(seed=5)
+    ids, logp, tail = teacher_from_logits(z, k, temperature)
+    _, t_logp = bucket_log_probs(z, ids, logp, tail, temperature)
+    full = torch.softmax(z.double() / temperature, dim=-1)                           # (N, V)
+    expected = torch.cat([full.gather(-1, ids), full.scatter(-1, ids, 0.0).sum(-1, keepdim=True)],
+                         dim=-1)
+    close(t_logp.exp(), expected.float())
+
+
+@pytest.mark.parametrize("temperatures", [(2.0,), (0.5, 2.0, 4.0)])
+def test_builder_tempered_tails_equal_the_reference(temperatures):
+    from unidistill.cache_builder.capture import top_k_with_tail
+
+    z = random_logits(n=9, v=300, seed=3, scale=4.0)
+    ids, logp, tail, tempered = top_k_with_tail(z.clone(), 16, temperatures)
+    assert tempered.shape == (9, len(temperatures))
+    for m, t in enumerate(temperatures):
+        _, _, ref = teacher_from_logits(z, 16, t)
+        close(tempered[:, m], ref, atol=1e-5, rtol=1e-5)
+    _, _, ref1 = teacher_from_logits(z, 16, 1.0)
+    close(tail, ref1, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_truncating_the_top_k_keeps_the_tempered_tail_exact(temperature):
+    from unidistill.storage.reader import truncate_top_k
+
+    z = random_logits(n=5, v=40, seed=8)
+    _, logp16, tail16 = teacher_from_logits(z, 16, temperature)
+    _, logp4, tail4 = teacher_from_logits(z, 4, temperature)
+    values, tail = truncate_top_k(logp16.numpy(), tail16.numpy(), 4, temperature)
+    close(torch.from_numpy(values), logp4)
+    close(torch.from_numpy(tail), tail4, atol=1e-5, rtol=1e-5)
+
+
+def test_uniform_tail_is_exact_for_an_even_tail_and_overestimates_a_peaked_one():
+    from unidistill.storage.reader import uniform_tail
+
+    # tail of 4 ids holding 0.2 evenly: Σ (0.05)^(1/2) = 4 sqrt(.05)
+    even = uniform_tail(torch.tensor([math.log(0.2)]).numpy(), 2.0, 4)
+    close(torch.from_numpy(even), [math.log(4 * math.sqrt(0.05))])
+    # the same mass on one id of the four: the true tempered tail is sqrt(.2), smaller
+    assert even[0] > math.log(math.sqrt(0.2)) + 0.5

@@ -59,6 +59,9 @@ def main():
 @click.option("--samples", type=int, default=64, show_default=True,
               help="With --logits sampled: draws per position.")
 @click.option("--sample-seed", type=int, default=0, show_default=True)
+@click.option("--temperatures", default=None,
+              help="topk/topk-q8: KD temperatures the cache serves exactly (default 1,2). Each "
+                   "T != 1 stores the tempered tail log Σ_tail p^(1/T), 2 bytes per token.")
 @click.option("--layers", default="all", show_default=True,
               help="Teacher hidden_states indices to cache: 6,12,18,24,30 | all (1..n) | none.")
 @click.option("--student-layers", type=int, default=None,
@@ -127,8 +130,9 @@ def cache_info_cmd(path, as_json):
                + f", {s['teacher']['architecture']}, {s['teacher']['n_layers']} layers")
     click.echo(f"data         {s['data']['source']} split={s['data']['split']}")
     click.echo(f"tokens       {info['n_sequences']} sequences x {info['seq_len']} = {info['n_tokens']}")
-    click.echo("logits       " + {"topk": f"top-{info['top_k']} + tail",
-                                  "topk-q8": f"top-{info['top_k']} + tail, 8-bit log-probs",
+    temps = ", T = " + ",".join(f"{t:g}" for t in [1.0, *info.get("tail_temperatures", [])])
+    click.echo("logits       " + {"topk": f"top-{info['top_k']} + tail{temps}",
+                                  "topk-q8": f"top-{info['top_k']} + tail{temps}, 8-bit log-probs",
                                   "sampled": f"{info['top_k']} draws per position (ids + counts)",
                                   "exact": f"exact: final layer + {HEAD_FILE}"}[info["logits_mode"]])
     click.echo(f"layers       {info['layers']} ({info['hidden_dtype']})")
@@ -183,6 +187,10 @@ def _config_option(fn):
 @click.option("--beta", type=float, default=0.5, show_default=True, help="Weight of T^2 * KL.")
 @click.option("--gamma", type=float, default=0.1, show_default=True, help="Weight of the hidden loss.")
 @click.option("--temperature", "kd_temperature", type=float, default=2.0, show_default=True)
+@click.option("--tail-approximation", type=click.Choice(["uniform"]), default=None,
+              help="A top-k cache serves exactly the temperatures it was built with "
+                   "(cache-build --temperatures); 'uniform' accepts any other T with the tail "
+                   "mass spread evenly (an approximation, see README).")
 @click.option("--kl-direction", type=click.Choice(["forward", "reverse", "jsd"]), default="forward",
               show_default=True)
 @click.option("--hidden-loss", type=click.Choice(["mse", "nmse", "cosine"]), default="cosine",

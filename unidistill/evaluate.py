@@ -99,6 +99,8 @@ def _score_batch(model, input_ids, totals: _Totals, teacher: dict | None,
             compute_ce=True, compute_kl=teacher is not None, teacher_logits=teacher_logits)
         totals.ce, totals.ce_n = totals.ce + float(ce), totals.ce_n + float(ce_n)
         if teacher is not None:
+            if "teacher_kl_offset" in teacher:  # sampled cache: the unbiased KL estimate
+                kl = kl - teacher["teacher_kl_offset"][:, s:s + _CHUNK].sum()
             totals.kl, totals.kl_n = totals.kl + float(kl), totals.kl_n + float(kl_n)
             if teacher_logits is not None:
                 top1 = teacher_logits.argmax(-1)                           # (B, C)

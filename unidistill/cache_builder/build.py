@@ -142,7 +142,8 @@ def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dic
             n_sequences=int(ids.shape[0]), seq_len=cfg.seq_len, top_k=cfg.stored_k,
             vocab_size=int(head.weight.shape[0]), hidden_size=int(model_config.hidden_size),
             layers=tuple(layers), hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size,
-            logits_mode=cfg.logits)
+            logits_mode=cfg.logits, tail_temperatures=cfg.tail_temperatures,
+            sample_logp=cfg.logits == "sampled")
         settings = {
             "teacher": {**source.describe(), "architecture": type(model).__name__,
                         "n_layers": model_config.num_hidden_layers,
@@ -189,7 +190,8 @@ def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dic
     thread = None
     try:
         runner = TeacherRunner(model, layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
-                               hidden_dtype=cfg.hidden_dtype, mode=cfg.logits)
+                               hidden_dtype=cfg.hidden_dtype, mode=cfg.logits,
+                               tail_temperatures=layout.tail_temperatures)
         bar = tqdm(total=int(my_tokens), unit="tok", unit_scale=True,
                    desc="cache-build" + (f" (process 0 of {group.world_size})" if group.distributed else ""),
                    disable=not progress, smoothing=0.1)

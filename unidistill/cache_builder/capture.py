@@ -23,7 +23,9 @@ from unidistill.storage.layout import (
     LOGIT_INDICES,
     LOGIT_QUANT,
     LOGIT_RANGE,
+    LOGIT_SAMPLE_LOGP,
     LOGIT_TAIL,
+    LOGIT_TAIL_TEMPERED,
     LOGIT_VALUES,
     LOGITS_MODES,
     TOPK_MODES,
@@ -47,47 +49,69 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
                       "unidistill supports decoder-only models with a ModuleList of blocks")
 
 
+def _check_float16_range(layer: int, h: torch.Tensor, *stored: torch.Tensor) -> None:
+    """Refuse hidden states that float16 storage would turn into inf (|x| > 65504)."""
+    if all(bool(torch.isfinite(t).all()) for t in stored):
+        return
+    peak = h.float().abs().max().item()
+    raise ConfigError(f"teacher hidden states of layer {layer} reach |x| = {peak:.4g}, beyond "
+                      "float16's range (65504), which float16 and int8 storage (its outlier tokens "
+                      "and scales are float16) cannot hold; rebuild with --hidden-dtype bfloat16")
+
+
 def _hidden_output(out):
     return out if torch.is_tensor(out) else out[0]
 
 
-def top_k_with_tail(logits: torch.Tensor, k: int):
+def top_k_with_tail(logits: torch.Tensor, k: int, temperatures: tuple[float, ...] = ()):
     """log-probs of the k most likely ids and the log of the mass outside them, in fp32.
 
-    logits (N, V) -> ids (N, k), logp (N, k) sorted descending, log_tail (N,).
+    logits (N, V) -> ids (N, k), logp (N, k) sorted descending, log_tail (N,), and
+    tempered_tail (N, len(temperatures)) = log Σ_tail p_i^(1/T) for each T.
     ``logits`` is used as scratch space (overwritten) when it already is fp32.
 
     One exp pass: with m the row maximum, S_all = sum exp(z - m) and S_rest = the same sum with
     the k ids zeroed, so log_tail = log S_rest - log S_all is exact even when the top-k hold
     nearly all the mass (1 - sum(p) would cancel), and -inf when k == V.
+    The tempered tail is what makes the K+1-bucket teacher exact at T != 1: with
+    e_i = exp(z_i - m), p_i^(1/T) = e_i^(1/T) / S_all^(1/T), so
+    log Σ_tail p_i^(1/T) = log Σ_rest e_i^(1/T) - log S_all / T. Tempering the tail bucket as one
+    token (log_tail / T) instead would put T > 1 students' tails far too low.
     """
     z = logits.float()                                                    # (N, V)
     top, ids = z.topk(k, dim=-1, sorted=True)                             # (N, k)
     m = top[:, :1]                                                        # (N, 1) row max
     z.sub_(m).exp_()
     log_s_all = z.sum(-1).log()                                           # (N,)
-    log_s_rest = z.scatter_(-1, ids, 0.0).sum(-1).log()                   # (N,)
+    z.scatter_(-1, ids, 0.0)                                              # (N, V) tail only
+    log_s_rest = z.sum(-1).log()                                          # (N,)
     logp = top - (m + log_s_all.unsqueeze(-1))                            # (N, k)
-    return ids, logp, log_s_rest - log_s_all
+    tempered = [z.pow(1.0 / t).sum(-1).log() - log_s_all / t for t in temperatures]
+    tempered = (torch.stack(tempered, dim=-1) if tempered
+                else z.new_zeros((z.shape[0], 0)))                        # (N, M)
+    return ids, logp, log_s_rest - log_s_all, tempered
 
 
 def sample_with_counts(logits: torch.Tensor, n: int, generator: torch.Generator | None = None):
     """Draw ``n`` ids with replacement from softmax(logits) and keep the distinct ones with counts.
 
     logits (R, V) -> ids (R, n) int64, counts (R, n) int64: per row the distinct ids in ascending
-    order with how often each was drawn (counts sum to n); unused slots hold id 0 and count 0.
+    order with how often each was drawn (counts sum to n); unused slots hold id 0 and count 0;
+    and logp_mean (R,) fp32 = Σ (count / n) · log p(id), the draws' mean teacher log-prob.
     counts / n is an unbiased estimate of the teacher distribution (random-sampling KD), so the
-    soft cross-entropy against it is an unbiased estimate of the full one.
+    soft cross-entropy against it is an unbiased estimate of the full one, and
+    ``logp_mean - Σ (count / n) log q(id)`` one of KL(teacher || q).
     """
-    probs = torch.softmax(logits.float(), dim=-1)                                      # (R, V)
-    draws = torch.multinomial(probs, n, replacement=True, generator=generator)         # (R, n)
+    logp = torch.log_softmax(logits.float(), dim=-1)                                   # (R, V)
+    draws = torch.multinomial(logp.exp(), n, replacement=True, generator=generator)    # (R, n)
+    logp_mean = logp.gather(-1, draws).mean(-1)                                        # (R,)
     draws = draws.sort(dim=-1).values
     is_new = torch.ones_like(draws, dtype=torch.bool)
     is_new[:, 1:] = draws[:, 1:] != draws[:, :-1]
     slot = is_new.long().cumsum(-1) - 1                                                # (R, n)
     counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
     ids = torch.zeros_like(draws).scatter_(-1, slot, draws)
-    return ids, counts
+    return ids, counts, logp_mean
 
 
 class TeacherRunner:
@@ -99,13 +123,15 @@ class TeacherRunner:
     """
 
     def __init__(self, model, layers, top_k: int | None, *, index_dtype: np.dtype = np.int32,
-                 hidden_dtype: str = "float16", rows_per_chunk: int = 1024, mode: str = "topk"):
+                 hidden_dtype: str = "float16", rows_per_chunk: int = 1024, mode: str = "topk",
+                 tail_temperatures: tuple[float, ...] = ()):
         if mode not in LOGITS_MODES:
             raise ConfigError(f"logits mode {mode!r} is not one of {LOGITS_MODES}")
         self.model = model
         self.layers = sorted(layers)
         self.top_k = top_k
         self.mode = mode
+        self.tail_temperatures = tuple(tail_temperatures)
         self.index_dtype = np.dtype(index_dtype)
         self.hidden_dtype = hidden_dtype
         self.rows_per_chunk = rows_per_chunk
@@ -139,10 +165,7 @@ class TeacherRunner:
         if self.hidden_dtype == "bfloat16":
             return h.to(torch.bfloat16).view(torch.int16)  # raw bits, stored as uint16
         h16 = h.to(torch.float16)
-        if not torch.isfinite(h16).all():
-            peak = h.float().abs().max().item()
-            raise ConfigError(f"teacher hidden states of layer {j} reach |x| = {peak:.4g}, beyond "
-                              "float16's range (65504); rebuild with --hidden-dtype bfloat16")
+        _check_float16_range(j, h, h16)
         return h16
 
     @torch.no_grad()
@@ -162,35 +185,30 @@ class TeacherRunner:
         return final, captured
 
     @torch.no_grad()
-    def top_k_tail(self, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """final hidden (B, L, D) -> ids (B, L, k) int64, logp (B, L, k) fp32, log_tail (B, L) fp32,
-        applying the head to ``rows_per_chunk`` positions at a time."""
+    def top_k_tail(self, final: torch.Tensor):
+        """final hidden (B, L, D) -> ids (B, L, k) int64, logp (B, L, k) fp32, log_tail (B, L) fp32
+        and the tempered tails (B, L, M) fp32 for ``tail_temperatures``, applying the head to
+        ``rows_per_chunk`` positions at a time."""
         b, length = final.shape[:2]
         rows = final.reshape(b * length, -1)                                 # (B*L, D)
-        top_ids, top_vals, tails = [], [], []
-        for s in range(0, rows.shape[0], self.rows_per_chunk):
-            i, v, t = top_k_with_tail(self.head(rows[s:s + self.rows_per_chunk]), self.top_k)
-            top_ids.append(i)
-            top_vals.append(v)
-            tails.append(t)
-        return (torch.cat(top_ids).reshape(b, length, -1), torch.cat(top_vals).reshape(b, length, -1),
-                torch.cat(tails).reshape(b, length))
+        parts = [top_k_with_tail(self.head(rows[s:s + self.rows_per_chunk]), self.top_k,
+                                 self.tail_temperatures)
+                 for s in range(0, rows.shape[0], self.rows_per_chunk)]
+        return tuple(torch.cat(p).reshape(b, length, *p[0].shape[1:]) for p in zip(*parts))
 
     @torch.no_grad()
-    def sampled(self, final: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """final hidden (B, L, D) -> distinct sampled ids and counts, (B, L, top_k) each.
+    def sampled(self, final: torch.Tensor, seed: int):
+        """final hidden (B, L, D) -> distinct sampled ids and counts, (B, L, top_k) each, and the
+        draws' mean teacher log-prob (B, L).
 
         The draws use a generator seeded with ``seed``, so a batch always gets the same sample
         (a resumed build is identical to an uninterrupted one)."""
         b, length = final.shape[:2]
         rows = final.reshape(b * length, -1)                                 # (B*L, D)
         generator = torch.Generator(device=rows.device).manual_seed(seed)
-        ids, counts = [], []
-        for s in range(0, rows.shape[0], self.rows_per_chunk):
-            i, c = sample_with_counts(self.head(rows[s:s + self.rows_per_chunk]), self.top_k, generator)
-            ids.append(i)
-            counts.append(c)
-        return torch.cat(ids).reshape(b, length, -1), torch.cat(counts).reshape(b, length, -1)
+        parts = [sample_with_counts(self.head(rows[s:s + self.rows_per_chunk]), self.top_k, generator)
+                 for s in range(0, rows.shape[0], self.rows_per_chunk)]
+        return tuple(torch.cat(p).reshape(b, length, *p[0].shape[1:]) for p in zip(*parts))
 
     @torch.inference_mode()
     def __call__(self, input_ids: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
@@ -200,8 +218,10 @@ class TeacherRunner:
         final, captured = self.forward(ids)
         out = {INPUT_IDS: input_ids.astype(np.int32, copy=False)}
         if self.mode in TOPK_MODES:
-            top_ids, top_vals, tails = self.top_k_tail(final)
+            top_ids, top_vals, tails, tempered = self.top_k_tail(final)
             out[LOGIT_TAIL] = tails.to(torch.float16).cpu().numpy()
+            if self.tail_temperatures:
+                out[LOGIT_TAIL_TEMPERED] = tempered.to(torch.float16).cpu().numpy()
             if self.mode == "topk-q8":
                 top_ids, quant, value_range = encode_top_k(top_ids, top_vals)  # ids delta-coded
                 out[LOGIT_QUANT] = quant.cpu().numpy()
@@ -210,12 +230,14 @@ class TeacherRunner:
                 out[LOGIT_VALUES] = top_vals.to(torch.float16).cpu().numpy()
             out[LOGIT_INDICES] = top_ids.to(torch.int32).cpu().numpy().astype(self.index_dtype)
         elif self.mode == "sampled":
-            sample_ids, counts = self.sampled(final, seed)
+            sample_ids, counts, logp_mean = self.sampled(final, seed)
+            out[LOGIT_SAMPLE_LOGP] = logp_mean.float().cpu().numpy()
             out[LOGIT_INDICES] = sample_ids.to(torch.int32).cpu().numpy().astype(self.index_dtype)
             out[LOGIT_COUNTS] = counts.to(torch.int32).cpu().numpy().astype(np.uint16)
         for j in self.layers:
             if self.hidden_dtype == "int8":
                 q, scale, kept, pos = hidden_q8.quantize(captured[j])
+                _check_float16_range(j, captured[j], kept, scale)  # fp16 outlier tokens and scales
                 out[hidden_key(j)] = q.cpu().numpy()
                 out[hidden_scale_key(j)] = scale.cpu().numpy()
                 out[hidden_outliers_key(j)] = kept.cpu().numpy()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from unidistill.storage.layout import HIDDEN_DTYPES, LOGITS_MODES, MAX_SAMPLES
 from unidistill.storage.location import CacheLocation, is_url
 
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_TEMPERATURES = "1,2"  # the KD temperatures a top-k cache serves exactly by default
 
 
 def check_layer_range(layers, n_layers: int) -> None:
@@ -35,6 +37,7 @@ class BuildConfig:
     logits: str = "topk"
     samples: int = 64
     sample_seed: int = 0
+    temperatures: str | None = None  # top-k modes: KD temperatures with an exact tempered tail
     layers: str = "all"
     student_layers: int | None = None
     layer_maps: tuple[str, ...] = ("uniform", "last")
@@ -55,6 +58,7 @@ class BuildConfig:
             raise ConfigError(f"logits representation {self.logits!r} is not one of {LOGITS_MODES}: "
                               "topk (top-k ids + tail), topk-q8 (the same, compact), sampled (--samples draws per position) or "
                               "exact (final hidden state + the head, full vocabulary offline)")
+        self.tail_temperatures  # parsed and checked here, before anything loads
         if not 1 <= self.samples <= MAX_SAMPLES:
             raise ConfigError(f"samples must be between 1 and {MAX_SAMPLES} draws per position, got "
                               f"{self.samples}")
@@ -67,6 +71,11 @@ class BuildConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {TEACHER_DTYPES}")
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise ConfigError(f"hidden_dtype {self.hidden_dtype!r} is not one of {sorted(HIDDEN_DTYPES)}")
+        if self.logits == "exact" and self.hidden_dtype != "float16":
+            raise ConfigError(f"--logits exact rebuilds the teacher's logits from its cached final "
+                              f"hidden state, which --hidden-dtype {self.hidden_dtype} would round "
+                              "(the logits would no longer be exact); use --hidden-dtype float16 "
+                              "with exact logits, or --logits topk-q8 to keep the cache small")
         if self.student_layers is not None and self.student_layers < 1:
             raise ConfigError(f"student_layers must be >= 1, got {self.student_layers}")
         if is_url(self.out):
@@ -78,6 +87,30 @@ class BuildConfig:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output path {out} is a file; expected a folder for the cache. "
                               "Choose another --out.")
+
+    @property
+    def tail_temperatures(self) -> tuple[float, ...]:
+        """The temperatures != 1 whose tempered tail a top-k cache stores (T = 1 always is).
+
+        Default ``1,2`` for topk and topk-q8. A sampled cache serves T = 1 only and an exact one
+        every temperature, so ``--temperatures`` is refused for them rather than ignored.
+        """
+        if self.logits not in ("topk", "topk-q8"):
+            if self.temperatures is not None:
+                what = ("serves every temperature exactly (it rebuilds the full logits)"
+                        if self.logits == "exact" else "serves T = 1 only (its ids are draws at T = 1)")
+                raise ConfigError(f"--temperatures {self.temperatures} is for topk and topk-q8 "
+                                  f"caches; a {self.logits} cache {what}. Leave --temperatures out.")
+            return ()
+        spec = DEFAULT_TEMPERATURES if self.temperatures is None else self.temperatures
+        try:
+            temps = sorted({float(t) for t in str(spec).split(",") if t.strip()})
+        except ValueError:
+            raise ConfigError(f"--temperatures {spec!r} is not a comma-separated list of numbers "
+                              "like 1,2") from None
+        if not temps or any(not (t > 0 and math.isfinite(t)) for t in temps):
+            raise ConfigError(f"--temperatures {spec!r} must list KD temperatures > 0, like 1,2")
+        return tuple(t for t in temps if t != 1.0)
 
     @property
     def stored_k(self) -> int:

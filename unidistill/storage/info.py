@@ -47,6 +47,7 @@ def cache_info(root) -> dict:
         "n_tokens": n_tokens,
         "top_k": layout.top_k,
         "logits_mode": layout.logits_mode,
+        "tail_temperatures": list(layout.tail_temperatures),
         "head_bytes": head_bytes,
         "layers": list(layout.layers),
         "hidden_dtype": layout.hidden_dtype,

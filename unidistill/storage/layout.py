@@ -10,6 +10,7 @@ whole units, so no two writers ever touch one shard (a write into a shard rewrit
 | logits/indices   | [N, L, K]   | uint16 if V <= 65535 else int32| one sequence     |
 | logits/values    | [N, L, K]   | float16 (log-probs at T = 1)   | one sequence     |
 | logits/tail      | [N, L]      | float16 (log of mass off the K)| one sequence     |
+| logits/tail_tempered | [N, L, M] | float16 (log Σ_tail p^(1/T) for each T of ``tail_temperatures``) | one sequence |
 | hidden/<j>       | [N, L, D]   | float16, bfloat16 as uint16, or int8 | one sequence |
 | hidden/<j>_scale | [N, ⌈L/64⌉, D] | float16 (int8 only: per channel and 64-token block) | one sequence |
 | hidden/<j>_outliers | [N, 2, D] | float16 (int8 only: each sequence's 2 highest-norm tokens) | one sequence |
@@ -18,6 +19,12 @@ whole units, so no two writers ever touch one shard (a write into a shard rewrit
 The ``logits/*`` arrays depend on the logit representation (``logits_mode``):
 
 * ``topk`` (above): the K most likely ids, their log-probs and the log of the remaining mass;
+  plus, for each temperature T != 1 in ``tail_temperatures``, the tempered tail statistic
+  ``log Σ_tail p_i^(1/T)`` (``logits/tail_tempered``). With it the teacher's distribution over
+  the K ids and one tail bucket is exact at T: bucket log-weights ``logp_i / T`` and that tail,
+  renormalised. The tail is not one token, so ``log_tail / T`` would be wrong (for T > 1 it
+  leaves out most of the tempered tail's mass). Caches written before this array existed have
+  ``tail_temperatures = ()``;
 * ``topk-q8``: the same top-k + tail in about half the bytes: ``logits/indices`` holds the ids in
   ascending order, delta-coded (first id, then differences; they compress far better than ids in
   probability order), ``logits/quant`` [N, L, K] uint8 the log-probs in the same order as
@@ -26,7 +33,12 @@ The ``logits/*`` arrays depend on the logit representation (``logits_mode``):
   log-probs sorted by probability, so every consumer sees what ``topk`` gives;
 * ``sampled``: ``logits/indices`` [N, L, S] and ``logits/counts`` [N, L, S] (uint16): S ids drawn
   with replacement from the teacher's distribution at T = 1, stored as the distinct ids with
-  their counts (unused slots: id 0, count 0). ``top_k`` holds S, the draws per position;
+  their counts (unused slots: id 0, count 0). ``top_k`` holds S, the draws per position.
+  ``logits/sample_logp`` [N, L] float32 holds the mean teacher log-prob of the S draws,
+  ``Σ_i (c_i / S) log p_i``: with it the KL estimate ``Σ_i (c_i / S) (log p_i - log q_i)`` is
+  unbiased and exactly 0 for a student equal to the teacher (without it only the soft
+  cross-entropy against the sample is known, which is off by the sample's entropy). Caches
+  written before it existed have ``sample_logp = False``;
 * ``exact``: no logit arrays. The final normed hidden state (layer n) is always cached and the
   teacher's output head is stored once as ``lm_head.safetensors``, so the full-vocabulary
   teacher logits can be rebuilt offline at any temperature. ``top_k`` is 0.
@@ -55,6 +67,8 @@ LOGIT_TAIL = "logits/tail"
 LOGIT_COUNTS = "logits/counts"
 LOGIT_QUANT = "logits/quant"
 LOGIT_RANGE = "logits/range"
+LOGIT_TAIL_TEMPERED = "logits/tail_tempered"
+LOGIT_SAMPLE_LOGP = "logits/sample_logp"
 HEAD_FILE = "lm_head.safetensors"
 HIDDEN_PREFIX = "hidden/"
 
@@ -106,6 +120,8 @@ class CacheLayout:
     hidden_dtype: str = "float16"
     shard_size: int = 16
     logits_mode: str = "topk"
+    tail_temperatures: tuple[float, ...] = ()  # T != 1 with an exact tempered tail (top-k modes)
+    sample_logp: bool = False  # sampled mode: the mean teacher log-prob of the draws is stored
 
     def __post_init__(self):
         if self.hidden_dtype not in HIDDEN_DTYPES:
@@ -124,6 +140,16 @@ class CacheLayout:
         if self.shard_size < 1:
             raise ConfigError(f"shard size must be >= 1 sequence, got {self.shard_size}")
         object.__setattr__(self, "layers", tuple(sorted(int(j) for j in self.layers)))
+        temps = tuple(sorted({float(t) for t in self.tail_temperatures}))
+        if temps and self.logits_mode not in TOPK_MODES:
+            raise ConfigError(f"tempered tails belong to top-k caches; a {self.logits_mode} cache "
+                              f"cannot store tail temperatures {list(temps)}")
+        if any(not t > 0 or t == 1.0 for t in temps):
+            raise ConfigError(f"tail temperatures must be > 0 and != 1 (T = 1 is logits/tail "
+                              f"itself); got {list(temps)}")
+        object.__setattr__(self, "tail_temperatures", temps)
+        if self.sample_logp and self.logits_mode != "sampled":
+            raise ConfigError(f"sample_logp belongs to sampled caches, not {self.logits_mode}")
 
     @property
     def n_units(self) -> int:
@@ -136,11 +162,13 @@ class CacheLayout:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = list(self.layers)
+        d["tail_temperatures"] = list(self.tail_temperatures)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CacheLayout":
-        return cls(**{**d, "layers": tuple(d["layers"])})
+        return cls(**{**d, "layers": tuple(d["layers"]),
+                      "tail_temperatures": tuple(d.get("tail_temperatures", ()))})
 
     def array_specs(self) -> dict[str, dict]:
         """name -> keyword arguments of ``zarr.Group.create_array``."""
@@ -171,8 +199,13 @@ class CacheLayout:
             specs[LOGIT_RANGE] = spec((n, length, 2), np.dtype("float16"), float("nan"), floats)
         if self.logits_mode in TOPK_MODES:
             specs[LOGIT_TAIL] = spec((n, length), np.dtype("float16"), float("nan"), floats)
+            if self.tail_temperatures:
+                specs[LOGIT_TAIL_TEMPERED] = spec((n, length, len(self.tail_temperatures)),
+                                                  np.dtype("float16"), float("nan"), floats)
         elif self.logits_mode == "sampled":
             specs[LOGIT_COUNTS] = spec((n, length, k), np.dtype("uint16"), 0xFFFF, ints)
+            if self.sample_logp:
+                specs[LOGIT_SAMPLE_LOGP] = spec((n, length), np.dtype("float32"), float("nan"), floats)
         store_dtype, fill = HIDDEN_DTYPES[self.hidden_dtype]
         for j in self.layers:
             specs[hidden_key(j)] = spec((n, length, self.hidden_size), store_dtype, fill, hidden)

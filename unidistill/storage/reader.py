@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 
 import numpy as np
@@ -10,7 +11,12 @@ import torch
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
-from unidistill.errors import CacheIncompleteError, CacheMismatchError, CacheNotFoundError
+from unidistill.errors import (
+    CacheIncompleteError,
+    CacheMismatchError,
+    CacheNotFoundError,
+    ConfigError,
+)
 from unidistill.storage.layout import (
     FORMAT_VERSION,
     INPUT_IDS,
@@ -18,7 +24,9 @@ from unidistill.storage.layout import (
     LOGIT_INDICES,
     LOGIT_QUANT,
     LOGIT_RANGE,
+    LOGIT_SAMPLE_LOGP,
     LOGIT_TAIL,
+    LOGIT_TAIL_TEMPERED,
     LOGIT_VALUES,
     TOPK_MODES,
     CacheLayout,
@@ -42,15 +50,34 @@ def decode_hidden(a: np.ndarray, logical_dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def truncate_top_k(values: np.ndarray, log_tail: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+TAIL_APPROXIMATIONS = ("uniform",)
+
+
+def uniform_tail(log_tail: np.ndarray, temperature: float, n_tail: int) -> np.ndarray:
+    """Approximate ``log Σ_tail p_i^(1/T)`` from the tail's mass alone, as if it were spread
+    evenly over its ``n_tail`` ids: ``log_tail / T + (1 - 1/T) · log n_tail``.
+
+    For T > 1 this over-estimates (a real tail is concentrated on a few ids, and the sum of
+    p^(1/T) at a fixed mass is largest when spread evenly); for T < 1 it under-estimates. Use it
+    only for a temperature the cache has no exact tempered tail for; its error on a real teacher
+    is measured in benchmarks/results/tempered_tail_cpu.md.
+    """
+    lt = log_tail.astype(np.float32)
+    return lt / temperature + (1.0 - 1.0 / temperature) * np.float32(math.log(n_tail))
+
+
+def truncate_top_k(values: np.ndarray, log_tail: np.ndarray, k: int,
+                   temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Keep the k most likely of the stored ids and fold the rest into the tail bucket.
 
-    values (..., K) are log-probs sorted in descending order; the new tail is
-    log(exp(tail) + sum of the dropped probabilities), computed in fp32 with logsumexp.
+    values (..., K) are log-probs at T = 1 sorted in descending order; ``log_tail`` (...) is the
+    tempered tail ``log Σ_tail p^(1/T)`` at ``temperature`` (at T = 1 the log of the tail mass).
+    The new tail is ``log(exp(tail) + Σ_dropped p^(1/T))``, computed in fp32 with logsumexp, so
+    it stays the exact tempered tail of the k kept ids.
     """
     if k == values.shape[-1]:
         return values, log_tail
-    dropped = torch.from_numpy(values[..., k:].astype(np.float32))       # (..., K-k)
+    dropped = torch.from_numpy(values[..., k:].astype(np.float32)) / temperature  # (..., K-k)
     tail = torch.from_numpy(log_tail.astype(np.float32)).unsqueeze(-1)   # (..., 1)
     new_tail = torch.logsumexp(torch.cat([dropped, tail], dim=-1), dim=-1)
     return values[..., :k], new_tail.numpy().astype(log_tail.dtype)
@@ -67,6 +94,19 @@ def counts_to_buckets(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore"):
         logp = np.log(counts.astype(np.float32) / n)
     return logp, np.full(counts.shape[:-1], -np.inf, dtype=np.float32)
+
+
+def sample_kl_offset(sample_logp: np.ndarray, teacher_logp_mean: np.ndarray) -> np.ndarray:
+    """What to subtract from KL(sample || q) to get the unbiased estimate of KL(teacher || q).
+
+    sample_logp (.., S) = log(count / S) per slot (-inf for unused ones), teacher_logp_mean (..)
+    = Σ (count / S) log p(id). KL(sample || q) = Σ w (log w - log q), the estimate is
+    Σ w (log p - log q), so the offset is Σ w log w - Σ w log p: a constant per position, so
+    the gradient is unchanged, but the logged KL is 0 for a student equal to the teacher.
+    """
+    w = np.exp(sample_logp)
+    neg_entropy = (w * np.where(w > 0, sample_logp, 0.0)).sum(-1)  # unused slots: 0, not 0 * -inf
+    return (neg_entropy - teacher_logp_mean).astype(np.float32)
 
 
 class CacheReader:
@@ -141,7 +181,8 @@ class CacheReader:
                                      "teacher's head; only an exact-logits cache has one")
         return read_head(self.location, device)
 
-    def check_request(self, layers=None, top_k: int | None = None) -> None:
+    def check_request(self, layers=None, top_k: int | None = None, temperature: float = 1.0,
+                      tail_approximation: str | None = None) -> None:
         missing = [j for j in (layers or ()) if j not in self.layout.layers]
         if missing:
             raise CacheMismatchError(f"teacher layers {missing} are not in cache {self.root}; it "
@@ -154,19 +195,46 @@ class CacheReader:
             raise CacheMismatchError(f"top_k={top_k} asked, but cache {self.root} stores "
                                      f"k={self.layout.top_k}; use 1 <= top_k <= {self.layout.top_k} "
                                      "or rebuild the cache with a larger --top-k")
+        self.check_temperature(temperature, tail_approximation)
+
+    def check_temperature(self, temperature: float, tail_approximation: str | None = None) -> None:
+        """Refuse a KD temperature whose teacher distribution this cache cannot give exactly,
+        unless a tail approximation is asked for."""
+        if tail_approximation is not None and tail_approximation not in TAIL_APPROXIMATIONS:
+            raise ConfigError(f"tail approximation {tail_approximation!r} is not one of "
+                              f"{TAIL_APPROXIMATIONS}")
+        if temperature == 1.0 or self.logits_mode == "exact":
+            return
+        if self.logits_mode == "sampled":
+            raise CacheMismatchError(f"cache {self.root} holds ids sampled from the teacher at "
+                                     f"T = 1, an estimate at that temperature only; got T = "
+                                     f"{temperature:g}. Use T = 1, or a topk or exact cache")
+        if temperature in self.layout.tail_temperatures or tail_approximation is not None:
+            return
+        stored = [1.0, *self.layout.tail_temperatures]
+        raise CacheMismatchError(
+            f"cache {self.root} has the exact tempered tail for T in {stored} only, not for "
+            f"T = {temperature:g}. Rebuild it with `cache-build --temperatures "
+            f"{','.join(f'{t:g}' for t in sorted({*stored, temperature}))}`, train at one of "
+            f"{stored}, or accept the uniform-tail approximation with --tail-approximation "
+            "uniform (its error on a real teacher: README, 'Temperatures')")
 
     def read(self, index: int, *, layers=None, top_k: int | None = None,
-             logits: bool = True) -> dict:
+             logits: bool = True, temperature: float = 1.0,
+             tail_approximation: str | None = None) -> dict:
         """One sequence: ``input_ids (L,)``, the teacher's logit targets and ``hidden`` =
         {layer: (L, D) stored dtype; int8 comes back dequantized to float32}.
 
         Logit targets: ``teacher_ids/teacher_logp (L, k)`` and ``teacher_log_tail (L,)`` for top-k
         and sampled caches (sampled: the empirical distribution of the draws, see
         :func:`counts_to_buckets`); ``teacher_final_hidden (L, D)`` for exact caches, to go
-        through :meth:`head`.
+        through :meth:`head`. ``teacher_log_tail`` is the tail statistic at ``temperature``:
+        ``log Σ_tail p^(1/T)`` (the log tail mass at T = 1), exact where the cache stores it,
+        else from ``tail_approximation`` (see :meth:`check_temperature`). The log-probs stay
+        at T = 1; the loss divides them by T.
         """
         layers = list(self.layout.layers if layers is None else layers)
-        self.check_request(layers, top_k)
+        self.check_request(layers, top_k, temperature if logits else 1.0, tail_approximation)
         if not 0 <= index < self.layout.n_sequences:
             raise IndexError(f"sequence {index} out of range 0..{self.layout.n_sequences - 1}")
         mode = self.logits_mode
@@ -175,26 +243,43 @@ class CacheReader:
             names += {"topk": [LOGIT_INDICES, LOGIT_VALUES, LOGIT_TAIL],
                       "topk-q8": [LOGIT_INDICES, LOGIT_QUANT, LOGIT_RANGE, LOGIT_TAIL],
                       "sampled": [LOGIT_INDICES, LOGIT_COUNTS]}.get(mode, [])
+            if mode == "sampled" and self.layout.sample_logp:
+                names.append(LOGIT_SAMPLE_LOGP)
+            if temperature in self.layout.tail_temperatures:
+                names.append(LOGIT_TAIL_TEMPERED)
         hidden_layers = layers + ([self.final_layer] if logits and mode == "exact" else [])
         for j in dict.fromkeys(hidden_layers):
             names += self._hidden_names(j)
         got = self.fetch(names, index)
         out = {"input_ids": got[INPUT_IDS]}
         k = top_k or self.layout.top_k
-        if logits and mode == "topk":
-            values, tail = truncate_top_k(got[LOGIT_VALUES], got[LOGIT_TAIL], k)
-            out.update(teacher_ids=got[LOGIT_INDICES][:, :k], teacher_logp=values, teacher_log_tail=tail)
-        elif logits and mode == "topk-q8":
-            ids, values = decode_top_k(got[LOGIT_INDICES], got[LOGIT_QUANT], got[LOGIT_RANGE])
-            values, tail = truncate_top_k(values, got[LOGIT_TAIL].astype(np.float32), k)
+        if logits and mode in TOPK_MODES:
+            if mode == "topk":
+                ids, values = got[LOGIT_INDICES], got[LOGIT_VALUES]
+            else:
+                ids, values = decode_top_k(got[LOGIT_INDICES], got[LOGIT_QUANT], got[LOGIT_RANGE])
+            tail = self._tempered_tail(got, temperature)
+            values, tail = truncate_top_k(values, tail, k, temperature)
             out.update(teacher_ids=ids[:, :k], teacher_logp=values, teacher_log_tail=tail)
         elif logits and mode == "sampled":
             logp, tail = counts_to_buckets(got[LOGIT_COUNTS])
             out.update(teacher_ids=got[LOGIT_INDICES], teacher_logp=logp, teacher_log_tail=tail)
+            if self.layout.sample_logp:
+                out["teacher_kl_offset"] = sample_kl_offset(logp, got[LOGIT_SAMPLE_LOGP])
         elif logits:
             out["teacher_final_hidden"] = self._decode_hidden(self.final_layer, got)
         out["hidden"] = {j: self._decode_hidden(j, got) for j in layers}
         return out
+
+    def _tempered_tail(self, got: dict, temperature: float) -> np.ndarray:
+        """fp32 ``log Σ_tail p^(1/T)`` of the stored K ids' tail (checked in ``read``)."""
+        tail = got[LOGIT_TAIL].astype(np.float32)
+        if temperature == 1.0:
+            return tail
+        if temperature in self.layout.tail_temperatures:
+            m = self.layout.tail_temperatures.index(temperature)
+            return got[LOGIT_TAIL_TEMPERED][..., m].astype(np.float32)
+        return uniform_tail(tail, temperature, self.layout.vocab_size - self.layout.top_k)
 
     def fetch(self, names, index) -> dict[str, np.ndarray]:
         """``{name: array[index]}`` for several arrays, read concurrently: one sequence spans

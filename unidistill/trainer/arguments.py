@@ -32,6 +32,10 @@ class DistillationArguments(TrainingArguments):
     beta: float = field(default=0.5, metadata={"help": "weight of the T^2-scaled KL to the teacher"})
     gamma: float = field(default=0.1, metadata={"help": "weight of the hidden-state loss"})
     kd_temperature: float = field(default=2.0, metadata={"help": "KL temperature T (not a sampling temperature)"})
+    tail_approximation: str | None = field(default=None, metadata={
+        "help": "for a top-k cache without the exact tempered tail at --temperature: 'uniform' "
+                "spreads the tail mass evenly over the untaken ids (an approximation, see README); "
+                "unset = refuse such a temperature"})
     kl_direction: str = field(default="forward", metadata={"help": f"one of {KL_DIRECTIONS}"})
     hidden_loss: str = field(default="cosine", metadata={"help": f"one of {HIDDEN_KINDS}"})
     layer_map: str = field(default="uniform", metadata={

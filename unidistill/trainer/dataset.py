@@ -23,6 +23,7 @@ def hidden_field(layer: int) -> str:
 
 class CacheDataset(Dataset):
     """Items: ``input_ids (L,)``, ``teacher_ids/teacher_logp (L, k)``, ``teacher_log_tail (L,)``
+    (the tail statistic at the KD ``temperature``, see ``CacheReader.read``)
     (top-k and sampled caches) or ``teacher_final_hidden (L, D)`` (exact caches, whose head the
     trainer takes from ``reader.head()``), and ``teacher_hidden_<j> (L, D)`` for each requested
     teacher layer j.
@@ -31,18 +32,24 @@ class CacheDataset(Dataset):
     the losses upcast to fp32.
     """
 
-    def __init__(self, cache, *, layers=(), top_k: int | None = None, logits: bool = True):
+    def __init__(self, cache, *, layers=(), top_k: int | None = None, logits: bool = True,
+                 temperature: float = 1.0, tail_approximation: str | None = None):
         self.reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
         self.layers = sorted(layers)
         self.top_k = top_k
         self.logits = logits
-        self.reader.check_request(self.layers, top_k)
+        self.temperature = temperature
+        self.tail_approximation = tail_approximation
+        self.reader.check_request(self.layers, top_k, temperature if logits else 1.0,
+                                  tail_approximation)
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        seq = self.reader.read(int(index), layers=self.layers, top_k=self.top_k, logits=self.logits)
+        seq = self.reader.read(int(index), layers=self.layers, top_k=self.top_k, logits=self.logits,
+                               temperature=self.temperature,
+                               tail_approximation=self.tail_approximation)
         item = {"input_ids": torch.from_numpy(seq["input_ids"].astype(np.int64))}
         dtype = self.reader.layout.hidden_dtype
         if self.logits and "teacher_final_hidden" in seq:
@@ -51,6 +58,8 @@ class CacheDataset(Dataset):
             item["teacher_ids"] = torch.from_numpy(seq["teacher_ids"].astype(np.int32))
             item["teacher_logp"] = torch.from_numpy(seq["teacher_logp"])
             item["teacher_log_tail"] = torch.from_numpy(seq["teacher_log_tail"])
+            if "teacher_kl_offset" in seq:  # sampled caches: turns the logged KL unbiased
+                item["teacher_kl_offset"] = torch.from_numpy(seq["teacher_kl_offset"])
         for j, h in seq["hidden"].items():
             item[hidden_field(j)] = decode_hidden(h, dtype)
         return item

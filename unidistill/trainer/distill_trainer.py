@@ -16,6 +16,7 @@ from unidistill.trainer.losses import (
     LossTerms,
     fused_logit_loss,
     hidden_state_loss,
+    masked_mean,
     next_token_labels,
 )
 from unidistill.trainer.projectors import HiddenProjectors, load_projectors, save_projectors
@@ -143,6 +144,12 @@ class UniversalDistillationTrainer(Trainer):
             args.kd_temperature, args.kl_direction, args.logits_chunk_size,
             ce_weight=args.alpha, kl_weight=args.beta * t2, lm_head_bias=head.bias,
             teacher_exact=_exact_teacher(batch))
+        if "teacher_kl_offset" in batch and args.beta > 0:
+            # a sampled cache: KL against the sample minus a per-position constant is the unbiased
+            # KL estimate (0 for a student equal to the teacher); the gradient is unchanged
+            offset = masked_mean(batch["teacher_kl_offset"].to(kl.device), kl_mask)
+            kl = kl - offset
+            logit_loss = logit_loss - args.beta * t2 * offset
         hidden = ce.new_zeros(())
         if want_hidden:
             mask = kl_mask.reshape(-1)
@@ -174,7 +181,7 @@ class UniversalDistillationTrainer(Trainer):
                 sums, count = dict(zip(sums, t[:-1].tolist())), int(t[-1].item())
             if count:
                 for name, total in sums.items():
-                    logs[f"loss_{name}"] = round(total / count, 6)
+                    logs[f"loss_{name}"] = float(f"{total / count:.7g}")  # small KLs keep digits
             self._term_sums = dict.fromkeys(self._term_sums, 0.0)
             self._term_count = 0
         super().log(logs, start_time)

@@ -3,7 +3,8 @@
 Each term is a small pure function: tensors and an explicit mask in, fp32 out. Per-position
 functions return ``(N,)``; reducers return scalars. The teacher side always comes from the cache:
 ``teacher_ids (.., K)`` top-k token ids, ``teacher_logp (.., K)`` their log-probs at T=1 and
-``teacher_log_tail (..)`` the log of the mass outside those ids (-inf when K == vocab size).
+``teacher_log_tail (..)`` the tempered tail ``log Σ_tail p^(1/T)`` at the loss temperature T
+(at T=1 the log of the mass outside those ids; -inf when K == vocab size).
 
 The KL is taken over K+1 buckets (the K cached ids plus one tail bucket for every other id), so
 both distributions are proper and the KL is >= 0 and exactly 0 when the student matches the
@@ -72,15 +73,17 @@ def bucket_log_probs(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher log-probs over the K cached ids plus one tail bucket, at temperature T.
 
-    student_logits (N, V), teacher_ids (N, K), teacher_logp (N, K), teacher_log_tail (N,)
+    student_logits (N, V), teacher_ids (N, K), teacher_logp (N, K) log-probs at T = 1,
+    teacher_log_tail (N,) the *tempered* tail ``log Σ_tail p_i^(1/T)`` (at T = 1: the log of the
+    mass outside the K ids; the cache reader gives it for the asked temperature)
     -> s_logq (N, K+1), t_logp (N, K+1), both fp32 and normalised over the K+1 buckets.
 
     The student side is exact: log_softmax(logits / T) over the whole vocabulary, gathered at the
-    ids, and its tail bucket is the logsumexp over every other id. The teacher side divides the
-    cached log-probs and log-tail by T and renormalises over the K+1 buckets. At T=1 that is
-    exactly the cached distribution; for T != 1 it is an approximation, because the tail bucket is
-    tempered as if it were a single token (the tail's own spread was not cached). It is exact
-    again when K == V (empty tail) or when the tail holds one token.
+    ids, and its tail bucket is the logsumexp over every other id. The teacher side is exact too:
+    softmax(z / T)_i = p_i^(1/T) / Σ_j p_j^(1/T), so its bucket log-weights are ``logp / T`` and
+    the tempered tail, renormalised. (Dividing the T = 1 log-tail by T, as if the tail were one
+    token, is wrong for T != 1: at T = 2 it costs a student identical to a real teacher about
+    1 nat of KL.) So a student equal to the teacher gets a KL of 0 at every temperature.
     Top-k ids are unique; duplicate ids would count a student token twice.
     """
     s_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)             # (N, V)
@@ -90,8 +93,9 @@ def bucket_log_probs(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     s_tail = s_logp.scatter(-1, teacher_ids, float("-inf")).logsumexp(-1, keepdim=True)  # (N, 1)
     s_logq = torch.cat([s_top, s_tail], dim=-1)                                          # (N, K+1)
 
-    t_buckets = torch.cat([teacher_logp.float(), teacher_log_tail.float().unsqueeze(-1)], dim=-1)
-    t_logp = torch.log_softmax(t_buckets / temperature, dim=-1)                          # (N, K+1)
+    t_buckets = torch.cat([teacher_logp.float() / temperature,
+                           teacher_log_tail.float().unsqueeze(-1)], dim=-1)              # (N, K+1)
+    t_logp = torch.log_softmax(t_buckets, dim=-1)                                        # (N, K+1)
     return s_logq, t_logp
 
 

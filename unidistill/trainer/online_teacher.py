@@ -30,14 +30,17 @@ class OnlineTeacher:
     ``teacher_head_weight`` / ``teacher_head_bias`` (full vocabulary).
     """
 
-    def __init__(self, model, *, layers=(), top_k: int | None = None):
+    def __init__(self, model, *, layers=(), top_k: int | None = None, temperature: float = 1.0):
         vocab = model.config.vocab_size
         if top_k is not None and not 1 <= top_k <= vocab:
             raise ConfigError(f"online teacher top_k is {top_k}, but it must be between 1 and the "
                               f"vocabulary size {vocab}; use top_k=None for the full vocabulary")
         self.model = model.eval().requires_grad_(False)
         self.top_k = top_k
-        self.runner = TeacherRunner(self.model, layers, top_k)
+        self.temperature = temperature
+        # the top-k targets carry the exact tempered tail at the training temperature
+        temps = () if temperature == 1.0 else (temperature,)
+        self.runner = TeacherRunner(self.model, layers, top_k, tail_temperatures=temps)
         head = self.model.get_output_embeddings()
         self.head_weight, self.head_bias = head.weight, head.bias
 
@@ -52,7 +55,9 @@ class OnlineTeacher:
             fields.update(teacher_final_hidden=final, teacher_head_weight=self.head_weight,
                           teacher_head_bias=self.head_bias)
         else:
-            ids, logp, tail = self.runner.top_k_tail(final)
+            ids, logp, tail, tempered = self.runner.top_k_tail(final)
+            if self.temperature != 1.0:
+                tail = tempered[..., 0]                                   # log Σ_tail p^(1/T)
             fields.update(teacher_ids=ids, teacher_logp=logp, teacher_log_tail=tail)
         return fields
 

@@ -10,6 +10,7 @@ on another cache is refused.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from unidistill.trainer.layer_map import (
 )
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.projectors import HiddenProjectors
+
+logger = logging.getLogger(__name__)
 
 RUN_RECORD = "unidistill_run.json"
 
@@ -93,6 +96,11 @@ def check_logit_settings(reader: CacheReader, args: DistillationArguments) -> No
                           f"{sampled_t:g}, so its KL is an estimate at that temperature only; got "
                           f"--temperature {args.kd_temperature:g}. Pass --temperature {sampled_t:g}, "
                           "or build a topk or exact cache for other temperatures")
+    if not reader.layout.sample_logp:
+        logger.warning("cache %s was built before sampled caches stored the draws' teacher "
+                       "log-probs: training is the same, but the logged KL is against the sample "
+                       "(higher by the sample's entropy), not an estimate of KL(teacher || student)",
+                       reader.root)
     if args.kl_direction != "forward":
         raise ConfigError(f"kl_direction {args.kl_direction!r} needs the teacher's probability of "
                           f"every id the student puts mass on, which a sampled cache ({reader.root}) "
@@ -102,8 +110,15 @@ def check_logit_settings(reader: CacheReader, args: DistillationArguments) -> No
 def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> DistillPlan:
     reader = CacheReader(cache)
     check_student_matches_cache(reader, tokenizer, student_config)
-    reader.check_request((), args.kd_top_k)
     check_logit_settings(reader, args)
+    reader.check_request((), args.kd_top_k, args.kd_temperature if args.beta > 0 else 1.0,
+                         args.tail_approximation)
+    if (args.beta > 0 and args.tail_approximation is not None and reader.logits_mode != "exact"
+            and args.kd_temperature not in (1.0, *reader.layout.tail_temperatures)):
+        logger.warning("KD at T = %g uses the uniform-tail approximation: cache %s stores the exact "
+                       "tempered tail for T in %s only. Its error on a real teacher is in the "
+                       "README ('Temperatures')", args.kd_temperature, reader.root,
+                       [1.0, *reader.layout.tail_temperatures])
     teacher = reader.manifest["settings"]["teacher"]
     n_s, n_t = student_config.num_hidden_layers, teacher["n_layers"]
     layer_map = parse_layer_map(args.layer_map, n_s, n_t, provenance=provenance_from_config(student_config))
@@ -213,9 +228,11 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     online_teacher = None
     if teacher_model is not None:
         online_teacher = OnlineTeacher(teacher_model.to(args.device), layers=teacher_layers,
-                                       top_k=online_top_k)
+                                       top_k=online_top_k, temperature=args.kd_temperature)
     dataset = CacheDataset(plan.reader, layers=() if online_teacher else teacher_layers,
-                           top_k=args.kd_top_k, logits=args.beta > 0 and online_teacher is None)
+                           top_k=args.kd_top_k, logits=args.beta > 0 and online_teacher is None,
+                           temperature=args.kd_temperature,
+                           tail_approximation=args.tail_approximation)
     model = AutoModelForCausalLM.from_pretrained(student)
     set_seed(args.seed)  # projector initialisation is part of the run's reproducible state
     init, channels = projector_init(args.projector_init, config, plan.d_student, plan.d_teacher)
