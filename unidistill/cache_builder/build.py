@@ -143,11 +143,16 @@ def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dic
             vocab_size=int(head.weight.shape[0]), hidden_size=int(model_config.hidden_size),
             layers=tuple(layers), hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size,
             logits_mode=cfg.logits)
+        runner = TeacherRunner(model, layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
+                               hidden_dtype=cfg.hidden_dtype, mode=cfg.logits)
+        runner.check_logits(ids)  # before anything is written: a teacher we cannot reproduce is refused
         settings = {
             "teacher": {**source.describe(), "architecture": type(model).__name__,
                         "n_layers": model_config.num_hidden_layers,
                         "hidden_size": model_config.hidden_size,
                         "vocab_size": layout.vocab_size,
+                        # what follows the head (softcap, scale): an exact cache's logits need it
+                        "logit_transform": runner.transform.to_dict(),
                         "weights_fingerprint": weights_fingerprint(model),
                         "dtype": cfg.dtype},
             "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
@@ -188,8 +193,6 @@ def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dic
     teacher_seconds = 0.0
     thread = None
     try:
-        runner = TeacherRunner(model, layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
-                               hidden_dtype=cfg.hidden_dtype, mode=cfg.logits)
         bar = tqdm(total=int(my_tokens), unit="tok", unit_scale=True,
                    desc="cache-build" + (f" (process 0 of {group.world_size})" if group.distributed else ""),
                    disable=not progress, smoothing=0.1)
