@@ -168,7 +168,7 @@ def test_a_topk_cache_holds_the_teachers_own_log_probs(tmp_path, family_dirs, te
 
 
 @pytest.mark.parametrize("kind", CACHED)
-def test_the_sampling_runner_draws_from_the_teachers_own_logits(family_dirs, kind):
+def test_the_runner_builds_the_teachers_own_logits_for_topk_and_sampling(family_dirs, kind):
     model = AutoModelForCausalLM.from_pretrained(family_dirs[kind]).eval()
     runner = TeacherRunner(model, [], 4, mode="sampled")
     ids = random_ids()
