@@ -46,6 +46,7 @@ from unidistill.cache_builder.build import build_cache
 from unidistill.cache_builder.config import BuildConfig
 from unidistill.cache_builder.data import iter_documents, pack_documents
 from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_device, resolve_model_source
+from unidistill.model_logits import head_logits
 from unidistill.pruning.depth import keep_blocks
 from unidistill.cache_builder.capture import TeacherRunner
 from unidistill.storage import CacheReader, decode_hidden
@@ -64,7 +65,7 @@ def stored_targets(reader: CacheReader, index: int, head) -> dict:
     seq = reader.read(index, layers=[])
     if reader.logits_mode == "exact":
         final = torch.from_numpy(seq["teacher_final_hidden"]).float()             # (L, D)
-        return {"teacher_logits": torch.nn.functional.linear(final, *head)[None]}  # (1, L, V)
+        return {"teacher_logits": head_logits(final, *head)[None]}                 # (1, L, V)
     return {"teacher_ids": torch.from_numpy(seq["teacher_ids"].astype(np.int64))[None],
             "teacher_logp": torch.from_numpy(seq["teacher_logp"]).float()[None],
             "teacher_log_tail": torch.from_numpy(seq["teacher_log_tail"]).float()[None]}

@@ -147,8 +147,9 @@ def test_an_exact_cache_holds_the_final_state_and_the_head(exact_cache, teacher)
     assert reader.logits_mode == "exact" and reader.layout.top_k == 0
     assert reader.layers == (2, 4)                                       # the final layer was added
     assert not any(name.startswith("logits/") for name in reader.layout.array_specs())
-    weight, bias = reader.head()
+    weight, bias, transform = reader.head()
     assert torch.equal(weight, teacher.get_output_embeddings().weight) and bias is None
+    assert transform.is_identity                                         # a Llama teacher: plain head
     seq = reader.read(0)
     rebuilt = torch.log_softmax(torch.from_numpy(seq["teacher_final_hidden"]).float() @ weight.T, -1)
     torch.testing.assert_close(rebuilt, teacher_log_probs(teacher, seq["input_ids"][None])[0],

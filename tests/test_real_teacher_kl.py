@@ -61,8 +61,8 @@ def _kl_of_teacher_as_student(model, cache, temperature, tail_approximation=None
         logits = model(input_ids=ids).logits.float()                              # (B, L, V)
         teacher_logits = None
         if reader.logits_mode == "exact":
-            w, b = reader.head()[:2]
-            teacher_logits = F.linear(data["teacher_final_hidden"].float(), w.float(), b)
+            w, b, transform = reader.head()
+            teacher_logits = transform.apply(F.linear(data["teacher_final_hidden"].float(), w.float(), b))
         kls = []
         for p in range(ids.shape[1]):  # one position at a time: per-position KLs, not one mean
             at = slice(p, p + 1)

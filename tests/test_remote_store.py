@@ -303,8 +303,10 @@ def test_memory_url_exact_logits_cache_and_file_url(tiny_teacher_dir, text_file,
     remote, ref = CacheReader(url), CacheReader(local)
     assert remote.manifest["fingerprint"] == ref.manifest["fingerprint"]
     assert remote.manifest["head"] == ref.manifest["head"]
-    for got, want in zip(remote.head(), ref.head()):
+    (*got_head, got_transform), (*want_head, want_transform) = remote.head(), ref.head()
+    for got, want in zip(got_head, want_head):
         assert (got is None and want is None) or torch.equal(got, want)
+    assert got_transform == want_transform
     assert run_cli(["cache-verify", url, "--quiet"]).exit_code == 0
 
     loc = CacheLocation(url)

@@ -10,6 +10,8 @@
   model); rows without either are left empty (``None``).
 
 All of it streams: logits are built a chunk of positions at a time, never for a whole batch.
+They are each model's own logits: its head and then its softcap or scale
+(:mod:`unidistill.model_logits`), checked against ``model(ids).logits`` before scoring.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unidistill.errors import ConfigError
+from unidistill.model_logits import LogitTransform, check_logit_transform, head_logits
 from unidistill.storage import CacheReader
-from unidistill.trainer.dataset import TEACHER_FIELDS, CacheDataset, collate_cache_batch, hidden_field
+from unidistill.trainer.dataset import TEACHER_FIELDS, CacheDataset, collate_cache_batch, hidden_field, sample_input_ids
 from unidistill.trainer.losses import logit_losses_from_logits, next_token_labels
 
 DEFAULT_SEQ_LEN = 256
@@ -77,22 +80,23 @@ def _score_batch(model, input_ids, totals: _Totals, teacher: dict | None,
                  teacher_head: tuple | None = None) -> None:
     """Add one batch's CE (and teacher metrics) to ``totals``. input_ids (B, L) int64.
 
-    ``teacher_head`` = (weight, bias) of an exact-logits cache: the teacher's logits are rebuilt
-    from its cached final state, and the KL is over the whole vocabulary."""
+    ``teacher_head`` = (weight, bias, logit transform) of an exact-logits cache: the teacher's
+    logits are rebuilt from its cached final state, and the KL is over the whole vocabulary."""
     out = model(input_ids=input_ids, output_hidden_states=True,
                 logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
     final = out.hidden_states[-1]                                          # (B, L, D)
     head = model.get_output_embeddings()
+    transform = LogitTransform.from_config(model.config)
     labels = next_token_labels(input_ids)
     kl_mask = torch.ones_like(input_ids, dtype=torch.bool)
     for s in range(0, input_ids.shape[1], _CHUNK):
-        logits = head(final[:, s:s + _CHUNK]).float()                      # (B, C, V)
+        logits = transform.apply(head(final[:, s:s + _CHUNK]).float())    # (B, C, V)
         part = {k: teacher[k][:, s:s + _CHUNK] for k in TEACHER_FIELDS if k in teacher} \
             if teacher else {}
         teacher_logits = None
         if teacher is not None and teacher_head is not None:
             t_final = teacher["teacher_final_hidden"][:, s:s + _CHUNK]     # (B, C, D_t)
-            teacher_logits = F.linear(t_final.to(teacher_head[0].dtype), *teacher_head).float()
+            teacher_logits = head_logits(t_final, *teacher_head)           # (B, C, V)
         ce, ce_n, kl, kl_n = logit_losses_from_logits(
             logits, labels[:, s:s + _CHUNK], kl_mask[:, s:s + _CHUNK], part.get("teacher_ids"),
             part.get("teacher_logp"), part.get("teacher_log_tail"), 1.0, "forward",
@@ -147,6 +151,7 @@ def _perplexity(total: float, count: float) -> tuple[float | None, float | None]
 def evaluate_on_ids(model, ids: np.ndarray, *, batch_size: int, device, progress: bool = True
                     ) -> tuple[float | None, float | None]:
     """(mean NLL, perplexity) of ``model`` on packed sequences ``ids`` (N, L)."""
+    check_logit_transform(model, ids, role="evaluated model")
     totals = _Totals(0, 0)
     for rows in tqdm(list(_batches(len(ids), batch_size)), desc="perplexity", disable=not progress):
         batch = torch.from_numpy(ids[rows.start:rows.stop].astype(np.int64)).to(device)
@@ -168,6 +173,7 @@ def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_d
     layers = teacher_layers if pairs else []
     dataset = CacheDataset(reader, layers=layers)
     head = reader.head(device) if reader.logits_mode == "exact" else None
+    check_logit_transform(model, sample_input_ids(reader), role="evaluated model")
     for rows in tqdm(list(_batches(n, batch_size)), desc="teacher agreement", disable=not progress):
         batch = {k: v.to(device) for k, v in collate_cache_batch([dataset[i] for i in rows]).items()}
         _score_batch(model, batch.pop("input_ids"), totals, batch, pairs, layers, head)

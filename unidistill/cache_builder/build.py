@@ -144,11 +144,17 @@ def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dic
             layers=tuple(layers), hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size,
             logits_mode=cfg.logits, tail_temperatures=cfg.tail_temperatures,
             sample_logp=cfg.logits == "sampled")
+        runner = TeacherRunner(model, layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
+                               hidden_dtype=cfg.hidden_dtype, mode=cfg.logits,
+                               tail_temperatures=layout.tail_temperatures)
+        runner.check_logits(ids)  # before anything is written: a teacher we cannot reproduce is refused
         settings = {
             "teacher": {**source.describe(), "architecture": type(model).__name__,
                         "n_layers": model_config.num_hidden_layers,
                         "hidden_size": model_config.hidden_size,
                         "vocab_size": layout.vocab_size,
+                        # what follows the head (softcap, scale): an exact cache's logits need it
+                        "logit_transform": runner.transform.to_dict(),
                         "weights_fingerprint": weights_fingerprint(model),
                         "dtype": cfg.dtype},
             "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
@@ -189,9 +195,6 @@ def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dic
     teacher_seconds = 0.0
     thread = None
     try:
-        runner = TeacherRunner(model, layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
-                               hidden_dtype=cfg.hidden_dtype, mode=cfg.logits,
-                               tail_temperatures=layout.tail_temperatures)
         bar = tqdm(total=int(my_tokens), unit="tok", unit_scale=True,
                    desc="cache-build" + (f" (process 0 of {group.world_size})" if group.distributed else ""),
                    disable=not progress, smoothing=0.1)

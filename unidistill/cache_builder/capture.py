@@ -1,7 +1,8 @@
 """One teacher forward that returns exactly what the cache stores.
 
 Hidden states are captured by forward hooks on the chosen decoder blocks only (never all of
-``output_hidden_states``), the head is applied chunk by chunk over positions so the full
+``output_hidden_states``), the head (followed by the model's own logit transform, see
+:mod:`unidistill.model_logits`) is applied chunk by chunk over positions so the full
 [B, L, V] fp32 logits never exist at once, and top-k, tail mass and dtype casts happen on the
 teacher's device so only the compact results are copied to the host.
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from unidistill.cache_builder.config import check_layer_range
 from unidistill.errors import ConfigError
+from unidistill.model_logits import CHECK_POSITIONS, CHECK_SEQUENCES, LogitTransform, check_logit_transform
 from unidistill.storage.layout import (
     INPUT_IDS,
     LOGIT_COUNTS,
@@ -137,6 +139,7 @@ class TeacherRunner:
         self.rows_per_chunk = rows_per_chunk
         self.base = model.get_decoder()
         self.head = model.get_output_embeddings()
+        self.transform = LogitTransform.from_config(model.config)  # the model's own step after its head
         self.n_layers = model.config.num_hidden_layers
         check_layer_range(self.layers, self.n_layers)
         self._captured: dict[int, torch.Tensor] = {}
@@ -168,6 +171,19 @@ class TeacherRunner:
         _check_float16_range(j, h, h16)
         return h16
 
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """The teacher's own fp32 logits (N, V) of final hidden rows (N, D): head, then its transform."""
+        return self.transform.apply(self.head(rows).float())
+
+    @torch.no_grad()
+    def check_logits(self, input_ids) -> None:
+        """Refuse a teacher whose ``model(ids).logits`` are not :meth:`logits` of the final state
+        :meth:`forward` returns (a post-processing unidistill does not know); a few short
+        sequences of ``input_ids`` (B, L) are run."""
+        ids = torch.as_tensor(input_ids)[:CHECK_SEQUENCES, :CHECK_POSITIONS].long()
+        final, _ = self.forward(ids.to(self.head.weight.device))
+        check_logit_transform(self.model, ids, self.transform, role="teacher", final_hidden=final)
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Teacher forward without gradients -> final normed hidden state (B, L, D) and the
@@ -191,7 +207,7 @@ class TeacherRunner:
         ``rows_per_chunk`` positions at a time."""
         b, length = final.shape[:2]
         rows = final.reshape(b * length, -1)                                 # (B*L, D)
-        parts = [top_k_with_tail(self.head(rows[s:s + self.rows_per_chunk]), self.top_k,
+        parts = [top_k_with_tail(self.logits(rows[s:s + self.rows_per_chunk]), self.top_k,
                                  self.tail_temperatures)
                  for s in range(0, rows.shape[0], self.rows_per_chunk)]
         return tuple(torch.cat(p).reshape(b, length, *p[0].shape[1:]) for p in zip(*parts))
@@ -206,7 +222,7 @@ class TeacherRunner:
         b, length = final.shape[:2]
         rows = final.reshape(b * length, -1)                                 # (B*L, D)
         generator = torch.Generator(device=rows.device).manual_seed(seed)
-        parts = [sample_with_counts(self.head(rows[s:s + self.rows_per_chunk]), self.top_k, generator)
+        parts = [sample_with_counts(self.logits(rows[s:s + self.rows_per_chunk]), self.top_k, generator)
                  for s in range(0, rows.shape[0], self.rows_per_chunk)]
         return tuple(torch.cat(p).reshape(b, length, *p[0].shape[1:]) for p in zip(*parts))
 

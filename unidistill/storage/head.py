@@ -3,6 +3,11 @@
 Written once, atomically, before any unit; its sha256 goes into the manifest when the build
 finishes, and ``cache-verify`` checks it. Stored in fp32, so the only rounding in the rebuilt
 teacher logits is the cached final hidden state's.
+
+The head alone is not the teacher's logits for every family (Gemma-2 softcaps them, Cohere and
+Granite scale them): the build records the teacher's
+:class:`~unidistill.model_logits.LogitTransform` in the manifest
+(``settings.teacher.logit_transform``), and :func:`read_logit_transform` gives it back.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import hashlib
 import safetensors.torch
 import torch
 
-from unidistill.errors import CacheError
+from unidistill.errors import CacheError, CacheMismatchError
+from unidistill.model_logits import PLAIN_HEAD_ARCHITECTURES, LogitTransform
 from unidistill.storage.layout import HEAD_FILE
 from unidistill.storage.location import as_location
 
@@ -48,3 +54,25 @@ def read_head(root, device="cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
     else:
         tensors = {k: v.to(device) for k, v in safetensors.torch.load(loc.read_bytes(HEAD_FILE)).items()}
     return tensors["weight"], tensors.get("bias")
+
+
+def read_logit_transform(manifest: dict, where) -> LogitTransform:
+    """The teacher's logit transform recorded in a cache's ``manifest``.
+
+    Caches built before it was recorded have none. Such a cache is read with the identity only
+    when its teacher's architecture is one whose logits are the plain head's
+    (``PLAIN_HEAD_ARCHITECTURES``, e.g. Llama: exactly what that build's head-only logits were);
+    any other is refused, since its softcap or scale cannot be known from the cache.
+    """
+    teacher = manifest["settings"]["teacher"]
+    if "logit_transform" in teacher:
+        return LogitTransform.from_dict(teacher["logit_transform"])
+    architecture = teacher.get("architecture")
+    if architecture in PLAIN_HEAD_ARCHITECTURES:
+        return LogitTransform()
+    raise CacheMismatchError(
+        f"cache {where} was built before unidistill recorded the teacher's logit post-processing, "
+        f"and its teacher ({architecture}) is not one whose logits are its plain output head "
+        f"({', '.join(PLAIN_HEAD_ARCHITECTURES)}); a softcap or logit scale would be missing from "
+        "every rebuilt teacher logit. Rebuild the cache with this unidistill "
+        "(`unidistill cache-build ... --overwrite`)")

@@ -173,13 +173,15 @@ class CacheReader:
 
     def head(self, device="cpu"):
         """The teacher's output head of an exact-logits cache on ``device``: (weight (V, D), bias
-        or None)."""
-        from unidistill.storage.head import read_head
+        or None, :class:`~unidistill.model_logits.LogitTransform`); the teacher's logits are
+        ``transform(final_hidden @ weight.T + bias)`` (see :func:`~unidistill.storage.head.read_logit_transform`)."""
+        from unidistill.storage.head import read_head, read_logit_transform
 
         if self.logits_mode != "exact":
             raise CacheMismatchError(f"cache {self.root} stores {self.logits_mode} logits, not the "
                                      "teacher's head; only an exact-logits cache has one")
-        return read_head(self.location, device)
+        transform = read_logit_transform(self.manifest, self.root)
+        return (*read_head(self.location, device), transform)
 
     def check_request(self, layers=None, top_k: int | None = None, temperature: float = 1.0,
                       tail_approximation: str | None = None) -> None:

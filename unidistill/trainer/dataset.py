@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from unidistill.model_logits import CHECK_SEQUENCES
 from unidistill.storage import CacheReader, decode_hidden
 
 
@@ -19,6 +20,12 @@ TEACHER_FIELDS = ("teacher_ids", "teacher_logp", "teacher_log_tail")  # the cach
 
 def hidden_field(layer: int) -> str:
     return f"teacher_hidden_{layer}"
+
+
+def sample_input_ids(reader: CacheReader, n: int = CHECK_SEQUENCES) -> np.ndarray:
+    """The first ``n`` cached sequences' ids (n, L): what the start-up logit checks run on."""
+    return np.stack([reader.read(i, layers=[], logits=False)["input_ids"]
+                     for i in range(min(n, len(reader)))])
 
 
 class CacheDataset(Dataset):

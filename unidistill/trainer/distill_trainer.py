@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
+from unidistill.model_logits import LogitTransform
 from unidistill.trainer.dataset import hidden_field
 from unidistill.trainer.losses import (
     LossTerms,
@@ -48,8 +49,10 @@ class UniversalDistillationTrainer(Trainer):
     ``hidden_pairs`` maps each aligned student block to its teacher layer (hidden_states
     indices); ``projectors`` bring student widths to the teacher's. ``online_teacher``, if given,
     is a callable ``input_ids -> dict of teacher fields`` that replaces the cached targets (the
-    baseline with the teacher in memory). ``teacher_head`` = (weight, bias) of an exact-logits
-    cache, through which the cached final teacher state gives the full-vocabulary logits.
+    baseline with the teacher in memory). ``teacher_head`` = (weight, bias, logit transform) of an
+    exact-logits cache (``CacheReader.head``), through which the cached final teacher state gives
+    the full-vocabulary logits. The student's logits are its head followed by its own
+    :class:`~unidistill.model_logits.LogitTransform` (read from its config).
     """
 
     def __init__(self, *args, projectors: HiddenProjectors, hidden_pairs: dict[int, int],
@@ -59,7 +62,8 @@ class UniversalDistillationTrainer(Trainer):
         self.add_callback(_ZeroProjectorGrads(self.projectors))
         self.hidden_pairs = dict(sorted(hidden_pairs.items()))
         self.online_teacher = online_teacher
-        self.teacher_head = teacher_head  # exact-logits caches: (weight, bias) on the device
+        self.teacher_head = teacher_head  # exact-logits caches: (weight, bias, transform) on the device
+        self.student_logit_transform = LogitTransform.from_config(self.model.config)
         self.run_record = run_record  # unidistill_run.json: copied beside every checkpoint
         # compute_loss returns a per-micro-batch mean, so the Trainer must divide by the
         # gradient-accumulation steps itself.
@@ -123,8 +127,9 @@ class UniversalDistillationTrainer(Trainer):
         if self.online_teacher is not None:
             return {**inputs, **self.online_teacher(inputs["input_ids"])}
         if self.teacher_head is not None and "teacher_final_hidden" in inputs:
-            weight, bias = self.teacher_head
-            return {**inputs, "teacher_head_weight": weight, "teacher_head_bias": bias}
+            weight, bias, transform = self.teacher_head
+            return {**inputs, "teacher_head_weight": weight, "teacher_head_bias": bias,
+                    "teacher_logit_transform": transform}
         return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -143,7 +148,8 @@ class UniversalDistillationTrainer(Trainer):
             batch.get("teacher_ids"), batch.get("teacher_logp"), batch.get("teacher_log_tail"),
             args.kd_temperature, args.kl_direction, args.logits_chunk_size,
             ce_weight=args.alpha, kl_weight=args.beta * t2, lm_head_bias=head.bias,
-            teacher_exact=_exact_teacher(batch))
+            teacher_exact=_exact_teacher(batch), logit_transform=self.student_logit_transform,
+            teacher_logit_transform=batch.get("teacher_logit_transform"))
         if "teacher_kl_offset" in batch and args.beta > 0:
             # a sampled cache: KL against the sample minus a per-position constant is the unbiased
             # KL estimate (0 for a student equal to the teacher); the gradient is unchanged

@@ -13,6 +13,10 @@ teacher, which a KL over the top-k ids alone is not.
 A teacher in memory (the online baseline) can instead give full-vocabulary logits, or its final
 hidden state and output head (``teacher_exact``), from which the chunked loss rebuilds the exact
 teacher logits one chunk at a time; the KL is then over the whole vocabulary.
+
+Logits built from a final hidden state (student or teacher) are ``transform(head(h))``, with the
+model's own :class:`~unidistill.model_logits.LogitTransform` (Gemma-2's softcap, Cohere's and
+Granite's scales), applied inside each chunk so gradients flow through it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from unidistill.errors import ConfigError
+from unidistill.model_logits import LogitTransform, head_logits
 
 IGNORE_INDEX = -100
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
@@ -253,14 +258,14 @@ def _check_logit_args(chunk_size: int, compute_kl: bool, direction: str, teacher
 
 def _chunk_losses(hidden, weight, bias, labels, kl_mask, teacher_ids, teacher_logp,
                   teacher_log_tail, temperature, direction, compute_ce, compute_kl,
-                  t_hidden=None, t_weight=None, t_bias=None):
+                  t_hidden=None, t_weight=None, t_bias=None, transform=None, t_transform=None):
     # The matmul runs in the model's dtype (an fp32 copy of a large (V, D) head per chunk would
-    # cost GBs); the softmax math that follows is fp32.
-    logits = F.linear(hidden, weight, bias).float()                     # (B, C, V)
+    # cost GBs); the transform and the softmax math that follow are fp32.
+    logits = head_logits(hidden, weight, bias, transform)               # (B, C, V)
     teacher_logits = None
     if t_hidden is not None and compute_kl:
         with torch.no_grad():
-            teacher_logits = F.linear(t_hidden.to(t_weight.dtype), t_weight, t_bias)  # (B, C, V)
+            teacher_logits = head_logits(t_hidden, t_weight, t_bias, t_transform)  # (B, C, V)
     return torch.stack(logit_losses_from_logits(logits, labels, kl_mask, teacher_ids,
                                                 teacher_logp, teacher_log_tail, temperature,
                                                 direction, compute_ce, compute_kl,
@@ -273,14 +278,18 @@ def chunked_logit_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
                          teacher_log_tail: torch.Tensor | None, temperature: float,
                          direction: str, chunk_size: int, compute_ce: bool, compute_kl: bool,
                          lm_head_bias: torch.Tensor | None = None,
-                         teacher_exact: tuple | None = None):
+                         teacher_exact: tuple | None = None,
+                         logit_transform: LogitTransform | None = None,
+                         teacher_logit_transform: LogitTransform | None = None):
     """``logit_losses_from_logits`` from the final hidden state, never holding full logits.
 
     hidden (B, L, D), lm_head_weight (V, D), lm_head_bias (V,) or None; other arguments as in
     ``logit_losses_from_logits``. -> (ce_sum, ce_count, kl_sum, kl_count) fp32 scalars.
+    The student's logits are ``logit_transform(hidden @ W.T + b)`` (None: a plain head).
     ``teacher_exact = (teacher_final_hidden (B, L, D_t), teacher_head_weight (V, D_t),
     teacher_head_bias (V,) or None)`` gives the exact full-vocabulary teacher instead of the
-    top-k fields; its logits are rebuilt chunk by chunk too, without gradients.
+    top-k fields; its logits are rebuilt chunk by chunk too, without gradients, through
+    ``teacher_logit_transform``.
     The sequence axis is cut into chunks of ``chunk_size`` positions and each chunk's fp32 logits
     (B, chunk, V) are built, used and dropped. When gradients flow, each chunk runs under
     activation checkpointing so the backward pass also recomputes one chunk's logits at a time
@@ -301,7 +310,7 @@ def chunked_logit_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
                 *(_part(x, start, chunk_size) for x in (labels, kl_mask, teacher_ids, teacher_logp,
                                                         teacher_log_tail)),
                 temperature, direction, compute_ce, compute_kl, _part(t_hidden, start, chunk_size),
-                t_weight, t_bias)
+                t_weight, t_bias, logit_transform, teacher_logit_transform)
         if recompute:
             totals = totals + checkpoint(_chunk_losses, *args, use_reentrant=False)
         else:
@@ -334,7 +343,8 @@ class _FusedLogitLoss(torch.autograd.Function):
                     h, w, b, *(_part(spec[k], start, chunk) for k in
                                ("labels", "kl_mask", "teacher_ids", "teacher_logp", "teacher_log_tail")),
                     spec["temperature"], spec["direction"], spec["compute_ce"], spec["compute_kl"],
-                    _part(t_hidden, start, chunk), t_weight, t_bias)           # (4,)
+                    _part(t_hidden, start, chunk), t_weight, t_bias, spec["transform"],
+                    spec["teacher_transform"])                                 # (4,)
                 objective = spec["w_ce"] * sums[0] + spec["w_kl"] * sums[2]
                 chunk_leaves = [x for x in (h, w, b) if x is not None and x.requires_grad]
                 if objective.requires_grad:  # the chunk's logits die with this graph
@@ -363,7 +373,9 @@ def fused_logit_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels:
                      teacher_logp: torch.Tensor | None, teacher_log_tail: torch.Tensor | None,
                      temperature: float, direction: str, chunk_size: int, *, ce_weight: float,
                      kl_weight: float, lm_head_bias: torch.Tensor | None = None,
-                     teacher_exact: tuple | None = None):
+                     teacher_exact: tuple | None = None,
+                     logit_transform: LogitTransform | None = None,
+                     teacher_logit_transform: LogitTransform | None = None):
     """``ce_weight * CE + kl_weight * KL`` (means over their positions) for training, lean.
 
     Same arguments and math as :func:`chunked_logit_losses`; returns ``(loss, ce, kl)`` where
@@ -380,7 +392,8 @@ def fused_logit_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels:
     spec = dict(labels=labels, kl_mask=kl_mask, teacher_ids=teacher_ids, teacher_logp=teacher_logp,
                 teacher_log_tail=teacher_log_tail, temperature=temperature, direction=direction,
                 chunk_size=chunk_size, compute_ce=compute_ce, compute_kl=compute_kl,
-                w_ce=ce_weight / ce_n, w_kl=kl_weight / kl_n, teacher_exact=teacher_exact)
+                w_ce=ce_weight / ce_n, w_kl=kl_weight / kl_n, teacher_exact=teacher_exact,
+                transform=logit_transform, teacher_transform=teacher_logit_transform)
     loss, totals = _FusedLogitLoss.apply(hidden, lm_head_weight, lm_head_bias, spec)
     return loss, totals[0] / ce_n, totals[2] / kl_n
 

@@ -9,6 +9,9 @@ shares the student's device and runs a no-grad forward on every batch. Two flavo
 - ``top_k=k``: the teacher's top-k log-probs plus tail, exactly what a cache built with that k
   would hold (but in fp32), so the online and offline paths can be compared like for like.
 
+Logits are the teacher's own (its head, then its softcap or scale: ``TeacherRunner.transform``),
+checked against ``model(ids).logits`` on the first batch.
+
 Hidden states of the requested teacher layers (``hidden_states`` indices, as in the cache) are
 captured by forward hooks and returned under the same field names as the cache dataset's.
 """
@@ -27,7 +30,7 @@ class OnlineTeacher:
 
     Returned fields: ``teacher_hidden_<j>`` for each layer j, and either ``teacher_ids``,
     ``teacher_logp``, ``teacher_log_tail`` (top-k) or ``teacher_final_hidden`` plus the head as
-    ``teacher_head_weight`` / ``teacher_head_bias`` (full vocabulary).
+    ``teacher_head_weight`` / ``teacher_head_bias`` / ``teacher_logit_transform`` (full vocabulary).
     """
 
     def __init__(self, model, *, layers=(), top_k: int | None = None, temperature: float = 1.0):
@@ -43,17 +46,26 @@ class OnlineTeacher:
         self.runner = TeacherRunner(self.model, layers, top_k, tail_temperatures=temps)
         head = self.model.get_output_embeddings()
         self.head_weight, self.head_bias = head.weight, head.bias
+        self.checked = False  # check_logits runs on the first batch unless called before
+
+    def check_logits(self, input_ids) -> None:
+        """Refuse a teacher whose own logits are not its head + known transform (a few sequences)."""
+        self.runner.check_logits(input_ids)
+        self.checked = True
 
     @property
     def device(self) -> torch.device:
         return self.head_weight.device
 
     def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.checked:
+            self.check_logits(input_ids)
         final, captured = self.runner.forward(input_ids.to(self.device))
         fields = {hidden_field(j): h for j, h in captured.items()}
         if self.top_k is None:
             fields.update(teacher_final_hidden=final, teacher_head_weight=self.head_weight,
-                          teacher_head_bias=self.head_bias)
+                          teacher_head_bias=self.head_bias,
+                          teacher_logit_transform=self.runner.transform)
         else:
             ids, logp, tail, tempered = self.runner.top_k_tail(final)
             if self.temperature != 1.0:

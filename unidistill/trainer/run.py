@@ -19,10 +19,12 @@ from pathlib import Path
 from unidistill import __version__
 from unidistill.errors import CacheMismatchError, ConfigError
 from unidistill.fingerprint import tokenizer_fingerprint
+from unidistill.model_logits import check_logit_transform
 from unidistill.storage import CacheReader
 from unidistill.storage.files import atomic_write_json
+from unidistill.storage.head import read_logit_transform
 from unidistill.trainer.arguments import DistillationArguments
-from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
+from unidistill.trainer.dataset import CacheDataset, collate_cache_batch, sample_input_ids
 from unidistill.trainer.layer_map import (
     PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
 )
@@ -87,7 +89,10 @@ def select_hidden_pairs(layer_map: dict[int, int], align: str, cached_layers) ->
 
 
 def check_logit_settings(reader: CacheReader, args: DistillationArguments) -> None:
-    """A sampled cache estimates the teacher at the temperature it was sampled at, forward KL only."""
+    """A sampled cache estimates the teacher at the temperature it was sampled at, forward KL only;
+    an exact cache must say how its teacher's logits follow from the head (refused up front)."""
+    if reader.logits_mode == "exact" and args.beta > 0:
+        read_logit_transform(reader.manifest, reader.root)
     if reader.logits_mode != "sampled" or args.beta == 0:
         return
     sampled_t = reader.manifest["settings"]["sampling"]["temperature"]
@@ -234,6 +239,10 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
                            temperature=args.kd_temperature,
                            tail_approximation=args.tail_approximation)
     model = AutoModelForCausalLM.from_pretrained(student)
+    sample = sample_input_ids(plan.reader)
+    check_logit_transform(model, sample, role="student")  # its logits as the fused loss builds them
+    if online_teacher is not None:
+        online_teacher.check_logits(sample)
     set_seed(args.seed)  # projector initialisation is part of the run's reproducible state
     init, channels = projector_init(args.projector_init, config, plan.d_student, plan.d_teacher)
     projectors = HiddenProjectors(plan.hidden_pairs or plan.layer_map, plan.d_student, plan.d_teacher,
