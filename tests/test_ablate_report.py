@@ -139,7 +139,8 @@ def test_report_renders_the_new_columns_and_the_uniform_baseline(tmp_path):
     assert "ln V = 10.80 (perplexity 49,152)" in md and "is worse than that guess" in md
     lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in md.splitlines() if line.startswith("| ") and not line.startswith("| run")}
-    assert lines["student (before)"][2:6] == ["4.85e+06", "0.050", "0.100", "0.0"]
+    assert lines["student (before)"][2:6] == ["4.85e+06", "0.050", "0.10", "0.0"]
+    assert lines["teacher"][2:6] == ["1.00", "0.500", "1.00", "100.0"]
     assert lines["old"][2:6] == ["-", "-", "-", "74.7"]
     assert (tmp_path / "recovery.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -316,12 +316,17 @@ def format_table(table: dict) -> str:
         settings = ", ".join(f"{k}={v}" for k, v in shown)
         kl = r.get("kl_to_teacher")
         lines.append(f"| {r['name']} | {settings} | {num(r.get('perplexity'), '.3f')} | "
-                     f"{num(r.get('perplexity_ratio'), '.3g')} | {num(r.get('accuracy'), '.3f')} | "
-                     f"{num(r.get('accuracy_ratio'), '.3f')} | "
+                     f"{format_ratio(r.get('perplexity_ratio'))} | {num(r.get('accuracy'), '.3f')} | "
+                     f"{format_ratio(r.get('accuracy_ratio'))} | "
                      f"{num(_no_negative_zero(r.get('recovery_pct')), '.1f')} | "
                      f"{num(r.get('top1_agreement'), '.3f')} | "
                      f"{num(None if kl is None else max(kl, 0.0), '.4f')} | {num(r.get('tokens_per_s'), '.0f')} |")
     return "\n".join(lines) + "\n"
+
+
+def format_ratio(x: float | None) -> str:
+    """A ratio to the teacher: two decimals, or three significant digits from 1000 up."""
+    return "-" if x is None else format(x, ".2f" if abs(x) < 1000 else ".3g")
 
 
 def _no_negative_zero(x):
