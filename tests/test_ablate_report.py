@@ -9,7 +9,16 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from unidistill.ablate import check_variants, parse_variant, recovery
+from unidistill.ablate import (
+    REPLACED_DIR,
+    RUN_SETTINGS_FILE,
+    ablate,
+    check_variants,
+    format_table,
+    parse_variant,
+    ratio,
+    recovery,
+)
 from unidistill.cli import main
 from unidistill.errors import ConfigError
 from unidistill.storage import CacheReader
@@ -21,6 +30,7 @@ def test_recovery_is_the_share_of_the_log_perplexity_gap_closed():
     assert recovery(2.0, 4.0, 2.0) == pytest.approx(100.0)
     assert recovery(4.5, 4.0, 2.0) == pytest.approx(-25.0)  # a run can make things worse
     assert recovery(None, 4.0, 2.0) is None and recovery(3.0, 2.0, 2.0) is None
+    assert ratio(30.0, 20.0) == pytest.approx(1.5) and ratio(None, 2.0) is None and ratio(1.0, 0.0) is None
 
 
 def test_variant_parsing_and_bad_variants():
@@ -63,17 +73,33 @@ def test_ablate_then_report(tmp_path, cache, student_dir, tiny_teacher_dir, text
     assert rows["teacher"]["recovery_pct"] == pytest.approx(100.0)
     assert rows["student (before)"]["recovery_pct"] == pytest.approx(0.0)
     assert rows["teacher"]["top1_agreement"] == pytest.approx(1.0)
-    for name in ("ce", "ce+kl", "ce+kl+hidden"):
+    assert rows["teacher"]["perplexity_ratio"] == pytest.approx(1.0)
+    assert rows["teacher"]["accuracy_ratio"] == pytest.approx(1.0)
+    teacher_ev = json.loads((out / "_teacher" / "eval.json").read_text())
+    assert table["uniform_nll"] == pytest.approx(math.log(table["vocab_size"]))
+    assert table["vocab_size"] == teacher_ev["vocab_size"]
+    for name in ("student (before)", "ce", "ce+kl", "ce+kl+hidden"):
         r = rows[name]
-        ev = json.loads((out / name / "eval.json").read_text())
+        ev = json.loads((out / ("_student" if name == "student (before)" else name) / "eval.json").read_text())
         assert r["perplexity"] == ev["perplexity"] and math.isfinite(r["perplexity"])
+        assert r["accuracy"] == ev["accuracy"] and 0 <= r["accuracy"] <= 1
+        # the ratios are the ratios of the evaluated numbers
+        assert r["perplexity_ratio"] == pytest.approx(ev["perplexity"] / teacher_ev["perplexity"], rel=1e-12)
+        assert r["accuracy_ratio"] == pytest.approx(ev["accuracy"] / teacher_ev["accuracy"], rel=1e-12)
         assert r["recovery_pct"] == pytest.approx(recovery(ev["nll"], rows["student (before)"]["nll"],
                                                            rows["teacher"]["nll"]))
+    for name in ("ce", "ce+kl", "ce+kl+hidden"):
+        r = rows[name]
         assert r["tokens_per_s"] > 0 and 0 <= r["top1_agreement"] <= 1
     assert rows["ce+kl+hidden"]["settings"]["hidden_loss"] == "mse"
     md = (out / "ablation.md").read_text().splitlines()
+    header = next(line for line in md if line.startswith("| run |"))
+    assert [c.strip() for c in header.split("|")[1:-1]] == [
+        "run", "settings", "perplexity", "perplexity ÷ teacher", "next-token accuracy",
+        "accuracy ÷ teacher", "log-ppl gap closed %", "top-1 agreement", "KL to teacher", "tokens/s"]
     body = [line for line in md if line.startswith("| ce")]
-    assert len(body) == 3 and all(len(line.split("|")) == 9 for line in body)
+    assert len(body) == 3 and all(len(line.split("|")) == 12 for line in body)
+    assert any(line.startswith("Uniform guess over the V = ") for line in md)
 
     # a rerun keeps the finished runs (same numbers, no retraining)
     stamp = (out / "ce" / "eval.json").stat().st_mtime_ns
@@ -82,12 +108,122 @@ def test_ablate_then_report(tmp_path, cache, student_dir, tiny_teacher_dir, text
     assert (out / "ce" / "eval.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "ablation.json").read_text())["rows"] == table["rows"]
 
+    (out / "ablation.md").unlink()  # report renders the table again from ablation.json
     res = CliRunner().invoke(main, ["report", str(out)])
     assert res.exit_code == 0, res.output
     for png in ("recovery.png", "ce/losses.png", "ce+kl+hidden/losses.png", "ce+kl+hidden/layer_cosine.png"):
         path = out / png
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert not (out / "ce" / "layer_cosine.png").exists()  # narrower, no trained projectors
+    assert (out / "ablation.md").read_text().splitlines() == md
+
+
+def test_report_renders_the_new_columns_and_the_uniform_baseline(tmp_path):
+    """The table: ratios and accuracy as given, the uniform guess, and a warning when the untrained
+    student is worse than it; an older table without the new keys renders with '-'."""
+    row = dict(settings={}, tokens_per_s=None, top1_agreement=None, kl_to_teacher=None)
+    table = {"cache": "c", "teacher": "t", "student": "s", "heldout": "h", "vocab_size": 49152,
+             "uniform_nll": math.log(49152),
+             "rows": [{**row, "name": "teacher", "perplexity": 16.3, "perplexity_ratio": 1.0,
+                       "accuracy": 0.5, "accuracy_ratio": 1.0, "recovery_pct": 100.0, "nll": 2.79},
+                      {**row, "name": "student (before)", "perplexity": 7.9e7, "nll": 18.2,
+                       "perplexity_ratio": 4.85e6, "accuracy": 0.05, "accuracy_ratio": 0.1,
+                       "recovery_pct": 0.0},
+                      {**row, "name": "old", "perplexity": 800.0, "nll": 6.68, "recovery_pct": 74.7,
+                       "settings": {"alpha": 1.0}}]}
+    (tmp_path / "ablation.json").write_text(json.dumps(table))
+    res = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "ablation.md").read_text()
+    assert md == format_table(table)
+    assert "ln V = 10.80 (perplexity 49,152)" in md and "is worse than that guess" in md
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in md.splitlines() if line.startswith("| ") and not line.startswith("| run")}
+    assert lines["student (before)"][2:6] == ["4.85e+06", "0.050", "0.10", "0.0"]
+    assert lines["teacher"][2:6] == ["1.00", "0.500", "1.00", "100.0"]
+    assert lines["old"][2:6] == ["-", "-", "-", "74.7"]
+    assert (tmp_path / "recovery.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _run_files(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
+
+
+def test_ablate_redoes_what_changed_and_keeps_the_rest(tmp_path, tmp_path_factory, cache, student_dir,
+                                                       tiny_teacher_dir, text_file):
+    """A changed variant retrains that run (old folder kept aside), changed eval sequences or
+    held-out cache re-evaluate without retraining; the table shows the new numbers, never a
+    stale eval.json. Each step fails on a version that reuses any existing eval.json."""
+    from unidistill.cache_builder.build import build_cache
+    from unidistill.cache_builder.config import BuildConfig
+    from unidistill.evaluate import evaluate
+
+    common = dict(learning_rate=0.003, per_device_train_batch_size=4, max_steps=2, use_cpu=True,
+                  report_to=[], save_strategy="no", logging_steps=1)
+    ce = dict(alpha=1.0, beta=0.0, gamma=0.0)
+    ce_kl = dict(alpha=0.5, beta=0.5, gamma=0.0)
+    messages: list[str] = []
+
+    def run(variants, **kw):
+        messages.clear()
+        kw = {"eval_sequences": 2, "heldout_cache": cache, **kw}
+        table = ablate(cache, str(student_dir), str(tiny_teacher_dir), str(text_file), tmp_path,
+                       variants=variants, common=common, device="cpu", progress=False,
+                       log=messages.append, **kw)
+        return table, {r["name"]: r for r in table["rows"]}
+
+    def evaluated(folder, **kw):
+        kw = {"max_sequences": 2, "cache": str(cache), **kw}
+        return evaluate(str(folder), data=str(text_file), device="cpu", progress=False, **kw)
+
+    _, first = run([{"name": "a", **ce}, {"name": "b", **ce_kl}])
+    stamps = {n: _run_files(tmp_path / n) for n in "ab"}
+    _, same = run([{"name": "a", **ce}, {"name": "b", **ce_kl}])
+    assert same == first and messages == []  # nothing changed: nothing redone
+    assert {n: _run_files(tmp_path / n) for n in "ab"} == stamps
+
+    # 1. run a now has b's settings: retrained (lands where b is), old folder moved aside
+    _, changed = run([{"name": "a", **ce_kl}, {"name": "b", **ce_kl}])
+    assert changed["a"]["settings"]["alpha"] == 0.5
+    assert changed["a"]["nll"] != pytest.approx(first["a"]["nll"], rel=1e-6)
+    assert changed["a"]["nll"] == pytest.approx(changed["b"]["nll"], rel=1e-5)
+    assert json.loads((tmp_path / "a" / RUN_RECORD).read_text())["arguments"]["alpha"] == 0.5
+    record = json.loads((tmp_path / "a" / RUN_SETTINGS_FILE).read_text())
+    assert record["trained"] and record["settings"]["arguments"]["alpha"] == 0.5
+    kept = list((tmp_path / REPLACED_DIR).glob("a-*"))
+    assert len(kept) == 1 and json.loads((kept[0] / "eval.json").read_text())["nll"] == first["a"]["nll"]
+    assert _run_files(tmp_path / "b") == stamps["b"]
+    assert [m for m in messages if "run 'a': training again" in m and "alpha: 1.0 before, 0.5 now" in m]
+    assert not [m for m in messages if "'b'" in m or m.startswith(("teacher", "student"))]
+    stamps["a"] = _run_files(tmp_path / "a")
+
+    # 2. more eval sequences: every evaluation redone, nothing retrained
+    _, more = run([{"name": "a", **ce_kl}, {"name": "b", **ce_kl}], eval_sequences=3)
+    assert {n: _run_files(tmp_path / n) for n in "ab"} == stamps
+    for name, folder in (("teacher", tiny_teacher_dir), ("student (before)", student_dir),
+                         ("a", tmp_path / "a")):
+        fresh = evaluated(folder, max_sequences=3)
+        assert fresh.sequences == 3 and more[name]["nll"] == pytest.approx(fresh.nll, rel=1e-6)
+        assert more[name]["kl_to_teacher"] == pytest.approx(fresh.kl_to_teacher, rel=1e-6)
+    assert more["a"]["nll"] != pytest.approx(changed["a"]["nll"], rel=1e-6)
+    assert json.loads((tmp_path / "a" / "eval.json").read_text())["sequences"] == 3
+    assert len([m for m in messages if "eval_sequences: 2 before, 3 now" in m]) == 4
+
+    # 3. another held-out cache (other sequence length and k): evaluations redone against it
+    other = tmp_path_factory.mktemp("heldout") / "c"
+    build_cache(BuildConfig(teacher=str(tiny_teacher_dir), data=str(text_file), out=str(other),
+                            seq_len=16, top_k=8, layers="none", max_sequences=4, batch_size=4,
+                            shard_size=4, device="cpu"), progress=False, log=lambda m: None)
+    table, moved = run([{"name": "a", **ce_kl}, {"name": "b", **ce_kl}], heldout_cache=other)
+    fingerprint = CacheReader(other).manifest["fingerprint"]
+    assert table["heldout_cache_fingerprint"] == fingerprint
+    for name, folder in (("teacher", tiny_teacher_dir), ("b", tmp_path / "b")):
+        fresh = evaluated(folder, cache=str(other))
+        assert moved[name]["nll"] == pytest.approx(fresh.nll, rel=1e-6)
+        assert moved[name]["kl_to_teacher"] == pytest.approx(fresh.kl_to_teacher, rel=1e-6)
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["cache_fingerprint"] == fingerprint
+    assert moved["b"]["nll"] != pytest.approx(changed["b"]["nll"], rel=1e-6)
+    assert {n: _run_files(tmp_path / n) for n in "ab"} == stamps
 
 
 def test_report_of_an_empty_folder_says_what_it_needs(tmp_path):

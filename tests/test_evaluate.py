@@ -31,6 +31,15 @@ def reference_nll(model_dir, ids: np.ndarray) -> float:
     return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1)))
 
 
+def reference_accuracy(model_dir, ids: np.ndarray) -> float:
+    """Share of positions whose argmax of the model's own full logits is the actual next token."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(ids.astype(np.int64))).logits            # (N, L, V)
+    hits = logits[:, :-1].argmax(-1) == torch.from_numpy(ids[:, 1:].astype(np.int64))
+    return float(hits.sum()) / hits.numel()
+
+
 def test_perplexity_on_text_matches_full_logits(tiny_teacher_dir, text_file):
     from transformers import AutoTokenizer
 
@@ -44,6 +53,11 @@ def test_perplexity_on_text_matches_full_logits(tiny_teacher_dir, text_file):
     assert result.nll == pytest.approx(reference_nll(tiny_teacher_dir, ids), rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(result.nll))
     assert result.kl_to_teacher is None and result.cache is None
+    # next-token accuracy, by hand from the full logits; it is a random model, so not 0 or 1
+    accuracy = reference_accuracy(tiny_teacher_dir, ids)
+    assert result.accuracy == pytest.approx(accuracy, abs=1e-12) and 0 < accuracy < 1
+    vocab = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).config.vocab_size
+    assert result.vocab_size == vocab and result.uniform_nll == pytest.approx(math.log(vocab))
 
 
 def test_teacher_against_its_own_cache(tiny_teacher_dir, cache):
@@ -54,6 +68,7 @@ def test_teacher_against_its_own_cache(tiny_teacher_dir, cache):
     reader = CacheReader(cache)
     ids = np.stack([reader.read(i)["input_ids"] for i in range(len(reader))])
     assert result.cache_nll == pytest.approx(reference_nll(tiny_teacher_dir, ids), rel=1e-5)
+    assert result.cache_accuracy == pytest.approx(reference_accuracy(tiny_teacher_dir, ids), abs=1e-12)
     assert result.kl_to_teacher == pytest.approx(0.0, abs=1e-4)
     assert result.top1_agreement == pytest.approx(1.0)
     assert result.teacher_layers == [1, 2, 3, 4] and result.student_layers == [0, 1, 2, 3, 4]
@@ -107,6 +122,7 @@ def test_cli_human_output(tiny_teacher_dir, cache):
                                     "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "top-1 agreement  100.00%" in res.output and "KL to teacher" in res.output
+    assert "cache accuracy" in res.output and "uniform guess    nll" in res.output
 
 
 def test_needs_data_or_cache(tiny_teacher_dir):

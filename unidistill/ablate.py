@@ -2,13 +2,40 @@
 
 The runs differ only in what the user lists (loss weights, layer map, hidden loss, temperature,
 k, ...); everything else comes from ``common``. The teacher and the untrained student are
-evaluated on the same held-out text, so each run's **recovery** can be read off:
+evaluated on the same held-out text, and each run is put next to them three ways:
 
-    recovery % = 100 * (nll_student - nll_run) / (nll_student - nll_teacher)
+- **perplexity ÷ teacher** (1 = the teacher's perplexity);
+- **next-token accuracy** (share of positions whose argmax is the actual next token) and
+  **accuracy ÷ teacher**: the analogue of "% of the teacher's benchmark score";
+- **log-perplexity gap closed %** (``recovery_pct``):
 
-the share of the teacher-student gap in log-perplexity that the run closes. Finished runs are
-kept: rerunning the same command skips every run whose ``eval.json`` exists, and a run stopped
-mid-way continues from its last checkpoint. ``ablation.json`` and ``ablation.md`` are rewritten after every run.
+      100 * (nll_student - nll_run) / (nll_student - nll_teacher)
+
+  the share of the untrained student's gap to the teacher in log-perplexity that the run closes.
+  It flatters a student that starts worse than a uniform guess over the vocabulary (log-perplexity
+  above ln V, which the table reports): most of such a gap is closed by learning token
+  frequencies. Read it with the two ratios.
+
+**What is kept on a rerun, and when it is redone.** Each piece records what produced it:
+``<run>/ablate_run.json`` the run's training settings (every distill argument, defaults filled
+in, bookkeeping such as logging and saving left out; ``online``; the training cache's
+fingerprint; the student's files), and every ``eval.json`` (``_teacher/``, ``_student/``, each
+run's) under ``produced_by`` the evaluation's settings (the model's files, ``--heldout`` and its
+split, the held-out file's content, the ``--heldout-cache`` fingerprint, ``--eval-sequences``,
+the metrics version). Rerunning the command keeps every piece whose record matches and redoes
+the others, saying why in the log:
+
+- an evaluation whose settings changed is simply redone (its model is still there);
+- a run whose training settings changed (or that an older version made without a record) is
+  trained again from scratch, and its old folder -- a trained model the user may want -- is
+  **moved**, never deleted, to ``_replaced/<run>-<time>/`` (delete it when it is not wanted);
+- a run stopped mid-way with the same settings continues from its last checkpoint; its
+  checkpoints are never resumed under other settings.
+
+Files are identified by content (files above 64 MiB by size, modification time and first and
+last MiB; see :func:`unidistill.fingerprint.file_digest`); a hub id by its name only (pin a
+revision by downloading it). The evaluation's batch size and device are not recorded: they do not
+change the numbers beyond rounding. ``ablation.json`` and ``ablation.md`` are rewritten after every run.
 
 A run may also be the **online baseline**: ``online: full`` (or ``online: K``) loads the teacher
 and trains on the same cached token ids with targets from the live teacher (all V ids, or its
@@ -19,14 +46,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 from unidistill.errors import ConfigError
 from unidistill.storage.files import atomic_write_bytes, atomic_write_json
+from unidistill.storage.manifest import diff_settings
 
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 EVAL_FILE = "eval.json"
+RUN_SETTINGS_FILE = "ablate_run.json"   # in each run folder: what trained it, and whether it finished
+PRODUCED_BY = "produced_by"             # in each eval.json: what produced the evaluation
+REPLACED_DIR = "_replaced"              # run folders whose settings changed are moved here
+# Distill arguments that change files and logs but not the trained weights.
+BOOKKEEPING = frozenset({
+    "output_dir", "logging_dir", "logging_steps", "logging_strategy", "logging_first_step",
+    "logging_nan_inf_filter", "report_to", "run_name", "save_strategy", "save_steps",
+    "save_total_limit", "save_only_model", "save_safetensors", "disable_tqdm",
+    "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+    "hub_private_repo", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "log_level", "log_level_replica",
+    "project"})
+# Files of a model folder that decide its outputs (top level only: not its checkpoints).
+_MODEL_FILE = re.compile(r"^(config\.json|generation_config\.json|projectors\.json|tokenizer[^/]*"
+                         r"|special_tokens_map\.json|vocab\.[^/]*|merges\.txt|chat_template\.[^/]*"
+                         r"|[^/]*\.(safetensors|gguf|pt|bin))$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 SHOWN = ("alpha", "beta", "gamma", "kd_temperature", "layer_map", "hidden_loss", "kd_top_k")
 
@@ -48,7 +96,9 @@ def _argument_defaults() -> dict:
     """Every distill-from-cache argument name with its default."""
     from unidistill.trainer.arguments import DistillationArguments
 
-    return {f.name: f.default for f in dataclasses.fields(DistillationArguments)}
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING
+            and f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(DistillationArguments)}
 
 
 def parse_variant(text: str) -> dict:
@@ -97,54 +147,206 @@ def check_variants(common: dict, variants: list[dict]) -> None:
 
 
 def recovery(nll_run: float | None, nll_student: float | None, nll_teacher: float | None) -> float | None:
+    """Share (%) of the student-teacher gap in log-perplexity (mean NLL) that the run closes."""
     if None in (nll_run, nll_student, nll_teacher) or nll_student == nll_teacher:
         return None
     return 100.0 * (nll_student - nll_run) / (nll_student - nll_teacher)
 
 
-def _evaluate_to(folder: Path, model: str, heldout: str, heldout_cache, eval_kwargs) -> dict:
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """value / reference (e.g. a run's perplexity / the teacher's), None where undefined."""
+    if value is None or reference is None or reference == 0:
+        return None
+    return value / reference
+
+
+# ---- what produced each piece ------------------------------------------------------------------
+
+def _canonical(obj):
+    """A JSON round trip: the form in which settings are recorded and compared."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def model_identity(model: str) -> dict:
+    """What identifies a model's outputs: its files' fingerprint where they are local (folder,
+    GGUF file, builtin), else its hub id."""
+    from unidistill.cache_builder.teacher import resolve_model_source
+    from unidistill.fingerprint import path_fingerprint
+
+    source = resolve_model_source(model)
+    folder = Path(source.path)
+    if not folder.is_dir():
+        return {"hub_id": model}
+    if source.gguf_file:
+        return {"gguf_file": source.gguf_file, "files": path_fingerprint(folder / source.gguf_file)}
+    return {"files": path_fingerprint(folder, include=lambda rel: bool(_MODEL_FILE.match(rel))
+                                      and rel != "training_args.bin")}
+
+
+def data_identity(data: str) -> dict:
+    """``--heldout`` as given, plus its content's fingerprint when it is a local file or folder."""
+    from unidistill.fingerprint import path_fingerprint
+
+    path = Path(data).expanduser()
+    return {"data": data, "files": path_fingerprint(path) if path.exists() else None}
+
+
+def training_settings(settings: dict, common: dict, cache_fingerprint, student_id: dict,
+                      teacher_id: dict | None) -> dict:
+    """The canonical record of what trains a run (see the module docstring)."""
+    given = {**common, **{k: v for k, v in settings.items() if k != ONLINE}}
+    arguments = {k: v for k, v in {**_argument_defaults(), **given}.items() if k not in BOOKKEEPING}
+    record = {"arguments": arguments, "cache_fingerprint": cache_fingerprint, "student": student_id}
+    if ONLINE in settings:
+        record.update(online=settings[ONLINE], teacher=teacher_id)
+    return _canonical(record)
+
+
+def evaluation_settings(model_id: dict, heldout: dict, split: str | None, heldout_cache_fingerprint,
+                        eval_sequences: int | None) -> dict:
+    """The canonical record of what produces an evaluation (see the module docstring)."""
+    from unidistill.evaluate import METRICS_VERSION
+
+    return _canonical({"model": model_id, "heldout": heldout, "split": split,
+                       "heldout_cache_fingerprint": heldout_cache_fingerprint,
+                       "eval_sequences": eval_sequences, "metrics_version": METRICS_VERSION})
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _changes(old: dict, new: dict) -> str:
+    return "; ".join(diff_settings(old, new, "before", "now")) or "(no difference)"
+
+
+def _evaluate_to(folder: Path, label: str, model: str, settings: dict, log, **evaluate_kwargs) -> dict:
+    """``folder/eval.json`` when it was produced by ``settings``, else a fresh evaluation."""
     from unidistill.evaluate import evaluate
 
     path = folder / EVAL_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = json.loads(evaluate(model, data=heldout, cache=heldout_cache, **eval_kwargs).to_json())
-    atomic_write_json(path, result)
+    old = _read_json(path)
+    if old is not None and old.get(PRODUCED_BY) == settings:
+        return old
+    if old is not None:
+        why = (_changes(old[PRODUCED_BY], settings) if isinstance(old.get(PRODUCED_BY), dict)
+               else "it records no settings (an older unidistill made it)")
+        log(f"{label}: evaluating again, the stored evaluation does not match: {why}")
+    result = json.loads(evaluate(model, **evaluate_kwargs).to_json())
+    result[PRODUCED_BY] = settings
+    atomic_write_json(_mkdir(folder) / EVAL_FILE, result)
     return result
 
 
+def _prepare_run(run_dir: Path, name: str, settings: dict, out: Path, log) -> bool:
+    """Make ``run_dir`` belong to ``settings``; True when the run already finished training.
+
+    A folder trained under other settings (or without a record) is moved to ``_replaced/``."""
+    record = _read_json(run_dir / RUN_SETTINGS_FILE)
+    if record is not None and record.get("settings") == settings:
+        return bool(record.get("trained"))
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        why = ("its settings changed: " + _changes(record["settings"], settings)
+               if isinstance(record, dict) and isinstance(record.get("settings"), dict)
+               else "it records no settings (an older unidistill made it)")
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = out / REPLACED_DIR / f"{name}-{stamp}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = out / REPLACED_DIR / f"{name}-{stamp}-{n}"
+        _mkdir(target.parent)
+        run_dir.rename(target)
+        log(f"run {name!r}: training again from scratch, {why}; the old folder is kept as {target}")
+    atomic_write_json(_mkdir(run_dir) / RUN_SETTINGS_FILE, {"settings": settings, "trained": False})
+    return False
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
 def _row(name: str, settings: dict, ev: dict, ref: dict, tokens_per_s) -> dict:
     return {"name": name, "settings": settings, "perplexity": ev.get("perplexity"),
-            "nll": ev.get("nll"), "recovery_pct": recovery(ev.get("nll"), ref["student"], ref["teacher"]),
+            "nll": ev.get("nll"),
+            "perplexity_ratio": ratio(ev.get("perplexity"), ref["teacher"].get("perplexity")),
+            "accuracy": ev.get("accuracy"),
+            "accuracy_ratio": ratio(ev.get("accuracy"), ref["teacher"].get("accuracy")),
+            "recovery_pct": recovery(ev.get("nll"), ref["student"].get("nll"), ref["teacher"].get("nll")),
             "top1_agreement": ev.get("top1_agreement"), "kl_to_teacher": ev.get("kl_to_teacher"),
             "tokens_per_s": tokens_per_s}
 
 
+def uniform_baseline_note(table: dict) -> str | None:
+    """One sentence on the uniform guess ln V, and whether the untrained student is worse than it."""
+    uniform = table.get("uniform_nll")
+    if uniform is None:
+        return None
+    note = (f"Uniform guess over the V = {table.get('vocab_size')} ids: log-perplexity ln V = "
+            f"{uniform:.2f} (perplexity {math.exp(uniform):,.0f}).")
+    student = next((r for r in table["rows"] if r["name"] == "student (before)"), None)
+    if student is not None and student.get("nll") is not None and student["nll"] > uniform:
+        note += (f" The untrained student ({student['nll']:.2f}) is worse than that guess: much of "
+                 "its gap is closed by learning token frequencies, so the gap-closed % flatters; "
+                 "read the ratios to the teacher.")
+    return note
+
+
 def format_table(table: dict) -> str:
+    """The markdown table of an ablation (``ablation.json``; keys an older version did not write
+    show as -)."""
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
     lines = [f"# Ablation from cache `{table['cache']}`", "",
              f"Teacher `{table['teacher']}`, student `{table['student']}`, held-out `{table['heldout']}`.",
-             "Recovery = share of the student-teacher gap in log-perplexity closed by the run.", "",
-             "| run | settings | perplexity | recovery % | top-1 agreement | KL to teacher | tokens/s |",
-             "|---|---|---|---|---|---|---|"]
+             "Perplexity and accuracy ÷ teacher: the run's value over the teacher's. Next-token "
+             "accuracy: share of positions whose most likely token is the actual next one. "
+             "Log-ppl gap closed % (recovery): share of the untrained student's gap to the teacher "
+             "in log-perplexity that the run closes."]
+    note = uniform_baseline_note(table)
+    lines += [note] if note else []
+    lines += ["", "| run | settings | perplexity | perplexity ÷ teacher | next-token accuracy | "
+              "accuracy ÷ teacher | log-ppl gap closed % | top-1 agreement | KL to teacher | tokens/s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
-        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
-        lines.append(f"| {r['name']} | {settings} | {num(r['perplexity'], '.3f')} | "
-                     f"{num(_no_negative_zero(r['recovery_pct']), '.1f')} | {num(r['top1_agreement'], '.3f')} | "
-                     f"{num(None if r['kl_to_teacher'] is None else max(r['kl_to_teacher'], 0.0), '.4f')} | {num(r['tokens_per_s'], '.0f')} |")
+        order = SHOWN + (ONLINE,)  # ablation.json stores keys sorted: show them in this order
+        shown = sorted(r["settings"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+        settings = ", ".join(f"{k}={v}" for k, v in shown)
+        kl = r.get("kl_to_teacher")
+        lines.append(f"| {r['name']} | {settings} | {num(r.get('perplexity'), '.3f')} | "
+                     f"{format_ratio(r.get('perplexity_ratio'))} | {num(r.get('accuracy'), '.3f')} | "
+                     f"{format_ratio(r.get('accuracy_ratio'))} | "
+                     f"{num(_no_negative_zero(r.get('recovery_pct')), '.1f')} | "
+                     f"{num(r.get('top1_agreement'), '.3f')} | "
+                     f"{num(None if kl is None else max(kl, 0.0), '.4f')} | {num(r.get('tokens_per_s'), '.0f')} |")
     return "\n".join(lines) + "\n"
+
+
+def format_ratio(x: float | None) -> str:
+    """A ratio to the teacher: two decimals, or three significant digits from 1000 up."""
+    return "-" if x is None else format(x, ".2f" if abs(x) < 1000 else ".3g")
 
 
 def _no_negative_zero(x):
     return None if x is None else (0.0 if abs(x) < 0.05 else x)
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: list[dict],
-           common: dict | None = None, heldout_cache=None, eval_sequences: int | None = 32,
-           eval_batch_size: int = 4, device: str = "auto", progress: bool = True) -> dict:
-    """Run every variant, evaluate it, and write the table; returns the table as a dict."""
+           common: dict | None = None, heldout_cache=None, heldout_split: str | None = None,
+           eval_sequences: int | None = 32, eval_batch_size: int = 4, device: str = "auto",
+           progress: bool = True, log: Callable[[str], None] = _stderr) -> dict:
+    """Run every variant, evaluate it, and write the table; returns the table as a dict.
+
+    Pieces made with the same settings are kept, the others redone (see the module docstring);
+    ``log`` gets one line for each piece redone and why. ``heldout_split`` None: evaluate's
+    default (``heldout`` for builtin:pydoc_topics, else ``train``)."""
+    from unidistill.storage.writer import read_manifest
     from unidistill.trainer.arguments import DistillationArguments
     from unidistill.trainer.run import distill_from_cache
 
@@ -152,28 +354,42 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
     check_variants(common, variants)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    eval_kwargs = dict(max_sequences=eval_sequences, batch_size=eval_batch_size, device=device,
-                       progress=progress)
-    ref_teacher = _evaluate_to(_mkdir(out / "_teacher"), teacher, heldout, heldout_cache, eval_kwargs)
-    ref_student = _evaluate_to(_mkdir(out / "_student"), student, heldout, heldout_cache, eval_kwargs)
-    ref = {"teacher": ref_teacher.get("nll"), "student": ref_student.get("nll")}
-    from unidistill.storage.writer import read_manifest
-
     fingerprint = (read_manifest(cache) or {}).get("fingerprint")  # each run records it too
-    table = {"cache": str(cache), "cache_fingerprint": fingerprint, "teacher": teacher, "student": student, "heldout": heldout,
-             "heldout_cache": None if heldout_cache is None else str(heldout_cache), "common": common,
-             "rows": [_row("teacher", {}, ref_teacher, ref, None),
-                      _row("student (before)", {}, ref_student, ref, None)]}
+    heldout_fingerprint = None
+    if heldout_cache is not None:
+        heldout_fingerprint = (read_manifest(heldout_cache) or {}).get("fingerprint")
+    heldout_id = data_identity(heldout)
+    student_id, teacher_id = model_identity(student), model_identity(teacher)
+
+    def evaluation(folder: Path, label: str, model: str, model_id: dict) -> dict:
+        settings = evaluation_settings(model_id, heldout_id, heldout_split, heldout_fingerprint,
+                                       eval_sequences)
+        return _evaluate_to(folder, label, model, settings, log, data=heldout, split=heldout_split,
+                            cache=heldout_cache, max_sequences=eval_sequences,
+                            batch_size=eval_batch_size, device=device, progress=progress)
+
+    ref = {"teacher": evaluation(out / "_teacher", "teacher", teacher, teacher_id),
+           "student": evaluation(out / "_student", "student (before)", student, student_id)}
+    table = {"cache": str(cache), "cache_fingerprint": fingerprint, "teacher": teacher, "student": student,
+             "heldout": heldout, "heldout_split": heldout_split,
+             "heldout_cache": None if heldout_cache is None else str(heldout_cache),
+             "heldout_cache_fingerprint": heldout_fingerprint, "eval_sequences": eval_sequences,
+             "vocab_size": ref["teacher"].get("vocab_size"), "uniform_nll": ref["teacher"].get("uniform_nll"),
+             "common": common,
+             "rows": [_row("teacher", {}, ref["teacher"], ref, None),
+                      _row("student (before)", {}, ref["student"], ref, None)]}
     defaults = _argument_defaults()
     for variant in variants:
         name = variant["name"]
         run_dir = out / name
         settings = {k: v for k, v in variant.items() if k != "name"}
         stats_path = run_dir / "train_speed.json"
-        if not (run_dir / EVAL_FILE).is_file():
+        record = training_settings(settings, common, fingerprint, student_id,
+                                   teacher_id if ONLINE in settings else None)
+        if not _prepare_run(run_dir, name, record, out, log):
             train = {k: v for k, v in settings.items() if k != ONLINE}
             args = DistillationArguments(output_dir=str(run_dir), **{**common, **train})
-            resume = any(run_dir.glob("checkpoint-*"))  # a run stopped mid-way continues
+            resume = any(run_dir.glob("checkpoint-*"))  # stopped mid-way under these settings
             online = {}
             if ONLINE in settings:
                 online = dict(teacher_model=_load_teacher(teacher),
@@ -182,7 +398,8 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
                                          **online)
             atomic_write_json(stats_path, {"tokens_per_s": _tokens_per_second(trainer),
                                            "train_seconds": _train_seconds(trainer)})
-        ev = _evaluate_to(run_dir, str(run_dir), heldout, heldout_cache, eval_kwargs)
+            atomic_write_json(run_dir / RUN_SETTINGS_FILE, {"settings": record, "trained": True})
+        ev = evaluation(run_dir, f"run {name!r}", str(run_dir), model_identity(str(run_dir)))
         speed = json.loads(stats_path.read_text())["tokens_per_s"] if stats_path.is_file() else None
         shown = {k: settings.get(k, common.get(k, defaults[k])) for k in SHOWN}
         if ONLINE in settings:

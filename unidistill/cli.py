@@ -286,9 +286,14 @@ def prune_cmd(**kwargs):
 @click.option("--student", required=True, help="Student model folder (e.g. from unidistill prune).")
 @click.option("--teacher", required=True, help="The teacher, evaluated for the recovery baseline.")
 @click.option("--heldout", required=True, help="Held-out text (e.g. builtin:pydoc_topics: its heldout split).")
+@click.option("--heldout-split", default=None,
+              help="Split of --heldout [default: heldout for builtin:pydoc_topics, else train].")
 @click.option("--heldout-cache", default=None, type=click.Path(),
               help="Teacher cache of held-out text: adds top-1 agreement and KL to the table.")
-@click.option("--out", required=True, help="Folder for the runs, ablation.json and ablation.md.")
+@click.option("--out", required=True,
+              help="Folder for the runs, ablation.json and ablation.md. Rerunning keeps what was "
+                   "made with the same settings and redoes the rest; a run trained under other "
+                   "settings is moved to OUT/_replaced/, not deleted.")
 @click.option("--variants", "variants_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="YAML with 'common' (options of every run) and 'variants' (list of {name, ...}).")
 @click.option("--variant", "variant_specs", multiple=True,
@@ -304,7 +309,13 @@ def prune_cmd(**kwargs):
 @_friendly_errors
 def ablate_cmd(variants_file, variant_specs, max_steps, learning_rate, per_device_train_batch_size,
                seed, use_cpu, eval_sequences, **kwargs):
-    """Several distillation runs from one cache, evaluated side by side (perplexity, recovery %)."""
+    """Several distillation runs from one cache, evaluated side by side: perplexity and next-token
+    accuracy, each also as a ratio to the teacher, and the share of the log-perplexity gap closed.
+
+    Each run and each evaluation records the settings that produced it; a rerun keeps the pieces
+    whose settings match, redoes the others and says so (evaluations are redone in place; a run
+    whose training settings changed is trained again and its old folder moved to OUT/_replaced/).
+    """
     import yaml
 
     from unidistill.ablate import ablate, format_table, parse_variant
@@ -321,7 +332,8 @@ def ablate_cmd(variants_file, variant_specs, max_steps, learning_rate, per_devic
         if value is not None:
             common[key] = value
     variants = list(spec.get("variants") or []) + [parse_variant(v) for v in variant_specs]
-    table = ablate(variants=variants, common=common, eval_sequences=eval_sequences or None, **kwargs)
+    table = ablate(variants=variants, common=common, eval_sequences=eval_sequences or None,
+                   log=lambda message: click.echo(message, err=True), **kwargs)
     click.echo(format_table(table))
 
 

@@ -1,8 +1,11 @@
 """``unidistill evaluate``: how good is a model, and how close is it to the teacher?
 
 - **Perplexity** of the model on held-out text (``--data``), over packed sequences, next-token
-  cross-entropy on every position that has a next token.
-- Given a **cache** of held-out text, the same on the cache's sequences plus: the KL from the
+  cross-entropy on every position that has a next token, and the **next-token accuracy**: the
+  share of those positions where the model's most likely token (argmax) is the actual next one.
+- The **uniform-guess baseline** ln V (V = the model's output vocabulary): a model whose
+  log-perplexity is above it does worse than guessing every token with probability 1/V.
+- Given a **cache** of held-out text, the same (perplexity, accuracy) on the cache's sequences plus: the KL from the
   teacher to the model at T = 1 over the cached top-k ids and the tail bucket (the distance the
   KD term trains down), top-1 agreement with the teacher, and the cosine similarity of the
   model's hidden states with each cached teacher layer (a student-layer x teacher-layer matrix).
@@ -33,6 +36,9 @@ from unidistill.trainer.dataset import TEACHER_FIELDS, CacheDataset, collate_cac
 from unidistill.trainer.losses import logit_losses_from_logits, next_token_labels
 
 DEFAULT_SEQ_LEN = 256
+# Bumped whenever a metric is added or computed differently: an evaluation recorded under another
+# version is stale (``unidistill ablate`` redoes it).
+METRICS_VERSION = 2
 _CHUNK = 128  # positions per logits chunk
 
 
@@ -46,10 +52,14 @@ class Evaluation:
     tokens: int = 0
     nll: float | None = None                 # mean next-token cross-entropy (nats)
     perplexity: float | None = None
+    accuracy: float | None = None            # share of positions where argmax == the next token
+    vocab_size: int | None = None            # V of the model's output layer
+    uniform_nll: float | None = None         # ln V: the log-perplexity of a uniform guess
     cache: str | None = None
     cache_fingerprint: str | None = None
     cache_nll: float | None = None           # the same on the cache's sequences
     cache_perplexity: float | None = None
+    cache_accuracy: float | None = None      # next-token accuracy on the cache's sequences
     kl_to_teacher: float | None = None       # KL(teacher || model), T = 1, top-k + tail buckets
     top1_agreement: float | None = None      # share of positions where argmax == teacher's top-1
     student_layers: list[int] = field(default_factory=list)
@@ -61,10 +71,11 @@ class Evaluation:
 
 
 class _Totals:
-    """Running sums over positions: CE, KL, top-1 hits, and cosine per (student, teacher) pair."""
+    """Running sums over positions: CE, KL, top-1 hits (agreement with the teacher), correct
+    next-token predictions, and cosine per (student, teacher) pair."""
 
     def __init__(self, n_student: int, n_teacher: int):
-        self.ce = self.ce_n = self.kl = self.kl_n = self.hits = 0.0
+        self.ce = self.ce_n = self.kl = self.kl_n = self.hits = self.correct = 0.0
         self.cos = np.zeros((n_student, n_teacher))
         self.cos_n = 0
 
@@ -102,6 +113,8 @@ def _score_batch(model, input_ids, totals: _Totals, teacher: dict | None,
             part.get("teacher_logp"), part.get("teacher_log_tail"), 1.0, "forward",
             compute_ce=True, compute_kl=teacher is not None, teacher_logits=teacher_logits)
         totals.ce, totals.ce_n = totals.ce + float(ce), totals.ce_n + float(ce_n)
+        predicted = logits.argmax(-1)                                      # (B, C)
+        totals.correct += float((predicted == labels[:, s:s + _CHUNK]).sum())  # -100 never matches
         if teacher is not None:
             if "teacher_kl_offset" in teacher:  # sampled cache: the unbiased KL estimate
                 kl = kl - teacher["teacher_kl_offset"][:, s:s + _CHUNK].sum()
@@ -111,7 +124,7 @@ def _score_batch(model, input_ids, totals: _Totals, teacher: dict | None,
             else:  # the most likely cached id (top-k: the first; sampled: the most drawn)
                 best = part["teacher_logp"].argmax(-1, keepdim=True)       # (B, C, 1)
                 top1 = part["teacher_ids"].long().gather(-1, best).squeeze(-1)
-            totals.hits += float((logits.argmax(-1) == top1).sum())
+            totals.hits += float((predicted == top1).sum())
     if pairs:
         for i, project in pairs.items():
             h_s = out.hidden_states[i]                                     # (B, L, D_s)
@@ -148,15 +161,19 @@ def _perplexity(total: float, count: float) -> tuple[float | None, float | None]
     return nll, math.exp(nll)
 
 
+def _accuracy(totals: _Totals) -> float | None:
+    return totals.correct / totals.ce_n if totals.ce_n else None
+
+
 def evaluate_on_ids(model, ids: np.ndarray, *, batch_size: int, device, progress: bool = True
-                    ) -> tuple[float | None, float | None]:
-    """(mean NLL, perplexity) of ``model`` on packed sequences ``ids`` (N, L)."""
+                    ) -> tuple[float | None, float | None, float | None]:
+    """(mean NLL, perplexity, next-token accuracy) of ``model`` on packed sequences ``ids`` (N, L)."""
     check_logit_transform(model, ids, role="evaluated model")
     totals = _Totals(0, 0)
     for rows in tqdm(list(_batches(len(ids), batch_size)), desc="perplexity", disable=not progress):
         batch = torch.from_numpy(ids[rows.start:rows.stop].astype(np.int64)).to(device)
         _score_batch(model, batch, totals, None, None, [])
-    return _perplexity(totals.ce, totals.ce_n)
+    return (*_perplexity(totals.ce, totals.ce_n), _accuracy(totals))
 
 
 def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_dir: str | None,
@@ -178,6 +195,7 @@ def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_d
         batch = {k: v.to(device) for k, v in collate_cache_batch([dataset[i] for i in rows]).items()}
         _score_batch(model, batch.pop("input_ids"), totals, batch, pairs, layers, head)
     result.cache_nll, result.cache_perplexity = _perplexity(totals.ce, totals.ce_n)
+    result.cache_accuracy = _accuracy(totals)
     result.kl_to_teacher = totals.kl / totals.kl_n if totals.kl_n else None
     result.top1_agreement = totals.hits / totals.kl_n if totals.kl_n else None
     result.student_layers = list(range(cfg.num_hidden_layers + 1))
@@ -214,7 +232,9 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
     net = load_model(source, "float32", str(dev))
     if reader is not None:
         check_student_matches_cache(reader, tokenizer, net.config)
-    result = Evaluation(model=model, data=data, cache=None if cache is None else str(cache))
+    vocab_size = int(net.get_output_embeddings().weight.shape[0])
+    result = Evaluation(model=model, data=data, cache=None if cache is None else str(cache),
+                        vocab_size=vocab_size, uniform_nll=math.log(vocab_size))
     if data is not None:
         if seq_len is None:
             seq_len = reader.layout.seq_len if reader is not None else DEFAULT_SEQ_LEN
@@ -223,8 +243,8 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
         ids = pack_documents(iter_documents(data, split=split, text_field=text_field), tokenizer,
                              seq_len, max_sequences)
         result.sequences, result.tokens = int(ids.shape[0]), int(ids.size)
-        result.nll, result.perplexity = evaluate_on_ids(net, ids, batch_size=batch_size, device=dev,
-                                                        progress=progress)
+        result.nll, result.perplexity, result.accuracy = evaluate_on_ids(
+            net, ids, batch_size=batch_size, device=dev, progress=progress)
     if reader is not None:
         result.cache_fingerprint = reader.manifest["fingerprint"]
         local_dir = source.path if Path(source.path).is_dir() else None
@@ -239,12 +259,17 @@ def format_evaluation(result: Evaluation) -> str:
         return "-" if x is None else format(x, fmt)
 
     lines = [f"model            {result.model}"]
+    if result.uniform_nll is not None:
+        lines.append(f"uniform guess    nll {result.uniform_nll:.4f} = ln V, V = {result.vocab_size} "
+                     "(a model above it does worse than guessing)")
     if result.data is not None:
         lines += [f"data             {result.data} ({result.sequences} sequences, {result.tokens} tokens)",
-                  f"perplexity       {num(result.perplexity, '.3f')}  (nll {num(result.nll, '.4f')})"]
+                  f"perplexity       {num(result.perplexity, '.3f')}  (nll {num(result.nll, '.4f')})",
+                  f"next-token acc   {num(result.accuracy, '.2%')}  (argmax == the actual next token)"]
     if result.cache is not None:
         lines += [f"cache            {result.cache} ({(result.cache_fingerprint or '')[:16]})",
                   f"cache perplexity {num(result.cache_perplexity, '.3f')}",
+                  f"cache accuracy   {num(result.cache_accuracy, '.2%')}",
                   f"KL to teacher    {num(result.kl_to_teacher, '.4f')}  (T=1, top-k + tail)",
                   f"top-1 agreement  {num(result.top1_agreement, '.2%')}"]
         rows = [(i, row) for i, row in zip(result.student_layers, result.layer_cosine)

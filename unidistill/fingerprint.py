@@ -43,3 +43,47 @@ def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) 
 def ids_fingerprint(ids: np.ndarray) -> str:
     """sha256 of packed token ids: the exact training text of a cache."""
     return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int32).tobytes()).hexdigest()
+
+
+WHOLE_FILE_LIMIT = 64 << 20  # bytes; larger files are identified without reading them whole
+_EDGE = 1 << 20
+
+
+def file_digest(path) -> str:
+    """sha256 identifying one local file's content.
+
+    Files up to 64 MiB are hashed whole. Larger ones (model weights) by their size, modification
+    time and first and last MiB: any rewrite (retraining, pruning again) changes the time, and a
+    copy that does not keep it only costs a needless recomputation, never a stale result.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    stat = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if stat.st_size <= WHOLE_FILE_LIMIT:
+            for block in iter(lambda: f.read(_EDGE), b""):
+                h.update(block)
+        else:
+            h.update(f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}".encode())
+            h.update(f.read(_EDGE))
+            f.seek(stat.st_size - _EDGE)
+            h.update(f.read(_EDGE))
+    return h.hexdigest()
+
+
+def path_fingerprint(path, include=None) -> str:
+    """sha256 over a file's :func:`file_digest`, or over a folder's files (relative path and digest,
+    recursively); ``include(relative_path) -> bool`` picks a folder's files (default: all)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if include is None or include(rel):
+            h.update(f"{rel}\0{file_digest(file)}\n".encode())
+    return h.hexdigest()

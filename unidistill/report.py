@@ -4,8 +4,11 @@
   from the run's ``trainer_state.json``;
 * ``layer_cosine.png``: heatmap of the cosine similarity between the student's layers (rows)
   and the cached teacher layers (columns), from ``eval.json`` (``unidistill evaluate --output``);
-* ``recovery.png``: recovery % of each run of an ablation, from ``ablation.json``; the runs of
-  an ablation get their own plots in their folders too.
+* ``recovery.png``: for each run of an ablation (``ablation.json``), the share of the
+  log-perplexity gap it closes and, beside it, its next-token accuracy and perplexity as ratios
+  to the teacher's; the runs of an ablation get their own plots in their folders too;
+* ``ablation.md``: the ablation's table rendered again from ``ablation.json`` (a table an older
+  version wrote gets today's columns, ``-`` where its numbers do not allow them).
 """
 
 from __future__ import annotations
@@ -85,6 +88,17 @@ def plot_layer_cosine(run_dir: Path) -> Path | None:
     return _save(fig, run_dir / "layer_cosine.png")
 
 
+def _bars(ax, rows, values, fmt: str, ylabel: str, title: str, reference: float | None) -> None:
+    bars = ax.bar(range(len(rows)), values, color=["tab:green" if v >= 0 else "tab:red" for v in values])
+    ax.bar_label(bars, labels=[format(v, fmt) for v in values], fontsize=8)
+    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=30, ha="right")
+    ax.axhline(0, color="black", lw=0.8)
+    if reference is not None:
+        ax.axhline(reference, color="grey", lw=0.8, ls="--")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+
+
 def plot_recovery(run_dir: Path) -> Path | None:
     path = run_dir / "ablation.json"
     if not path.is_file():
@@ -93,26 +107,44 @@ def plot_recovery(run_dir: Path) -> Path | None:
             if r["name"] not in ("teacher", "student (before)") and r["recovery_pct"] is not None]
     if not rows:
         return None
+    panels = [([r["recovery_pct"] for r in rows], ".1f", "% of the log-perplexity gap closed",
+               "gap to the teacher closed (recovery %)", 100.0, False)]
+    if all(r.get("accuracy_ratio") is not None for r in rows):
+        panels.append(([100 * r["accuracy_ratio"] for r in rows], ".1f", "% of the teacher's accuracy",
+                       "next-token accuracy ÷ teacher", 100.0, False))
+    if all(r.get("perplexity_ratio") is not None for r in rows):
+        panels.append(([r["perplexity_ratio"] for r in rows], ".3g", "perplexity ÷ teacher's (1 = teacher)",
+                       "perplexity ÷ teacher", 1.0, True))
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 1.5), 3.6))
-    values = [r["recovery_pct"] for r in rows]
-    bars = ax.bar(range(len(rows)), values, color=["tab:green" if v >= 0 else "tab:red" for v in values])
-    ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=8)
-    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=30, ha="right")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.axhline(100, color="grey", lw=0.8, ls="--")
-    ax.set_ylabel("recovery % (teacher-student gap closed)")
-    ax.set_title("recovery by run")
+    width = max(4.0, 1.1 * len(rows) + 1.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.8), squeeze=False)
+    for ax, (values, fmt, ylabel, title, reference, may_be_log) in zip(axes[0], panels):
+        _bars(ax, rows, values, fmt, ylabel, title, reference)
+        if may_be_log and min(values) > 0 and max(values) > 100:
+            ax.set_yscale("log")  # perplexity ratios of badly pruned students span decades
     return _save(fig, run_dir / "recovery.png")
 
 
+def write_ablation_table(run_dir: Path) -> Path | None:
+    """``ablation.md`` rendered from ``ablation.json`` (one renderer: :func:`format_table`)."""
+    from unidistill.ablate import ABLATION_JSON, ABLATION_MD, format_table
+    from unidistill.storage.files import atomic_write_bytes
+
+    path = run_dir / ABLATION_JSON
+    if not path.is_file():
+        return None
+    atomic_write_bytes(run_dir / ABLATION_MD, format_table(json.loads(path.read_text())).encode())
+    return run_dir / ABLATION_MD
+
+
 def report(run_dir) -> list[Path]:
-    """Write every plot the folder's files allow; returns the PNGs written."""
+    """Write every plot (and the ablation table) the folder's files allow; returns the files written."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a folder; pass a distill-from-cache --out folder or an "
                           "ablate --out folder")
-    written = [p for p in (plot_losses(run_dir), plot_layer_cosine(run_dir), plot_recovery(run_dir)) if p]
+    written = [p for p in (plot_losses(run_dir), plot_layer_cosine(run_dir), plot_recovery(run_dir),
+                           write_ablation_table(run_dir)) if p]
     ablation = run_dir / "ablation.json"
     if ablation.is_file():
         for row in json.loads(ablation.read_text())["rows"]:

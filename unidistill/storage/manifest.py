@@ -17,7 +17,8 @@ STATUS_BUILDING = "building"
 STATUS_COMPLETE = "complete"
 
 
-def diff_settings(stored: dict, requested: dict) -> list[str]:
+def diff_settings(stored: dict, requested: dict, stored_as: str = "in the cache",
+                  requested_as: str = "now") -> list[str]:
     """Human-readable lines for every setting whose value differs (nested keys dotted)."""
 
     def flat(d, prefix=""):
@@ -34,7 +35,7 @@ def diff_settings(stored: dict, requested: dict) -> list[str]:
     lines = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
-            lines.append(f"{key}: {a.get(key, '<unset>')!r} in the cache, {b.get(key, '<unset>')!r} now")
+            lines.append(f"{key}: {a.get(key, '<unset>')!r} {stored_as}, {b.get(key, '<unset>')!r} {requested_as}")
     return lines
 
 
