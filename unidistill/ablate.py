@@ -24,6 +24,7 @@ from pathlib import Path
 
 from unidistill.errors import ConfigError
 from unidistill.storage.files import atomic_write_bytes, atomic_write_json
+from unidistill.storage.writer import read_manifest
 
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 EVAL_FILE = "eval.json"
@@ -153,12 +154,10 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     eval_kwargs = dict(max_sequences=eval_sequences, batch_size=eval_batch_size, device=device,
-                       progress=progress)
+                       progress=progress, **_heldout_apart(cache, heldout, heldout_cache))
     ref_teacher = _evaluate_to(_mkdir(out / "_teacher"), teacher, heldout, heldout_cache, eval_kwargs)
     ref_student = _evaluate_to(_mkdir(out / "_student"), student, heldout, heldout_cache, eval_kwargs)
     ref = {"teacher": ref_teacher.get("nll"), "student": ref_student.get("nll")}
-    from unidistill.storage.writer import read_manifest
-
     fingerprint = (read_manifest(cache) or {}).get("fingerprint")  # each run records it too
     table = {"cache": str(cache), "cache_fingerprint": fingerprint, "teacher": teacher, "student": student, "heldout": heldout,
              "heldout_cache": None if heldout_cache is None else str(heldout_cache), "common": common,
@@ -191,6 +190,21 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
         atomic_write_json(out / ABLATION_JSON, table)
         atomic_write_bytes(out / ABLATION_MD, format_table(table).encode())
     return table
+
+
+def _heldout_apart(cache, heldout: str, heldout_cache) -> dict:
+    """Refuse held-out text or a held-out cache that shares documents with the training cache;
+    returns the evaluation's held-out share (the training cache's, for the same local source)."""
+    from unidistill.cache_builder.data import default_eval_split, source_kind
+    from unidistill.cache_builder.splits import check_caches_apart
+
+    train = ((read_manifest(cache) or {}).get("settings") or {}).get("data") or {}
+    share = train.get("heldout_share") if heldout == train.get("source") else None
+    if heldout_cache is not None:
+        check_caches_apart(train, ((read_manifest(heldout_cache) or {}).get("settings") or {}).get("data") or {})
+    check_caches_apart(train, {"source": heldout, "config": train.get("config"),
+                               "split": default_eval_split(heldout), "heldout_share": share})
+    return {"heldout_share": share} if source_kind(heldout) == "local" else {}
 
 
 def _load_teacher(teacher: str):
