@@ -41,8 +41,9 @@ def main():
 @click.option("--teacher", required=True, help="Model folder, hub id, .gguf file, or builtin:smollm2.")
 @click.option("--gguf-file", default=None, help="GGUF file name inside the --teacher folder.")
 @click.option("--data", required=True,
-              help="builtin:pydoc_topics, a .jsonl/.json/.parquet/.csv/.txt file, a folder of text "
-                   "files, or a hub data set id (streamed).")
+              help="builtin:pydoc_topics, builtin:stdlib_docs (Python docs), builtin:kjv_bible "
+                   "(English prose, evaluation only), a .jsonl/.json/.parquet/.csv/.txt file, a "
+                   "folder of text files, or a hub data set id (streamed).")
 @click.option("--data-config", default=None, help="Hub data set config, e.g. stories.")
 @click.option("--split", default="train", show_default=True,
               help="train | heldout | all for built-in text and local files and folders (a "
@@ -343,7 +344,8 @@ def report_cmd(run_dir):
 @click.option("--model", required=True, help="Model folder, hub id, .gguf file or builtin:smollm2.")
 @click.option("--gguf-file", default=None, help="GGUF file name inside --model's folder.")
 @click.option("--data", default=None,
-              help="Held-out text for perplexity, any --data source of cache-build.")
+              help="Held-out text for perplexity, any --data source of cache-build, e.g. "
+                   "builtin:kjv_bible (English prose) beside the training domain.")
 @click.option("--split", default=None,
               help="Split of --data [default: heldout for built-in text and local files and "
                    "folders, train for a hub data set]; all for a file kept apart for evaluation.")

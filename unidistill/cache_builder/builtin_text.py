@@ -5,7 +5,15 @@ source                     splits               held out
 =========================  ===================  ==========================================
 ``builtin:pydoc_topics``   train, heldout, all  every 10th topic (sorted by name); train
                                                 also drops "if", whose text is "else"'s
+``builtin:stdlib_docs``    train, heldout, all  the modules whose name hashes below 0.1
+``builtin:kjv_bible``      heldout, all         everything: evaluation only
 =========================  ===================  ==========================================
+
+``pydoc_topics`` (CPython's reference topics, ``pydoc_data.topics``) and ``stdlib_docs`` (pydoc's
+documentation of the standard library's modules, :mod:`.stdlib_docs`) are both Python
+documentation, from different texts: the language reference's prose versus the modules'
+docstrings. Train on one and evaluate on the other's held-out split only knowing that they share
+a domain. ``kjv_bible`` (:mod:`.kjv_bible`) is English prose of another kind, for evaluation only.
 """
 
 from __future__ import annotations
@@ -13,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from unidistill.cache_builder.splits import SPLITS, check_split
+from unidistill.cache_builder import kjv_bible, stdlib_docs
+from unidistill.cache_builder.splits import EVAL_ONLY_SPLITS, SPLITS, check_split, in_split
 from unidistill.errors import DataError
 
 PREFIX = "builtin:"
@@ -39,8 +48,19 @@ def _pydoc_topics(split: str) -> list[str]:
     return [topics[k] for k in keys]
 
 
+def _stdlib_docs(split: str) -> list[str]:
+    names = [n for n in stdlib_docs.MODULES if in_split(n, split, stdlib_docs.HELDOUT_SHARE)]
+    return [text for _, text in stdlib_docs.documents(names)]
+
+
+def _kjv_bible(split: str) -> list[str]:
+    return [text for _, text in kjv_bible.chapters()]  # every split is all of it
+
+
 BUILTIN_TEXTS = {t.name: t for t in (
     BuiltinText("builtin:pydoc_topics", SPLITS, _pydoc_topics),
+    BuiltinText("builtin:stdlib_docs", SPLITS, _stdlib_docs),
+    BuiltinText("builtin:kjv_bible", EVAL_ONLY_SPLITS, _kjv_bible),
 )}
 
 

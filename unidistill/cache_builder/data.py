@@ -1,8 +1,13 @@
 """Text in, packed token ids out.
 
 Sources (``--data``) and their splits (``--split``):
-- built-in text, nothing downloaded (:mod:`.builtin_text`): ``builtin:pydoc_topics``, CPython's
-  reference topics (``pydoc_data.topics``), splits ``train``, ``heldout`` and ``all``.
+- built-in text, nothing downloaded (:mod:`.builtin_text`; sizes in SmolLM2 tokens, CPython 3.11):
+  ``builtin:pydoc_topics``, CPython's 79 reference topics (105 K train, 8 K held out);
+  ``builtin:stdlib_docs``, pydoc's pages of 186 standard library modules, one document per module
+  (503 K train, 63 K held out; the text changes with the Python version);
+  both with splits ``train``, ``heldout`` and ``all``;
+  ``builtin:kjv_bible``, the King James Bible (990 K; needs ``unidistill[evaltext]``), English
+  prose of another kind for evaluation only: splits ``heldout`` and ``all``.
 - a local ``.json``/``.jsonl``/``.parquet``/``.csv`` file (one document per row), or a
   ``.txt``/``.md``/``.rst`` file or a folder of such files (one document per file), with splits
   ``train``, ``heldout`` and ``all``: a document is held out when the SHA-256 of its text falls
