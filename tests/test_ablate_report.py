@@ -19,6 +19,8 @@ from unidistill.ablate import (
     ratio,
     recovery,
 )
+from unidistill.cache_builder.build import build_cache
+from unidistill.cache_builder.config import BuildConfig
 from unidistill.cli import main
 from unidistill.errors import ConfigError
 from unidistill.storage import CacheReader
@@ -48,7 +50,18 @@ def test_variant_parsing_and_bad_variants():
         check_variants({}, [])
 
 
-def test_ablate_then_report(tmp_path, cache, student_dir, tiny_teacher_dir, text_file):
+@pytest.fixture(scope="module")
+def heldout_cache(tmp_path_factory, tiny_teacher_dir, text_file):
+    """The conftest cache's settings on the held-out split of the same file."""
+    out = tmp_path_factory.mktemp("heldout") / "c"
+    build_cache(BuildConfig(teacher=str(tiny_teacher_dir), data=str(text_file), out=str(out),
+                            split="heldout", seq_len=32, top_k=16, layers="all", max_sequences=4,
+                            batch_size=4, shard_size=4, device="cpu"),
+                progress=False, log=lambda m: None)
+    return out
+
+
+def test_ablate_then_report(tmp_path, cache, heldout_cache, student_dir, tiny_teacher_dir, text_file):
     variants = tmp_path / "variants.yaml"
     variants.write_text("common: {learning_rate: 0.003, per_device_train_batch_size: 4}\n"
                         "variants:\n"
@@ -56,7 +69,7 @@ def test_ablate_then_report(tmp_path, cache, student_dir, tiny_teacher_dir, text
                         "  - {name: ce+kl, alpha: 0.5, beta: 0.5, gamma: 0.0}\n")
     out = tmp_path / "abl"
     argv = ["ablate", "--cache", str(cache), "--student", str(student_dir), "--teacher",
-            str(tiny_teacher_dir), "--heldout", str(text_file), "--heldout-cache", str(cache),
+            str(tiny_teacher_dir), "--heldout", str(text_file), "--heldout-cache", str(heldout_cache),
             "--out", str(out), "--variants", str(variants),
             "--variant", "ce+kl+hidden:alpha=0.4,beta=0.4,gamma=0.2,hidden_loss=mse",
             "--max-steps", "3", "--use-cpu", "--eval-sequences", "4", "--device", "cpu"]

@@ -47,8 +47,9 @@ def test_perplexity_on_text_matches_full_logits(tiny_teacher_dir, text_file):
 
     result = evaluate(str(tiny_teacher_dir), data=str(text_file), seq_len=24, max_sequences=5,
                       batch_size=2, device="cpu", progress=False)
-    ids = pack_documents(iter_documents(str(text_file)), AutoTokenizer.from_pretrained(tiny_teacher_dir),
-                         24, 5)
+    # evaluation reads the held-out split of a local file unless told otherwise
+    ids = pack_documents(iter_documents(str(text_file), split="heldout"),
+                         AutoTokenizer.from_pretrained(tiny_teacher_dir), 24, 5)
     assert (result.sequences, result.tokens) == (5, 5 * 24)
     assert result.nll == pytest.approx(reference_nll(tiny_teacher_dir, ids), rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(result.nll))

@@ -56,6 +56,7 @@ from typing import Callable
 from unidistill.errors import ConfigError
 from unidistill.storage.files import atomic_write_bytes, atomic_write_json
 from unidistill.storage.manifest import diff_settings
+from unidistill.storage.writer import read_manifest
 
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 EVAL_FILE = "eval.json"
@@ -346,7 +347,6 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
     Pieces made with the same settings are kept, the others redone (see the module docstring);
     ``log`` gets one line for each piece redone and why. ``heldout_split`` None: evaluate's
     default (``heldout`` for builtin:pydoc_topics, else ``train``)."""
-    from unidistill.storage.writer import read_manifest
     from unidistill.trainer.arguments import DistillationArguments
     from unidistill.trainer.run import distill_from_cache
 
@@ -354,6 +354,7 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
     check_variants(common, variants)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    apart = _heldout_apart(cache, heldout, heldout_cache)  # refuses text the cache trained on
     fingerprint = (read_manifest(cache) or {}).get("fingerprint")  # each run records it too
     heldout_fingerprint = None
     if heldout_cache is not None:
@@ -362,10 +363,10 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
     student_id, teacher_id = model_identity(student), model_identity(teacher)
 
     def evaluation(folder: Path, label: str, model: str, model_id: dict) -> dict:
-        settings = evaluation_settings(model_id, heldout_id, heldout_split, heldout_fingerprint,
-                                       eval_sequences)
+        settings = {**evaluation_settings(model_id, heldout_id, heldout_split, heldout_fingerprint,
+                                          eval_sequences), **apart}
         return _evaluate_to(folder, label, model, settings, log, data=heldout, split=heldout_split,
-                            cache=heldout_cache, max_sequences=eval_sequences,
+                            cache=heldout_cache, max_sequences=eval_sequences, **apart,
                             batch_size=eval_batch_size, device=device, progress=progress)
 
     ref = {"teacher": evaluation(out / "_teacher", "teacher", teacher, teacher_id),
@@ -408,6 +409,21 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
         atomic_write_json(out / ABLATION_JSON, table)
         atomic_write_bytes(out / ABLATION_MD, format_table(table).encode())
     return table
+
+
+def _heldout_apart(cache, heldout: str, heldout_cache) -> dict:
+    """Refuse held-out text or a held-out cache that shares documents with the training cache;
+    returns the evaluation's held-out share (the training cache's, for the same local source)."""
+    from unidistill.cache_builder.data import default_eval_split, source_kind
+    from unidistill.cache_builder.splits import check_caches_apart
+
+    train = ((read_manifest(cache) or {}).get("settings") or {}).get("data") or {}
+    share = train.get("heldout_share") if heldout == train.get("source") else None
+    if heldout_cache is not None:
+        check_caches_apart(train, ((read_manifest(heldout_cache) or {}).get("settings") or {}).get("data") or {})
+    check_caches_apart(train, {"source": heldout, "config": train.get("config"),
+                               "split": default_eval_split(heldout), "heldout_share": share})
+    return {"heldout_share": share} if source_kind(heldout) == "local" else {}
 
 
 def _load_teacher(teacher: str):

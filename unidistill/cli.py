@@ -41,10 +41,17 @@ def main():
 @click.option("--teacher", required=True, help="Model folder, hub id, .gguf file, or builtin:smollm2.")
 @click.option("--gguf-file", default=None, help="GGUF file name inside the --teacher folder.")
 @click.option("--data", required=True,
-              help="builtin:pydoc_topics, a .jsonl/.json/.parquet/.csv/.txt file, a folder of text "
-                   "files, or a hub data set id (streamed).")
+              help="builtin:pydoc_topics, builtin:stdlib_docs (Python docs), builtin:kjv_bible "
+                   "(English prose, evaluation only), a .jsonl/.json/.parquet/.csv/.txt file, a "
+                   "folder of text files, or a hub data set id (streamed).")
 @click.option("--data-config", default=None, help="Hub data set config, e.g. stories.")
-@click.option("--split", default="train", show_default=True)
+@click.option("--split", default="train", show_default=True,
+              help="train | heldout | all for built-in text and local files and folders (a "
+                   "local document is held out by the hash of its text); a hub data set's own "
+                   "split names.")
+@click.option("--heldout-share", type=float, default=None,
+              help="Local files and folders: share of documents held out [default: 0.05]. "
+                   "Build the held-out cache with the same value.")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--out", required=True,
               help="Cache folder or URL (s3://bucket/prefix) to create, or to resume.")
@@ -128,7 +135,9 @@ def cache_info_cmd(path, as_json):
     click.echo(f"teacher      {s['teacher']['source']}"
                + (f" ({s['teacher']['gguf_file']})" if s['teacher'].get('gguf_file') else "")
                + f", {s['teacher']['architecture']}, {s['teacher']['n_layers']} layers")
-    click.echo(f"data         {s['data']['source']} split={s['data']['split']}")
+    click.echo(f"data         {s['data']['source']} split={s['data']['split']}"
+               + (f" heldout_share={s['data']['heldout_share']}"
+                  if s['data'].get('heldout_share') is not None else ""))
     click.echo(f"tokens       {info['n_sequences']} sequences x {info['seq_len']} = {info['n_tokens']}")
     temps = ", T = " + ",".join(f"{t:g}" for t in [1.0, *info.get("tail_temperatures", [])])
     click.echo("logits       " + {"topk": f"top-{info['top_k']} + tail{temps}",
@@ -261,8 +270,10 @@ def distill_from_cache_cmd(cache, student, resume_from_checkpoint, report_to, **
 @click.option("--hidden-keep", type=float, default=1.0, show_default=True,
               help="Share of residual channels kept (most important first).")
 @click.option("--calib-data", default=None,
-              help="Calibration text [default: builtin:pydoc_topics].")
+              help="Calibration text, any --data source of cache-build [default: builtin:pydoc_topics].")
 @click.option("--calib-split", default="train", show_default=True)
+@click.option("--calib-heldout-share", type=float, default=None,
+              help="Local --calib-data: share of documents held out [default: 0.05].")
 @click.option("--calib-sequences", type=int, default=16, show_default=True)
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True)
@@ -353,9 +364,13 @@ def report_cmd(run_dir):
 @click.option("--model", required=True, help="Model folder, hub id, .gguf file or builtin:smollm2.")
 @click.option("--gguf-file", default=None, help="GGUF file name inside --model's folder.")
 @click.option("--data", default=None,
-              help="Held-out text for perplexity: file, folder, hub id or builtin:pydoc_topics.")
+              help="Held-out text for perplexity, any --data source of cache-build, e.g. "
+                   "builtin:kjv_bible (English prose) beside the training domain.")
 @click.option("--split", default=None,
-              help="Split of --data [default: heldout for builtin:pydoc_topics, else train].")
+              help="Split of --data [default: heldout for built-in text and local files and "
+                   "folders, train for a hub data set]; all for a file kept apart for evaluation.")
+@click.option("--heldout-share", type=float, default=None,
+              help="Local --data: share of documents held out [default: 0.05], as in cache-build.")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--cache", default=None, type=click.Path(),
               help="Teacher cache of held-out text: adds KL to teacher, top-1 agreement, cosines.")

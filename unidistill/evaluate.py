@@ -206,10 +206,16 @@ def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_d
 
 def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
              split: str | None = None, text_field: str = "text", seq_len: int | None = None,
+             heldout_share: float | None = None,
              max_sequences: int | None = 64, batch_size: int = 4, device: str = "auto",
              gguf_file: str | None = None, progress: bool = True) -> Evaluation:
     """Evaluate ``model`` (folder, hub id, GGUF or builtin) on ``data`` and/or a teacher ``cache``."""
-    from unidistill.cache_builder.data import BUILTIN_PYDOC, iter_documents, pack_documents
+    from unidistill.cache_builder.data import (
+        check_data_split,
+        default_eval_split,
+        iter_documents,
+        pack_documents,
+    )
     from unidistill.cache_builder.teacher import (
         load_model,
         load_tokenizer,
@@ -225,6 +231,9 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
         raise ConfigError(f"batch size is {batch_size}; it must be >= 1")
     if max_sequences is not None and max_sequences < 1:
         raise ConfigError(f"max sequences is {max_sequences}; it must be >= 1 (or None for all)")
+    if data is not None:
+        split = default_eval_split(data) if split is None else split
+        check_data_split(data, split, heldout_share)  # before the model is loaded
     dev = resolve_device(device)
     source = resolve_model_source(model, gguf_file)
     reader = CacheReader(cache) if cache is not None else None
@@ -238,10 +247,8 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
     if data is not None:
         if seq_len is None:
             seq_len = reader.layout.seq_len if reader is not None else DEFAULT_SEQ_LEN
-        if split is None:
-            split = "heldout" if data == BUILTIN_PYDOC else "train"
-        ids = pack_documents(iter_documents(data, split=split, text_field=text_field), tokenizer,
-                             seq_len, max_sequences)
+        docs = iter_documents(data, split=split, text_field=text_field, heldout_share=heldout_share)
+        ids = pack_documents(docs, tokenizer, seq_len, max_sequences)
         result.sequences, result.tokens = int(ids.shape[0]), int(ids.size)
         result.nll, result.perplexity, result.accuracy = evaluate_on_ids(
             net, ids, batch_size=batch_size, device=dev, progress=progress)

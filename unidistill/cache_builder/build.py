@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from unidistill import __version__
 from unidistill.cache_builder.capture import TeacherRunner
 from unidistill.cache_builder.config import BuildConfig
-from unidistill.cache_builder.data import iter_documents, pack_documents
+from unidistill.cache_builder.data import iter_documents, pack_documents, resolve_heldout_share
 from unidistill.cache_builder.teacher import (
     load_config,
     load_model,
@@ -103,7 +103,7 @@ def prepare(cfg: BuildConfig, log=print):
     tokenizer = load_tokenizer(source)
     log(f"packing {cfg.data} into sequences of {cfg.seq_len} tokens ...")
     docs = iter_documents(cfg.data, data_config=cfg.data_config, split=cfg.split,
-                          text_field=cfg.text_field)
+                          text_field=cfg.text_field, heldout_share=cfg.heldout_share)
     ids = pack_documents(docs, tokenizer, cfg.seq_len, cfg.max_sequences)
     return source, device, model_config, layers, tokenizer, ids
 
@@ -160,6 +160,7 @@ def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dic
             "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
                           "eos_token_id": tokenizer.eos_token_id},
             "data": {"source": cfg.data, "config": cfg.data_config, "split": cfg.split,
+                     "heldout_share": resolve_heldout_share(cfg.data, cfg.heldout_share),
                      "text_field": cfg.text_field, "max_sequences": cfg.max_sequences,
                      "packing": "documents joined with EOS, remainder dropped",
                      "ids_fingerprint": ids_fingerprint(ids)},

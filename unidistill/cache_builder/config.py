@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unidistill.cache_builder.data import check_data_split
 from unidistill.errors import ConfigError
 from unidistill.storage.layout import HIDDEN_DTYPES, LOGITS_MODES, MAX_SAMPLES
 from unidistill.storage.location import CacheLocation, is_url
@@ -26,11 +27,13 @@ def check_layer_range(layers, n_layers: int) -> None:
 @dataclass(frozen=True)
 class BuildConfig:
     teacher: str = field(metadata={"help": "model folder, hub id, .gguf file or builtin:smollm2"})
-    data: str = field(metadata={"help": "data source: builtin:pydoc_topics, local file/folder or hub id"})
+    data: str = field(metadata={"help": "data source: builtin:NAME, local file/folder or hub id"})
     out: str = field(metadata={"help": "cache folder or URL (s3://bucket/prefix) to create or resume"})
     gguf_file: str | None = None
     data_config: str | None = None
     split: str = "train"
+    heldout_share: float | None = field(default=None, metadata={
+        "help": "share of a local source's documents held out (None: the default, 0.05)"})
     text_field: str = "text"
     seq_len: int = 512
     top_k: int = 64
@@ -78,6 +81,7 @@ class BuildConfig:
                               "with exact logits, or --logits topk-q8 to keep the cache small")
         if self.student_layers is not None and self.student_layers < 1:
             raise ConfigError(f"student_layers must be >= 1, got {self.student_layers}")
+        check_data_split(self.data, self.split, self.heldout_share)
         if is_url(self.out):
             # Bad scheme, missing s3fs, missing bucket or credentials: said now, before the
             # teacher is loaded (one request to the storage service).

@@ -1,16 +1,24 @@
 """Text in, packed token ids out.
 
-Sources (``--data``):
-- ``builtin:pydoc_topics``: CPython's reference topics (``pydoc_data.topics``), always present;
-  split ``train`` (90 % of topics), ``heldout`` (every 10th topic) or ``all``.
-- a local ``.json``/``.jsonl``/``.parquet``/``.csv`` file, or a ``.txt``/``.md``/``.rst`` file or a
-  folder of such files (one document per file);
+Sources (``--data``) and their splits (``--split``):
+- built-in text, nothing downloaded (:mod:`.builtin_text`; sizes in SmolLM2 tokens, CPython 3.11):
+  ``builtin:pydoc_topics``, CPython's 79 reference topics (105 K train, 8 K held out);
+  ``builtin:stdlib_docs``, pydoc's pages of 186 standard library modules, one document per module
+  (503 K train, 63 K held out; the text changes with the Python version);
+  both with splits ``train``, ``heldout`` and ``all``;
+  ``builtin:kjv_bible``, the King James Bible (990 K; needs ``unidistill[evaltext]``), English
+  prose of another kind for evaluation only: splits ``heldout`` and ``all``.
+- a local ``.json``/``.jsonl``/``.parquet``/``.csv`` file (one document per row), or a
+  ``.txt``/``.md``/``.rst`` file or a folder of such files (one document per file), with splits
+  ``train``, ``heldout`` and ``all``: a document is held out when the SHA-256 of its text falls
+  below ``heldout_share`` (default 0.05, about 1 document in 20; :mod:`.splits`), so the split is
+  the same whatever the order of rows or files, and duplicates land on the same side.
 - a Hugging Face hub data set id (``HuggingFaceTB/cosmopedia`` with ``--data-config stories``),
-  always streamed, so caching a slice never downloads a whole split.
+  always streamed, so caching a slice never downloads a whole split; its splits are its own.
 
 Packing: every document is tokenized without special tokens and followed by EOS; the token stream
 is cut into sequences of exactly ``seq_len`` tokens; the remainder that does not fill a sequence
-is dropped. The result is deterministic for the same source, tokenizer and settings.
+is dropped. The result is deterministic for the same source, split, tokenizer and settings.
 """
 
 from __future__ import annotations
@@ -21,31 +29,66 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from unidistill.cache_builder.builtin_text import (
+    BUILTIN_TEXTS,
+    PREFIX,
+    builtin_documents,
+    builtin_text,
+)
+from unidistill.cache_builder.splits import (
+    DEFAULT_HELDOUT_SHARE,
+    SPLITS,
+    check_heldout_share,
+    check_split,
+    in_split,
+)
 from unidistill.errors import DataError
 
 BUILTIN_PYDOC = "builtin:pydoc_topics"
-PYDOC_SPLITS = ("train", "heldout", "all")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
                  ".txt": "text", ".md": "text", ".rst": "text"}
-
-
-def _pydoc_documents(split: str) -> list[str]:
-    from pydoc_data.topics import topics
-
-    if split not in PYDOC_SPLITS:
-        raise DataError(f"split {split!r} of {BUILTIN_PYDOC} does not exist; expected one of "
-                        f"{PYDOC_SPLITS}")
-    keys = sorted(topics)
-    if split == "heldout":
-        keys = keys[::10]
-    elif split == "train":
-        keys = [k for i, k in enumerate(keys) if i % 10]
-    return [topics[k] for k in keys]
 
 
 def _looks_like_path(data: str) -> bool:
     return (data.startswith(("/", ".", "~")) or Path(data).suffix.lower() in LOCAL_FORMATS
             or Path(data).exists())
+
+
+def source_kind(data: str) -> str:
+    """``builtin``, ``local`` (a file or folder) or ``hub`` (a hub data set id)."""
+    if data.startswith(PREFIX):
+        return "builtin"
+    return "local" if _looks_like_path(data) else "hub"
+
+
+def resolve_heldout_share(data: str, heldout_share: float | None) -> float | None:
+    """The held-out share that splits ``data``: the given or default one for local sources, None
+    for the others, whose splits are fixed (built-in text) or their own (hub data sets)."""
+    if source_kind(data) == "local":
+        share = DEFAULT_HELDOUT_SHARE if heldout_share is None else heldout_share
+        check_heldout_share(share)
+        return share
+    if heldout_share is not None:
+        raise DataError(f"a held-out share ({heldout_share}) was given for {data}, but only local "
+                        "files and folders are split by share; built-in text has fixed splits and "
+                        "a hub data set has its own. Drop --heldout-share.")
+    return None
+
+
+def check_data_split(data: str, split: str, heldout_share: float | None = None) -> None:
+    """Refuse, before anything is loaded, a split or held-out share that ``data`` cannot have."""
+    resolve_heldout_share(data, heldout_share)
+    kind = source_kind(data)
+    if kind == "builtin":
+        check_split(split, builtin_text(data).splits, data)
+    elif kind == "local":
+        check_split(split, SPLITS, data)
+
+
+def default_eval_split(data: str) -> str:
+    """The split evaluation reads when none is named: ``heldout`` where the source has one
+    (built-in text, local files and folders), ``train`` for a hub data set."""
+    return "train" if source_kind(data) == "hub" else "heldout"
 
 
 def _local_dataset(path: Path):
@@ -64,20 +107,29 @@ def _local_dataset(path: Path):
         raise DataError(f"data file {path} has an unknown extension {path.suffix!r}; expected one of "
                         f"{sorted(LOCAL_FORMATS)}")
     kwargs = {"sample_by": "document"} if fmt == "text" else {}
+    # datasets names the one split of a set of local files "train"; ours is chosen below
     return load_dataset(fmt, data_files=str(path), split="train", streaming=True, **kwargs)
 
 
 def iter_documents(data: str, *, data_config: str | None = None, split: str = "train",
-                   text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of a source as strings, streaming where the source allows it."""
-    if data == BUILTIN_PYDOC:
-        yield from _pydoc_documents(split)
+                   text_field: str = "text", heldout_share: float | None = None) -> Iterator[str]:
+    """Yield the documents of ``split`` of a source as strings, streaming where the source allows.
+
+    Local files and folders are split by document (see the module docstring) with
+    ``heldout_share`` (None: the default, 0.05); built-in text has fixed splits; a hub data set's
+    splits are its own. A split the source does not have is refused with the valid ones.
+    """
+    check_data_split(data, split, heldout_share)
+    kind = source_kind(data)
+    share = resolve_heldout_share(data, heldout_share)
+    if kind == "builtin":
+        yield from builtin_documents(data, split)
         return
-    if _looks_like_path(data):
+    if kind == "local":
         path = Path(data).expanduser()
         if not path.exists():
             raise DataError(f"data path {path} does not exist; expected a file or folder of text, "
-                            f"a hub data set id, or {BUILTIN_PYDOC}")
+                            f"a hub data set id, or one of {sorted(BUILTIN_TEXTS)}")
         if path.is_file() and path.stat().st_size == 0:
             return  # an empty file holds no documents (datasets cannot even infer its schema)
         rows = _local_dataset(path)
@@ -90,7 +142,9 @@ def iter_documents(data: str, *, data_config: str | None = None, split: str = "t
             raise DataError(f"could not open hub data set {data!r} (config {data_config!r}, split "
                             f"{split!r}): {type(e).__name__}: {e}") from e
     try:
-        yield from _texts(rows, data, text_field)
+        for text in _texts(rows, data, text_field):
+            if kind == "hub" or in_split(text, split, share):
+                yield text
     except DataError:
         raise
     except Exception as e:  # parse errors of a local file, network errors of a stream

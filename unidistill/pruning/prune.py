@@ -67,11 +67,17 @@ def prune_model(model, *, drop_layers: int = 0, depth_method: str = "last", mlp_
 
 def prune(model: str, out: str, *, drop_layers: int = 0, depth_method: str = "last",
           mlp_keep: float = 1.0, hidden_keep: float = 1.0, calib_data: str | None = None,
-          calib_split: str = "train", calib_sequences: int = 16, seq_len: int = 256,
+          calib_split: str = "train", calib_heldout_share: float | None = None,
+          calib_sequences: int = 16, seq_len: int = 256,
           batch_size: int = 4, device: str = "auto", gguf_file: str | None = None,
           overwrite: bool = False, progress: bool = True) -> dict:
     """Load ``model`` (folder, hub id, GGUF or builtin), prune it and save it to ``out``."""
-    from unidistill.cache_builder.data import BUILTIN_PYDOC, iter_documents, pack_documents
+    from unidistill.cache_builder.data import (
+        BUILTIN_PYDOC,
+        check_data_split,
+        iter_documents,
+        pack_documents,
+    )
     from unidistill.cache_builder.teacher import (
         load_model,
         load_tokenizer,
@@ -83,14 +89,18 @@ def prune(model: str, out: str, *, drop_layers: int = 0, depth_method: str = "la
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {out_dir} is not empty; choose a new --out or pass "
                           "--overwrite to replace it")
+    calibrate = needs_calibration(drop_layers, depth_method, mlp_keep, hidden_keep)
+    if calibrate:  # a bad split or share is refused before the model is loaded
+        check_data_split(calib_data or BUILTIN_PYDOC, calib_split, calib_heldout_share)
     source = resolve_model_source(model, gguf_file)
     tokenizer = load_tokenizer(source)
     net = load_model(source, "float32", str(resolve_device(device)))
     check_supported(net)
     calib_ids = None
-    if needs_calibration(drop_layers, depth_method, mlp_keep, hidden_keep):
-        calib_ids = pack_documents(iter_documents(calib_data or BUILTIN_PYDOC, split=calib_split),
-                                   tokenizer, seq_len, calib_sequences)
+    if calibrate:
+        docs = iter_documents(calib_data or BUILTIN_PYDOC, split=calib_split,
+                              heldout_share=calib_heldout_share)
+        calib_ids = pack_documents(docs, tokenizer, seq_len, calib_sequences)
     summary = prune_model(net, drop_layers=drop_layers, depth_method=depth_method, mlp_keep=mlp_keep,
                           hidden_keep=hidden_keep, calib_ids=calib_ids, batch_size=batch_size,
                           progress=progress)

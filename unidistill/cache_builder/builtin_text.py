@@ -1,0 +1,78 @@
+"""Built-in text sources, ``--data builtin:NAME``: nothing downloaded, each split fixed.
+
+=========================  ===================  ==========================================
+source                     splits               held out
+=========================  ===================  ==========================================
+``builtin:pydoc_topics``   train, heldout, all  every 10th topic (sorted by name); train
+                                                also drops "if", whose text is "else"'s
+``builtin:stdlib_docs``    train, heldout, all  the modules whose name hashes below 0.1
+``builtin:kjv_bible``      heldout, all         everything: evaluation only
+=========================  ===================  ==========================================
+
+``pydoc_topics`` (CPython's reference topics, ``pydoc_data.topics``) and ``stdlib_docs`` (pydoc's
+documentation of the standard library's modules, :mod:`.stdlib_docs`) are both Python
+documentation, from different texts: the language reference's prose versus the modules'
+docstrings. Train on one and evaluate on the other's held-out split only knowing that they share
+a domain. ``kjv_bible`` (:mod:`.kjv_bible`) is English prose of another kind, for evaluation only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from unidistill.cache_builder import kjv_bible, stdlib_docs
+from unidistill.cache_builder.splits import EVAL_ONLY_SPLITS, SPLITS, check_split, in_split
+from unidistill.errors import DataError
+
+PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class BuiltinText:
+    name: str
+    splits: tuple[str, ...]
+    documents: Callable[[str], list[str]]  # split -> documents
+
+
+def _pydoc_topics(split: str) -> list[str]:
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    held_out = keys[::10]
+    if split == "heldout":
+        return [topics[k] for k in held_out]
+    if split == "train":  # "if" and "else" are one text: the held-out one is not trained on
+        held_texts = {topics[k] for k in held_out}
+        return [topics[k] for i, k in enumerate(keys) if i % 10 and topics[k] not in held_texts]
+    return [topics[k] for k in keys]
+
+
+def _stdlib_docs(split: str) -> list[str]:
+    names = [n for n in stdlib_docs.MODULES if in_split(n, split, stdlib_docs.HELDOUT_SHARE)]
+    return [text for _, text in stdlib_docs.documents(names)]
+
+
+def _kjv_bible(split: str) -> list[str]:
+    return [text for _, text in kjv_bible.chapters()]  # every split is all of it
+
+
+BUILTIN_TEXTS = {t.name: t for t in (
+    BuiltinText("builtin:pydoc_topics", SPLITS, _pydoc_topics),
+    BuiltinText("builtin:stdlib_docs", SPLITS, _stdlib_docs),
+    BuiltinText("builtin:kjv_bible", EVAL_ONLY_SPLITS, _kjv_bible),
+)}
+
+
+def builtin_text(data: str) -> BuiltinText:
+    try:
+        return BUILTIN_TEXTS[data]
+    except KeyError:
+        raise DataError(f"unknown built-in text {data!r}; expected one of {sorted(BUILTIN_TEXTS)}") from None
+
+
+def builtin_documents(data: str, split: str) -> list[str]:
+    """The documents of the built-in source ``data`` in ``split`` (refused if it has no such split)."""
+    text = builtin_text(data)
+    check_split(split, text.splits, data)
+    return text.documents(split)
