@@ -140,7 +140,8 @@ def main() -> None:
     print(f"teacher ppl {result['teacher']['perplexity']:.2f}; stats {result['stats_seconds']} s; "
           f"massive channels {result['massive_channels']}", flush=True)
 
-    orders: dict[str, list[int]] = {}
+    # a depth order already measured (same teacher, calibration and scores) is reused
+    orders = {k: v["drop_order"] for k, v in result["depth_orders"].items()}
     for name, depth, drop, width in chosen:
         if drop and depth not in orders:
             method, iterative = DEPTHS[depth]

@@ -239,4 +239,4 @@ def test_bad_options_are_refused_with_the_way_out():
 def test_cli_refuses_an_unknown_norm_scale(tmp_path):
     res = CliRunner().invoke(main, ["prune", "--model", "x", "--out", str(tmp_path / "s"),
                                     "--norm-scale", "rms"])
-    assert res.exit_code == 2 and "'rms' is not one of 'token', 'energy', 'none'" in res.output
+    assert res.exit_code == 2 and "'rms' is not one of 'energy', 'token', 'none'" in res.output

@@ -262,10 +262,10 @@ def distill_from_cache_cmd(cache, student, resume_from_checkpoint, report_to, **
               help="Share of GLU neurons kept per block (most important first).")
 @click.option("--hidden-keep", type=float, default=1.0, show_default=True,
               help="Share of residual channels kept (massive-activation ones, then most important).")
-@click.option("--norm-scale", type=click.Choice(["token", "energy", "none"]), default="token",
+@click.option("--norm-scale", type=click.Choice(["energy", "token", "none"]), default="energy",
               show_default=True,
-              help="Rescale kept RMSNorm weights by rms(kept)/rms(all) of their input: mean over "
-                   "tokens, from summed energy, or not at all.")
+              help="Rescale kept RMSNorm weights by rms(kept)/rms(all) of their input: from the "
+                   "energy summed over calibration tokens, the mean over tokens, or not at all.")
 @click.option("--calib-data", default=None,
               help="Calibration text [default: builtin:pydoc_topics].")
 @click.option("--calib-split", default="train", show_default=True)

@@ -32,7 +32,7 @@ def count_parameters(model) -> int:
 
 def prune_model(model, *, drop_layers: int = 0, depth_method: str = "importance",
                 depth_iterative: bool = False, heads_keep: float = 1.0, mlp_keep: float = 1.0,
-                hidden_keep: float = 1.0, norm_scale: str = "token", aggregation: str = "minitron",
+                hidden_keep: float = 1.0, norm_scale: str = "energy", aggregation: str = "minitron",
                 keep_massive: bool = True, calib_ids=None, score_sequences: int = 4,
                 batch_size: int = 4, stats=None, blocks=None, progress: bool = True) -> dict:
     """Prune ``model`` in place; returns a summary (also merged into the config's provenance).
@@ -90,7 +90,7 @@ def prune_model(model, *, drop_layers: int = 0, depth_method: str = "importance"
 
 def prune(model: str, out: str, *, drop_layers: int = 0, depth_method: str = "importance",
           depth_iterative: bool = False, heads_keep: float = 1.0, mlp_keep: float = 1.0,
-          hidden_keep: float = 1.0, norm_scale: str = "token", score_sequences: int = 4,
+          hidden_keep: float = 1.0, norm_scale: str = "energy", score_sequences: int = 4,
           calib_data: str | None = None,
           calib_split: str = "train", calib_sequences: int = 16, seq_len: int = 256,
           batch_size: int = 4, device: str = "auto", gguf_file: str | None = None,

@@ -178,7 +178,7 @@ def norm_scale_factors(model, channels: torch.Tensor, norm_scale: str, calib_ids
 
 
 def prune_hidden(model, stats: ActivationStats, keep: float, *, calib_ids: np.ndarray | None = None,
-                 norm_scale: str = "token", aggregation: str = "minitron", keep_massive: bool = True,
+                 norm_scale: str = "energy", aggregation: str = "minitron", keep_massive: bool = True,
                  batch_size: int = 4, progress: bool = True) -> dict:
     """Keep the most important residual channels everywhere. ``stats`` (the teacher's) choose them;
     the norm factors are measured on ``model`` as it is now (after any depth/MLP pruning) over
