@@ -36,7 +36,7 @@ def test_width_pruning_that_keeps_everything_changes_nothing():
     before = logits(model, ids)
     stats = collect_stats(model, ids, progress=False)
     prune_mlp(model, stats, 1.0, range(4))
-    prune_hidden(model, stats, 1.0, range(4))
+    prune_hidden(model, stats, 1.0, calib_ids=ids)
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
 
 
@@ -67,11 +67,14 @@ def test_kept_channels_are_the_most_important_and_norms_rescaled():
     model = make_llama(50).eval()
     stats = collect_stats(model, calib(), progress=False)
     norm_before = model.model.norm.weight.detach().clone()
-    channels = prune_hidden(model, stats, 0.5, range(4))
-    top = set(torch.topk(stats.channel_importance, 16).indices.tolist())
+    record = prune_hidden(model, stats, 0.5, calib_ids=calib(), norm_scale="energy")
+    channels = record["channels"]
+    top = set(torch.topk(stats.channel_importance(), 16).indices.tolist())
     assert set(channels) == top and channels == sorted(channels)
+    # the teacher's own norm inputs: the energy factor equals the one from the teacher's stats
     ms = stats.norm_input_ms["norm"]
     factor = float((ms[channels].sum() / ms.sum() * 2) ** 0.5)
+    assert record["norm_scales"]["norm"] == pytest.approx(factor, rel=1e-5)
     torch.testing.assert_close(model.model.norm.weight, norm_before[channels] * factor)
 
 
@@ -80,7 +83,7 @@ def test_mlp_keeps_the_most_active_neurons():
     stats = collect_stats(model, calib(), progress=False)
     up_before = model.model.layers[2].mlp.up_proj.weight.detach().clone()
     kept = prune_mlp(model, stats, 0.25, range(4))
-    assert kept[2] == sorted(torch.topk(stats.mlp_activation[2], 16).indices.tolist())
+    assert kept[2] == sorted(torch.topk(stats.mlp_importance()[2], 16).indices.tolist())
     torch.testing.assert_close(model.model.layers[2].mlp.up_proj.weight, up_before[kept[2]])
 
 
@@ -119,7 +122,7 @@ def test_cli_prunes_a_folder_and_refuses_to_overwrite(tmp_path, tiny_teacher_dir
             "--device", "cpu"]
     res = CliRunner().invoke(main, argv)
     assert res.exit_code == 0, res.output
-    assert "pruned: 3 blocks, hidden 16, MLP 32" in res.stdout
+    assert "pruned: 3 blocks, hidden 16, MLP 32, 4 heads" in res.stdout
     config = json.loads((out / "config.json").read_text())
     assert len(config["unidistill_provenance"]["teacher_blocks"]) == 3
     assert (out / "tokenizer.json").is_file()

@@ -4,11 +4,19 @@ One pass over the calibration batches collects, with forward hooks:
 
 * per block, the mean cosine similarity between its input and output hidden states (a block
   whose output equals its input changes nothing and is the first to drop);
-* per block, the mean |activation| of each GLU neuron, act(gate(x)) * up(x), the input of
-  ``down_proj`` (neurons that stay near zero contribute little);
-* per norm (each block's two RMSNorms and the final one), the mean square of each input channel
-  (for rescaling a norm over fewer channels) and the mean |output| of each channel, whose sum
-  over all norms ranks residual channels for hidden-size pruning.
+* per block, the importance of each GLU neuron, act(gate(x)) * up(x) (the input of
+  ``down_proj``), and of each query head (the L2 norm over ``head_dim`` of its attention output,
+  the input of ``o_proj``);
+* per residual channel, the importance of its RMSNorm outputs over every norm (each block's two
+  and the final one), the mean square of each norm's input channel and its largest |input|
+  (massive-activation channels).
+
+Importance follows Minitron (Muralidharan et al. 2024, "Compact Language Models via Pruning and
+Knowledge Distillation"; NVIDIA ModelOpt's hooks): for each sequence the mean |activation| over
+its positions, then the L2 norm of those means over the sequences (the paper found mean over
+the sequence, L2 over the batch the best pair). For a residual channel the L2 norm runs over
+the sequences of every norm together. ``aggregation="mean"`` gives the plain mean |activation|
+over all tokens instead (what this module computed before), kept for comparison.
 """
 
 from __future__ import annotations
@@ -21,15 +29,39 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unidistill.cache_builder.capture import decoder_blocks
+from unidistill.errors import ConfigError
+
+AGGREGATIONS = ("minitron", "mean")
 
 
 @dataclass
 class ActivationStats:
     block_cosine: torch.Tensor            # (n_blocks,) mean cos(input, output) of each block
-    mlp_activation: torch.Tensor          # (n_blocks, intermediate) mean |act(gate) * up|
+    mlp_l2: torch.Tensor                  # (n_blocks, intermediate) L2_batch(mean_seq |act * up|)
+    mlp_mean: torch.Tensor                # (n_blocks, intermediate) mean |act * up| over tokens
+    head_l2: torch.Tensor                 # (n_blocks, heads) L2_batch(mean_seq ||head output||)
+    head_mean: torch.Tensor               # (n_blocks, heads) mean ||head output|| over tokens
+    channel_l2: torch.Tensor              # (hidden,) L2 over (norm, sequence) of mean_seq |norm out|
+    channel_mean: torch.Tensor            # (hidden,) sum over norms of mean |norm output|
+    channel_max: torch.Tensor             # (hidden,) largest |norm input| (the residual stream)
     norm_input_ms: dict[str, torch.Tensor]   # norm name -> (hidden,) mean x^2 of its input
-    channel_importance: torch.Tensor      # (hidden,) sum over norms of mean |norm output|
     tokens: int
+    sequences: int
+
+    def mlp_importance(self, aggregation: str = "minitron") -> torch.Tensor:
+        return self.mlp_l2 if _check_aggregation(aggregation) == "minitron" else self.mlp_mean
+
+    def head_importance(self, aggregation: str = "minitron") -> torch.Tensor:
+        return self.head_l2 if _check_aggregation(aggregation) == "minitron" else self.head_mean
+
+    def channel_importance(self, aggregation: str = "minitron") -> torch.Tensor:
+        return self.channel_l2 if _check_aggregation(aggregation) == "minitron" else self.channel_mean
+
+
+def _check_aggregation(aggregation: str) -> str:
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(f"importance aggregation {aggregation!r} is not one of {', '.join(AGGREGATIONS)}")
+    return aggregation
 
 
 def _first(x):
@@ -48,17 +80,41 @@ def norm_modules(model) -> dict[str, torch.nn.Module]:
     return norms
 
 
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _batches(ids: np.ndarray, batch_size: int, device, progress: bool, desc: str):
+    for s in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress):
+        yield torch.from_numpy(ids[s:s + batch_size].astype(np.int64)).to(device)
+
+
+def _seq_stats(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a (B, S, C) activations -> (sum over sequences of (mean_seq |a|)^2, sum over tokens of |a|),
+    both (C,) float64 on the CPU."""
+    a = a.float().abs()
+    per_seq = a.mean(1)                                      # (B, C)
+    return per_seq.square().sum(0).double().cpu(), a.sum((0, 1)).double().cpu()
+
+
 @torch.no_grad()
 def collect_stats(model, ids: np.ndarray, *, batch_size: int = 4, progress: bool = True) -> ActivationStats:
     """Run ``model`` over calibration ids (N, L) and return the activation statistics."""
+    if ids is None or len(ids) == 0:
+        raise ConfigError("activation statistics need at least one calibration sequence")
+    config = model.config
     blocks = decoder_blocks(model)
-    n, d = len(blocks), model.config.hidden_size
+    n, d, inter = len(blocks), config.hidden_size, config.intermediate_size
+    heads, head_dim = config.num_attention_heads, head_dim_of(config)
     device = next(model.parameters()).device
-    cos_sum = torch.zeros(n, dtype=torch.float64)
-    mlp_sum = torch.zeros(n, model.config.intermediate_size, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    cos_sum = torch.zeros(n, **f64)
+    mlp_sq, mlp_abs = torch.zeros(n, inter, **f64), torch.zeros(n, inter, **f64)
+    head_sq, head_abs = torch.zeros(n, heads, **f64), torch.zeros(n, heads, **f64)
     norms = norm_modules(model)
-    in_ms = {k: torch.zeros(d, dtype=torch.float64) for k in norms}
-    out_abs = torch.zeros(d, dtype=torch.float64)
+    in_ms = {k: torch.zeros(d, **f64) for k in norms}
+    ch_sq, ch_abs = torch.zeros(d, **f64), torch.zeros(d, **f64)
+    ch_max = torch.zeros(d, **f64)
     hooks = []
 
     def block_hook(i):
@@ -70,32 +126,96 @@ def collect_stats(model, ids: np.ndarray, *, batch_size: int = 4, progress: bool
 
     def mlp_hook(i):
         def hook(module, args):
-            mlp_sum[i] += args[0].float().abs().sum((0, 1)).double().cpu()
+            sq, ab = _seq_stats(args[0])                     # (B, S, I) -> (I,)
+            mlp_sq[i] += sq
+            mlp_abs[i] += ab
+        return hook
+
+    def head_hook(i):
+        def hook(module, args):
+            x = args[0]                                      # (B, S, H * head_dim)
+            per_head = x.float().unflatten(-1, (heads, head_dim)).norm(dim=-1)   # (B, S, H)
+            sq, ab = _seq_stats(per_head)
+            head_sq[i] += sq
+            head_abs[i] += ab
         return hook
 
     def norm_hook(name):
         def hook(module, args, output):
-            in_ms[name] += args[0].float().square().sum((0, 1)).double().cpu()
-            out_abs.add_(output.float().abs().sum((0, 1)).double().cpu())
+            x = args[0].float()                              # (B, S, D)
+            in_ms[name] += x.square().sum((0, 1)).double().cpu()
+            torch.maximum(ch_max, x.abs().amax((0, 1)).double().cpu(), out=ch_max)
+            sq, ab = _seq_stats(output)
+            ch_sq.add_(sq)
+            ch_abs.add_(ab)
         return hook
 
     for i, block in enumerate(blocks):
         hooks.append(block.register_forward_hook(block_hook(i), with_kwargs=True))
         hooks.append(block.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
+        hooks.append(block.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
     for name, module in norms.items():
         hooks.append(module.register_forward_hook(norm_hook(name)))
     tokens = 0
     try:
-        for s in tqdm(range(0, len(ids), batch_size), desc="calibration", disable=not progress):
-            batch = torch.from_numpy(ids[s:s + batch_size].astype(np.int64)).to(device)
-            model(input_ids=batch)
+        for batch in _batches(ids, batch_size, device, progress, "calibration"):
+            model(input_ids=batch, use_cache=False)
             tokens += batch.numel()
     finally:
         for h in hooks:
             h.remove()
-    return ActivationStats(block_cosine=(cos_sum / tokens).float(), mlp_activation=(mlp_sum / tokens).float(),
-                           norm_input_ms={k: (v / tokens).float() for k, v in in_ms.items()},
-                           channel_importance=(out_abs / tokens).float(), tokens=tokens)
+    return ActivationStats(
+        block_cosine=(cos_sum / tokens).float(),
+        mlp_l2=mlp_sq.sqrt().float(), mlp_mean=(mlp_abs / tokens).float(),
+        head_l2=head_sq.sqrt().float(), head_mean=(head_abs / tokens).float(),
+        channel_l2=ch_sq.sqrt().float(), channel_mean=(ch_abs / tokens).float(),
+        channel_max=ch_max.float(),
+        norm_input_ms={k: (v / tokens).float() for k, v in in_ms.items()},
+        tokens=tokens, sequences=len(ids))
+
+
+@torch.no_grad()
+def kept_rms_ratios(model, ids: np.ndarray, channels: torch.Tensor, *, batch_size: int = 4,
+                    progress: bool = True) -> dict[str, dict[str, float]]:
+    """For every norm of ``model``: how the RMS over the kept ``channels`` compares with the RMS
+    over all channels of its input, on calibration text.
+
+    An RMSNorm over the kept channels S divides x_S by rms_S(x) instead of rms(x); multiplying its
+    weight by c = rms_S(x) / rms(x) = sqrt(r * D / |S|), with r = sum_S x^2 / sum x^2, gives back
+    the teacher's normalised values on S for that token. Returns per norm ``energy`` (c from r
+    taken as a ratio of sums over all tokens, dominated by the tokens with the largest norm) and
+    ``token`` (the mean over tokens of each token's own c).
+    """
+    norms = norm_modules(model)
+    d, k = model.config.hidden_size, len(channels)
+    device = next(model.parameters()).device
+    s = channels.to(device)
+    kept_sq = {n: 0.0 for n in norms}
+    all_sq = {n: 0.0 for n in norms}
+    c_sum = {n: 0.0 for n in norms}
+    tokens = 0
+    hooks = []
+
+    def hook_for(name):
+        def hook(module, args, output):
+            x2 = args[0].double().square()                   # (B, S, D)
+            kept, total = x2[..., s].sum(-1), x2.sum(-1)     # (B, S)
+            kept_sq[name] += float(kept.sum())
+            all_sq[name] += float(total.sum())
+            c_sum[name] += float((kept / total.clamp(min=1e-300) * d / k).sqrt().sum())
+        return hook
+
+    for name, module in norms.items():
+        hooks.append(module.register_forward_hook(hook_for(name)))
+    try:
+        for batch in _batches(ids, batch_size, device, progress, "norm scales"):
+            model(input_ids=batch, use_cache=False)
+            tokens += batch.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: {"energy": (kept_sq[n] / max(all_sq[n], 1e-300) * d / k) ** 0.5,
+                "token": c_sum[n] / tokens} for n in norms}
 
 
 def least_important_blocks(stats: ActivationStats, drop: int) -> list[int]:
