@@ -162,8 +162,8 @@ def _run_files(folder):
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
 
 
-def test_ablate_redoes_what_changed_and_keeps_the_rest(tmp_path, tmp_path_factory, cache, student_dir,
-                                                       tiny_teacher_dir, text_file):
+def test_ablate_redoes_what_changed_and_keeps_the_rest(tmp_path, tmp_path_factory, cache, heldout_cache,
+                                                       student_dir, tiny_teacher_dir, text_file):
     """A changed variant retrains that run (old folder kept aside), changed eval sequences or
     held-out cache re-evaluate without retraining; the table shows the new numbers, never a
     stale eval.json. Each step fails on a version that reuses any existing eval.json."""
@@ -179,14 +179,14 @@ def test_ablate_redoes_what_changed_and_keeps_the_rest(tmp_path, tmp_path_factor
 
     def run(variants, **kw):
         messages.clear()
-        kw = {"eval_sequences": 2, "heldout_cache": cache, **kw}
+        kw = {"eval_sequences": 2, "heldout_cache": heldout_cache, **kw}
         table = ablate(cache, str(student_dir), str(tiny_teacher_dir), str(text_file), tmp_path,
                        variants=variants, common=common, device="cpu", progress=False,
                        log=messages.append, **kw)
         return table, {r["name"]: r for r in table["rows"]}
 
     def evaluated(folder, **kw):
-        kw = {"max_sequences": 2, "cache": str(cache), **kw}
+        kw = {"max_sequences": 2, "cache": str(heldout_cache), **kw}
         return evaluate(str(folder), data=str(text_file), device="cpu", progress=False, **kw)
 
     _, first = run([{"name": "a", **ce}, {"name": "b", **ce_kl}])
@@ -225,7 +225,7 @@ def test_ablate_redoes_what_changed_and_keeps_the_rest(tmp_path, tmp_path_factor
     # 3. another held-out cache (other sequence length and k): evaluations redone against it
     other = tmp_path_factory.mktemp("heldout") / "c"
     build_cache(BuildConfig(teacher=str(tiny_teacher_dir), data=str(text_file), out=str(other),
-                            seq_len=16, top_k=8, layers="none", max_sequences=4, batch_size=4,
+                            split="heldout", seq_len=16, top_k=8, layers="none", max_sequences=4, batch_size=4,
                             shard_size=4, device="cpu"), progress=False, log=lambda m: None)
     table, moved = run([{"name": "a", **ce_kl}, {"name": "b", **ce_kl}], heldout_cache=other)
     fingerprint = CacheReader(other).manifest["fingerprint"]

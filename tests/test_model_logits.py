@@ -302,9 +302,9 @@ def test_evaluate_scores_a_family_model_by_its_own_logits(family_dirs, exact_cac
     from unidistill.cache_builder.data import iter_documents, pack_documents
 
     model_dir = family_dirs[kind]
-    result = evaluate(str(model_dir), data=str(text_file), cache=str(exact_caches[kind]), seq_len=24,
+    result = evaluate(str(model_dir), data=str(text_file), cache=str(exact_caches[kind]), seq_len=24, split="all",
                       max_sequences=4, batch_size=2, device="cpu", progress=False)
-    ids = pack_documents(iter_documents(str(text_file)), AutoTokenizer.from_pretrained(model_dir), 24, 4)
+    ids = pack_documents(iter_documents(str(text_file), split="all"), AutoTokenizer.from_pretrained(model_dir), 24, 4)
     z = own_logits(AutoModelForCausalLM.from_pretrained(model_dir).eval(), ids)
     ref = F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]),
                           torch.from_numpy(ids[:, 1:].astype(np.int64)).reshape(-1))
