@@ -17,13 +17,15 @@ One cache per representation (``topk`` and ``topk-q8`` with k = 64, ``sampled`` 
     - KL(p || stored): top-k with the tail spread evenly over the other ids, exact rebuilt from
       the cached fp16 state; sampled stores zero for every id not drawn, so the column gives
       KL(stored || p) for it instead (marked);
-    - the gradient of the KD loss (T = 1) with respect to a student's logits, from the stored
+    - the gradient of the KD loss (T = 1, and T = 2 where the cache serves it) with respect to
+      a student's logits, from the stored
       targets against the one from p: relative error ||g - g*|| / ||g*|| and cosine. The student
       is the teacher with its last 6 blocks dropped (untrained, so far from the teacher);
   * build tokens/s against a bare teacher forward over the same batches;
   * read tokens/s through ``CacheDataset`` + DataLoader (0 and 2 workers);
   * with --distill-steps > 0: the same pruned student (``unidistill prune``) distilled from each
-    cache (alpha 0.5 CE + beta 0.5 KL at T = 1, no hidden loss) and evaluated on held-out text.
+    cache (alpha 0.5 CE + beta 0.5 KL at T = 1, no hidden loss) and evaluated on held-out text:
+    one seed, so a smoke test that each representation trains, not a ranking of them.
 Results: benchmarks/results/storage_<tag>.{json,md}.
 """
 
@@ -60,9 +62,9 @@ REPRESENTATIONS = {"topk-64": dict(logits="topk", top_k=64), "topk-q8-64": dict(
                    "sampled-64": dict(logits="sampled", samples=64), "exact": dict(logits="exact")}
 
 
-def stored_targets(reader: CacheReader, index: int, head) -> dict:
-    """The stored teacher targets of one sequence as loss inputs (B = 1)."""
-    seq = reader.read(index, layers=[])
+def stored_targets(reader: CacheReader, index: int, head, temperature: float = 1.0) -> dict:
+    """The stored teacher targets of one sequence at KD temperature T as loss inputs (B = 1)."""
+    seq = reader.read(index, layers=[], temperature=temperature)
     if reader.logits_mode == "exact":
         final = torch.from_numpy(seq["teacher_final_hidden"]).float()             # (L, D)
         return {"teacher_logits": head_logits(final, *head)[None]}                 # (1, L, V)
@@ -83,21 +85,27 @@ def stored_log_probs(reader: CacheReader, targets: dict, vocab: int) -> torch.Te
     return spread.scatter(-1, ids, logp)
 
 
-def kd_grad(student_logits: torch.Tensor, **teacher) -> torch.Tensor:
+def kd_grad(student_logits: torch.Tensor, temperature: float = 1.0, **teacher) -> torch.Tensor:
     z = student_logits.clone().requires_grad_(True)                                # (1, L, V)
     labels = torch.full(z.shape[:2], -100)
     mask = torch.ones(z.shape[:2], dtype=torch.bool)
     _, _, kl, _ = logit_losses_from_logits(z, labels, mask, teacher.get("teacher_ids"),
                                            teacher.get("teacher_logp"), teacher.get("teacher_log_tail"),
-                                           1.0, "forward", False, True, teacher.get("teacher_logits"))
+                                           temperature, "forward", False, True, teacher.get("teacher_logits"))
     kl.backward()
     return z.grad[0]                                                               # (L, V)
 
 
 def fidelity(reader: CacheReader, teacher, student, n_seq: int) -> dict:
+    """KL between the stored and the full teacher distribution (T = 1), and the KD gradient from
+    the stored targets against the one from the full teacher, at T = 1 and, where the cache
+    serves it (top-k: the exact tempered tail; exact: always), at T = 2."""
     head = reader.head() if reader.logits_mode == "exact" else None
     vocab = reader.layout.vocab_size
-    kls, err_num, err_den, cos = [], 0.0, 0.0, []
+    temps = [1.0] if reader.logits_mode == "sampled" else [1.0, 2.0]
+    kls = []
+    err = {t: [0.0, 0.0] for t in temps}
+    cos = {t: [] for t in temps}
     for i in range(min(n_seq, len(reader))):
         ids = torch.from_numpy(reader.read(i, layers=[], logits=False)["input_ids"].astype(np.int64))[None]
         with torch.no_grad():
@@ -111,12 +119,20 @@ def fidelity(reader: CacheReader, teacher, student, n_seq: int) -> dict:
             kls.append(float(torch.where(s > 0, s * (log_s - log_p), 0.0).sum(-1).mean()))
         else:                                                                      # KL(p || stored)
             kls.append(float((log_p.exp() * (log_p - log_s)).sum(-1).mean()))
-        g, g_true = kd_grad(student_logits, **targets), kd_grad(student_logits, teacher_logits=true_logits)
-        err_num += float(((g - g_true) ** 2).sum())
-        err_den += float((g_true ** 2).sum())
-        cos.append(float(torch.nn.functional.cosine_similarity(g, g_true, dim=-1).mean()))
-    return {"kl": float(np.mean(kls)), "kl_direction": "stored||p" if reader.logits_mode == "sampled" else "p||stored",
-            "grad_rel_error": (err_num / err_den) ** 0.5, "grad_cosine": float(np.mean(cos))}
+        for t in temps:
+            at_t = targets if t == 1.0 else stored_targets(reader, i, head, t)
+            g = kd_grad(student_logits, t, **at_t)
+            g_true = kd_grad(student_logits, t, teacher_logits=true_logits)
+            err[t][0] += float(((g - g_true) ** 2).sum())
+            err[t][1] += float((g_true ** 2).sum())
+            cos[t].append(float(torch.nn.functional.cosine_similarity(g, g_true, dim=-1).mean()))
+    out = {"kl": float(np.mean(kls)),
+           "kl_direction": "stored||p" if reader.logits_mode == "sampled" else "p||stored"}
+    for t in temps:
+        suffix = "" if t == 1.0 else f"_t{t:g}"
+        out[f"grad_rel_error{suffix}"] = (err[t][0] / err[t][1]) ** 0.5
+        out[f"grad_cosine{suffix}"] = float(np.mean(cos[t]))
+    return out
 
 
 def hidden_error(reader: CacheReader, runner, n_seq: int) -> dict:
@@ -192,13 +208,16 @@ def render(result: dict) -> str:
           f"(fp16) in every cache; fidelity on {o['fidelity_sequences']} sequences against the teacher's "
           "fp32 distribution; KD gradient w.r.t. the logits of the teacher minus its last 6 blocks.", "",
           "| representation | logits B/token | hidden B/token, per layer | KL to the teacher | KD grad rel. error "
-          "| KD grad cosine | build / bare forward | read tok/s (0 / 2 workers) |", "|---|---|---|---|---|---|---|---|"]
+          "T = 1 | KD grad cosine T = 1 | KD grad cosine T = 2 (rel. error) | build / bare forward "
+          "| read tok/s (0 / 2 workers) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         kl = f"{r['kl']:.2e}" + (" (stored‖p)" if r["kl_direction"] == "stored||p" else "")
         head = f" + head {r['head_bytes'] / 2 ** 20:.0f} MiB once" if r.get("head_bytes") else ""
         per_layer = ", ".join(f"{k.split('/')[1]}: {v}" for k, v in r["hidden_bytes_per_token"].items())
+        t2 = (f"{r['grad_cosine_t2']:.4f} ({r['grad_rel_error_t2']:.3f})" if "grad_cosine_t2" in r
+              else "not served (T = 1 only)")
         md.append(f"| {name} | {r['logits_bytes_per_token']}{head} | {per_layer} | {kl} | "
-                  f"{r['grad_rel_error']:.3f} | {r['grad_cosine']:.4f} | {r['build_over_bare']:.2f} | "
+                  f"{r['grad_rel_error']:.3f} | {r['grad_cosine']:.4f} | {t2} | {r['build_over_bare']:.2f} | "
                   f"{reads[name][0]:.0f} / {reads[name][2]:.0f} |")
     fp16_bytes = hidden_rows["float16"]["disk_bytes_per_token"]
     md += ["", f"Hidden states ({o['layers']}), all layers together, against the fp32 teacher states:", "",
@@ -231,8 +250,10 @@ def main(argv=None):
     p.add_argument("--n-sequences", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--layers", default="8,15,23")
-    p.add_argument("--fidelity-sequences", type=int, default=2)
-    p.add_argument("--distill-steps", type=int, default=10)
+    p.add_argument("--fidelity-sequences", type=int, default=40)
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="a short distillation from each cache (one seed: a smoke test, not a ranking; "
+                        "compare recipes with benchmarks/recovery.py, which reports the seed spread)")
     p.add_argument("--eval-sequences", type=int, default=12)
     p.add_argument("--work", default="out/bench-storage")
     p.add_argument("--tag", default="cpu")
