@@ -257,6 +257,26 @@ def distill_from_cache_cmd(cache, student, resume_from_checkpoint, report_to, **
                    "(loads with AutoModelForCausalLM.from_pretrained)")
 
 
+@main.command("generate")
+@click.option("--model", "models", multiple=True, required=True,
+              help="NAME=PATH (repeatable): a model folder, hub id, .gguf file or builtin:smollm2.")
+@click.option("--prompt", default=None, help="Prompt text (or --data for a held-out document).")
+@click.option("--data", default=None,
+              help="Text source whose held-out split's first document starts the prompt.")
+@click.option("--split", default="heldout", show_default=True)
+@click.option("--prompt-tokens", type=int, default=48, show_default=True,
+              help="With --data: how many tokens of the document make the prompt.")
+@click.option("--max-new-tokens", type=int, default=40, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@_friendly_errors
+def generate_cmd(models, **kwargs):
+    """Continue one held-out prompt with several models (greedy), side by side."""
+    from unidistill.generate import format_side_by_side, generate_side_by_side, parse_model_specs
+
+    prompt, continuations = generate_side_by_side(parse_model_specs(list(models)), **kwargs)
+    click.echo(format_side_by_side(prompt, continuations), nl=False)
+
+
 @main.command("prune")
 @_config_option
 @click.option("--model", required=True, help="Teacher: folder, hub id, .gguf file or builtin:smollm2.")
