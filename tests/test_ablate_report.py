@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from unidistill.ablate import (
     REPLACED_DIR,
+    heldout_sets,
     RUN_SETTINGS_FILE,
     ablate,
     check_variants,
@@ -264,3 +265,84 @@ def test_an_online_run_trains_against_the_live_teacher(tmp_path, cache, student_
     assert math.isfinite(rows["full"]["nll"])
     with pytest.raises(ConfigError, match=r"online='some'; expected 'full'"):
         check_variants({}, [{"name": "x", "online": "some"}])
+
+
+def test_ablate_on_several_heldout_sets(tmp_path, cache, heldout_cache, student_dir, tiny_teacher_dir,
+                                        text_file, documents):
+    """Every model is evaluated on each held-out set (eval.json for the first, eval.<name>.json for
+    the others, each recording what produced it); the table holds every set's numbers; a rerun
+    keeps them; a set that overlaps the training cache is refused."""
+    from .conftest import write_jsonl
+
+    from unidistill.errors import DataError
+
+    other = write_jsonl(tmp_path / "prose.jsonl", documents[60:])
+    other_cache = tmp_path / "prose-cache"
+    build_cache(BuildConfig(teacher=str(tiny_teacher_dir), data=str(other), out=str(other_cache),
+                            split="all", seq_len=32, top_k=16, layers="none", max_sequences=4,
+                            batch_size=4, shard_size=4, device="cpu"), progress=False, log=lambda m: None)
+    out = tmp_path / "abl"
+    argv = ["ablate", "--cache", str(cache), "--student", str(student_dir), "--teacher",
+            str(tiny_teacher_dir), "--heldout", str(text_file), "--heldout-split", "heldout",
+            "--heldout-cache", str(heldout_cache), "--heldout", str(other), "--heldout-split", "all",
+            "--heldout-cache", str(other_cache), "--out", str(out),
+            "--variant", "ce:alpha=1,beta=0,gamma=0", "--variant", "kd:alpha=0,beta=1,gamma=0",
+            "--max-steps", "2", "--use-cpu", "--eval-sequences", "3", "--device", "cpu"]
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 0, res.output
+    table = json.loads((out / "ablation.json").read_text())
+    assert [h["name"] for h in table["heldouts"]] == ["train", "prose"]
+    assert [h["eval_file"] for h in table["heldouts"]] == ["eval.json", "eval.prose.json"]
+    assert table["heldouts"][1]["cache_fingerprint"] == CacheReader(other_cache).manifest["fingerprint"]
+    rows = {r["name"]: r for r in table["rows"]}
+    for name, folder in (("teacher", "_teacher"), ("student (before)", "_student"), ("ce", "ce"), ("kd", "kd")):
+        first = json.loads((out / folder / "eval.json").read_text())
+        second = json.loads((out / folder / "eval.prose.json").read_text())
+        assert first["produced_by"]["heldout"]["data"] == str(text_file)
+        assert second["produced_by"]["heldout"]["data"] == str(other) and second["produced_by"]["split"] == "all"
+        r = rows[name]
+        assert r["perplexity"] == first["perplexity"] == r["heldout_sets"]["train"]["perplexity"]
+        assert r["heldout_sets"]["prose"]["perplexity"] == second["perplexity"] != first["perplexity"]
+        assert r["heldout_sets"]["prose"]["kl_to_teacher"] == second["kl_to_teacher"]
+        teacher_second = json.loads((out / "_teacher" / "eval.prose.json").read_text())
+        assert r["heldout_sets"]["prose"]["perplexity_ratio"] == pytest.approx(
+            second["perplexity"] / teacher_second["perplexity"], rel=1e-12)
+    assert rows["teacher"]["heldout_sets"]["prose"]["top1_agreement"] == pytest.approx(1.0)
+    assert rows["student (before)"]["heldout_sets"]["prose"]["recovery_pct"] == pytest.approx(0.0)
+    md = (out / "ablation.md").read_text().splitlines()
+    header = [c.strip() for c in next(line for line in md if line.startswith("| run |")).split("|")[1:-1]]
+    assert header[:4] == ["run", "settings", "train: perplexity", "train: perplexity ÷ teacher"]
+    assert header[9:11] == ["prose: perplexity", "prose: perplexity ÷ teacher"] and len(header) == 17
+    kd_line = next(line for line in md if line.startswith("| kd |"))
+    assert f"{rows['kd']['heldout_sets']['prose']['perplexity']:.3f}" in kd_line
+    assert len(kd_line.split("|")) == 19
+
+    logged: list[str] = []
+    again = ablate(cache, str(student_dir), str(tiny_teacher_dir), [str(text_file), str(other)], out,
+                   variants=[{"name": "ce", "alpha": 1, "beta": 0, "gamma": 0},
+                             {"name": "kd", "alpha": 0, "beta": 1, "gamma": 0}],
+                   common={"report_to": [], "logging_steps": 1, "save_strategy": "no", "max_steps": 2,
+                           "use_cpu": True},
+                   heldout_split=["heldout", "all"], heldout_cache=[heldout_cache, other_cache],
+                   eval_sequences=3, device="cpu", progress=False, log=logged.append)
+    assert logged == [] and again["rows"] == table["rows"]  # everything kept
+    res = CliRunner().invoke(main, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "ablation.md").read_text().splitlines() == md
+
+    with pytest.raises(DataError, match="share documents"):  # the training text, split all
+        ablate(cache, str(student_dir), str(tiny_teacher_dir), [str(other), str(text_file)], tmp_path / "x",
+               variants=[{"name": "ce"}], heldout_split="all", device="cpu", progress=False)
+
+
+def test_heldout_sets_pair_the_options_in_order():
+    sets = heldout_sets(["builtin:stdlib_docs", "builtin:kjv_bible"], "heldout", ["a", "b"])
+    assert [(h.name, h.data, h.split, h.cache) for h in sets] == [
+        ("stdlib_docs", "builtin:stdlib_docs", "heldout", "a"), ("kjv_bible", "builtin:kjv_bible", "heldout", "b")]
+    assert heldout_sets("data/x.jsonl")[0].name == "x" and heldout_sets("data/x.jsonl")[0].cache is None
+    with pytest.raises(ConfigError, match="one per --heldout"):
+        heldout_sets(["a.jsonl", "b.jsonl"], None, ["c"])
+    with pytest.raises(ConfigError, match="give one for all or one per --heldout"):
+        heldout_sets(["a.jsonl", "b.jsonl"], ["x", "y", "z"])
+    with pytest.raises(ConfigError, match=r"names \['t'\] appear more than once"):
+        heldout_sets(["one/t.jsonl", "two/t.jsonl"])

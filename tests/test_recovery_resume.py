@@ -52,7 +52,9 @@ class FakeCommands:
                 raise RuntimeError(f"prune: output folder {out} is not empty")
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
-            (out / "config.json").write_text(json.dumps({"unidistill_provenance": {"teacher": "t"}}))
+            blocks = 30 - int(options.get("--drop-layers", 0))  # keeps the first ones
+            (out / "config.json").write_text(json.dumps({"num_hidden_layers": blocks, "unidistill_provenance": {
+                "teacher": "t", "teacher_blocks": list(range(blocks))}}))
             (out / "model.safetensors").write_bytes(b"weights")
         elif command == "cache-build":
             manifest = read_manifest(out)
@@ -84,48 +86,106 @@ def test_a_second_invocation_skips_what_is_complete_and_redoes_what_changed(reco
                                        str(tmp_path / "results"), *extra])
         return recovery.run(opts, log=messages.append)
 
-    every_time = [("ablate", "runs", False), ("report", "runs", False)]
+    every_time = [("ablate", "runs-depth", False), ("report", "runs-depth", False),
+                  ("ablate", "runs-width", False), ("report", "runs-width", False)]
     experiment()
-    assert commands.take() == [("prune", "student", False), ("cache-build", "cache", False),
-                               ("cache-build", "heldout-cache", False), *every_time]
+    assert commands.take() == [("prune", "student-depth", False), ("prune", "student-width", False),
+                               ("cache-build", "cache", False), ("cache-build", "heldout-stdlib_docs", False),
+                               ("cache-build", "heldout-kjv_bible", False), *every_time]
 
     result = experiment()  # everything complete, same options: only ablate (it keeps its runs) + report
     assert commands.take() == every_time
-    assert result["times_s"]["prune"] is None and result["times_s"]["cache_train"] is None
-    assert sum("skipped" in m for m in messages) == 3
+    assert result["times_s"]["prune_depth"] is None and result["times_s"]["cache_train"] is None
+    assert sum("skipped" in m for m in messages) == 5
 
     messages.clear()
     experiment("--train-sequences", "50")  # the training cache's options changed: rebuilt, alone
     assert commands.take() == [("cache-build", "cache", True), *every_time]
-    assert any("--max-sequences: '96' before, '50' now" in m for m in messages)
+    assert any("--max-sequences: '200' before, '50' now" in m for m in messages)
 
     # a held-out build stopped mid-way (manifest 'building'), same options: continued, not wiped
-    held = tmp_path / "exp" / "heldout-cache"
+    held = tmp_path / "exp" / "heldout-stdlib_docs"
     _write_manifest(held, STATUS_BUILDING, read_manifest(held)["settings"])
     experiment("--train-sequences", "50")
-    assert commands.take() == [("cache-build", "heldout-cache", False), *every_time]
+    assert commands.take() == [("cache-build", "heldout-stdlib_docs", False), *every_time]
 
-    # the held-out split reaches the held-out cache and the ablate evaluations
+    # the held-out split reaches the training text's held-out cache (and the ablate evaluations)
     experiment("--train-sequences", "50", "--heldout-split", "all")
-    assert commands.take() == [("cache-build", "heldout-cache", True), *every_time]
+    assert commands.take() == [("cache-build", "heldout-stdlib_docs", True), *every_time]
 
+    # other training text: both students, the cache and its held-out cache made again; the other
+    # kind of text's held-out cache is kept
     experiment("--train-sequences", "50", "--heldout-split", "all", "--data", "other.jsonl")
-    assert commands.take() == [("prune", "student", True), ("cache-build", "cache", True),
-                               ("cache-build", "heldout-cache", True), *every_time]
+    assert commands.take() == [("prune", "student-depth", True), ("prune", "student-width", True),
+                               ("cache-build", "cache", True), ("cache-build", "heldout-other", False),
+                               *every_time]
 
     # a pruned student whose weights are gone is made again, whatever its record says
-    (tmp_path / "exp" / "student" / "model.safetensors").unlink()
+    (tmp_path / "exp" / "student-width" / "model.safetensors").unlink()
     experiment("--train-sequences", "50", "--heldout-split", "all", "--data", "other.jsonl")
-    assert commands.take() == [("prune", "student", True), *every_time]
+    assert commands.take() == [("prune", "student-width", True), *every_time]
+
+    # a student pruned to other blocks needs other teacher layers: the training cache is rebuilt
+    config_path = tmp_path / "exp" / "student-depth" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["unidistill_provenance"]["teacher_blocks"] = list(range(10, 30))
+    config_path.write_text(json.dumps(config))
+    messages.clear()
+    experiment("--train-sequences", "50", "--heldout-split", "all", "--data", "other.jsonl")
+    assert commands.take() == [("cache-build", "cache", True), *every_time]
+    assert any("--layers" in m and "before" in m for m in messages)
 
 
-def test_the_ablate_stage_passes_the_heldout_split(recovery, tmp_path, monkeypatch):
+def test_the_ablate_stages_evaluate_on_both_heldout_texts(recovery, tmp_path, monkeypatch):
     argvs = []
     monkeypatch.setattr(recovery, "_execute", lambda argv: argvs.append(argv) or FakeCommands(recovery)(argv))
     opts = recovery.parse_options(["--out", str(tmp_path), "--heldout-split", "all"])
     recovery.run(opts, log=lambda m: None)
-    ablate = recovery.command_options(next(a for a in argvs if a[1] == "ablate"))
-    assert ablate["--heldout-split"] == "all" and ablate["--eval-sequences"] == "28"
+    ablates = [recovery.command_options(a) for a in argvs if a[1] == "ablate"]
+    assert [Path(a["--student"]).name for a in ablates] == ["student-depth", "student-width"]
+    for ablate in ablates:
+        assert ablate["--heldout"] == ["builtin:stdlib_docs", "builtin:kjv_bible"]
+        assert ablate["--heldout-split"] == ["all", "heldout"] and ablate["--eval-sequences"] == "16"
+        assert [Path(c).name for c in ablate["--heldout-cache"]] == ["heldout-stdlib_docs", "heldout-kjv_bible"]
+    builds = {Path(recovery.command_options(a)["--out"]).name: recovery.command_options(a)
+              for a in argvs if a[1] == "cache-build"}
+    assert builds["heldout-kjv_bible"]["--layers"] == "none"
+    assert builds["heldout-kjv_bible"]["--max-sequences"] == "16"
+    # the union of the uniform, last and original maps' layers of both students' aligned blocks
+    # (fake students keep their first blocks: original = i)
+    depth = {8, 15, 23, 30} | {15, 20, 25, 30} | {5, 10, 15, 20}
+    width = {8, 15, 23, 30} | {11, 17, 24, 30} | {7, 13, 20, 26}
+    assert builds["cache"]["--layers"] == ",".join(map(str, sorted(depth | width)))
+    spec = recovery.load_variants(opts.variants)
+    runs = {v["name"]: v for v in recovery.student_variants(spec, "width")}
+    assert {"ce.seed1", "kd.seed1", "ce+kd.seed1"} <= set(runs)
+    assert runs["kd.seed1"]["seed"] == 1 and runs["kd.seed1"]["data_seed"] == 1
+    assert runs["ce+kd+hidden.original"]["align_layers"] == "7,13,20,26"
+    assert "align_layers" not in runs["ce"]
+    text = (tmp_path / "variants-depth.yaml").read_text()
+    assert "ce+kd.seed1" in text and "ce+kd+hidden.nmse" not in text
+
+
+def _row(name, docs, kjv):
+    return {"name": name, "heldout_sets": {"docs": {"perplexity": docs}, "kjv": {"perplexity": kjv}}}
+
+
+def test_seed_spread_and_the_verdict(recovery):
+    rows = {r["name"]: r for r in [
+        _row("teacher", 17, 9), _row("student (before)", 90, 60), _row("ce", 30.0, 40.0),
+        _row("ce.seed1", 30.5, 41.0), _row("kd", 31.0, 30.0), _row("kd.seed1", 31.2, 30.4),
+        _row("hidden", 29.5, 45.0)]}
+    spread = recovery.seed_spread(rows, ["docs", "kjv"], ["ce", "kd", "ce+kd"])
+    assert spread["per_recipe"]["ce"] == pytest.approx({"docs": 0.5, "kjv": 1.0})
+    assert spread["max"] == pytest.approx({"docs": 0.5, "kjv": 1.0})
+    v = recovery.verdict(rows, ["docs", "kjv"], spread["max"])
+    assert v["docs"]["best"] == "hidden" and v["kjv"]["best"] == "kd"
+    # hidden beats CE on docs by 0.5, not more than 2 x 0.5; kd beats it on kjv by 10 > 2, but not on docs
+    assert v["docs"]["beats_ce_by_more_than_2x_spread"] == {"docs": False, "kjv": False}
+    assert v["kjv"]["beats_ce_by_more_than_2x_spread"] == {"docs": False, "kjv": True}
+    assert not v["kjv"]["beats_ce_on_both_texts"]
+    assert recovery.versus_ce(rows["hidden"], rows["ce"], "docs", 0.5) == "-0.50"
+    assert recovery.versus_ce(rows["kd.seed1"], rows["ce"], "docs", 1.5) == "no measurable difference"
 
 
 def test_completeness_is_read_from_what_the_real_commands_leave(recovery, tmp_path, cache,

@@ -37,6 +37,15 @@ last MiB; see :func:`unidistill.fingerprint.file_digest`); a hub id by its name 
 revision by downloading it). The evaluation's batch size and device are not recorded: they do not
 change the numbers beyond rounding. ``ablation.json`` and ``ablation.md`` are rewritten after every run.
 
+**Several held-out sets.** ``heldout`` (with ``heldout_split`` and ``heldout_cache``) may be a
+list: every model is then evaluated on each set, e.g. the training domain's held-out split and text
+of another kind. Each set has a name (its source without ``builtin:`` or its file stem, or the one
+given); the first set's evaluation is ``eval.json``, the others' ``eval.<name>.json``, each with
+its own ``produced_by``. Every row of ``ablation.json`` keeps the first set's numbers at its top
+level (as with one set) and holds every set's under ``heldout_sets[name]``; the markdown table gets
+one block of columns per set. Each set is refused, like a single one, when it shares documents
+with the training cache.
+
 A run may also be the **online baseline**: ``online: full`` (or ``online: K``) loads the teacher
 and trains on the same cached token ids with targets from the live teacher (all V ids, or its
 top-K), which measures what the cache's top-k + tail costs on the same token budget.
@@ -161,6 +170,70 @@ def ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference
 
 
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """One held-out set: text ``data`` (its ``split``; None = evaluate's default) and optionally
+    the teacher's cache of it (adds top-1 agreement and KL to the teacher)."""
+
+    name: str
+    data: str
+    split: str | None = None
+    cache: str | None = None
+
+
+def heldout_name(data: str) -> str:
+    """A short name for held-out text: ``builtin:kjv_bible`` -> ``kjv_bible``, a path -> its stem."""
+    text = data.split(":", 1)[1] if data.startswith("builtin:") else Path(data).stem or data
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text) or "heldout"
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    return [None if v is None else str(v) for v in value]
+
+
+def heldout_sets(heldout, heldout_split=None, heldout_cache=None, names=None) -> list[HeldOut]:
+    """The held-out sets from ``ablate``'s arguments, each a str or a list (in the same order).
+
+    ``heldout_split``: none (evaluate's default), one for every set, or one per set.
+    ``heldout_cache``: none, or one per set (a list may hold None for a set without one; a single
+    cache with a single set). ``names``: one per set, default :func:`heldout_name`."""
+    data = _as_list(heldout)
+    if not data:
+        raise ConfigError("no held-out text: give --heldout (repeatable)")
+    splits, caches = _as_list(heldout_split), _as_list(heldout_cache)
+    if len(splits) not in (0, 1, len(data)):
+        raise ConfigError(f"{len(splits)} --heldout-split values {splits} for {len(data)} held-out "
+                          f"sets {data}; give one for all or one per --heldout, in the same order")
+    if len(caches) not in (0, len(data)):
+        raise ConfigError(f"{len(caches)} --heldout-cache values for {len(data)} held-out sets "
+                          f"{data}: a held-out cache belongs to one text; give one per --heldout, "
+                          "in the same order")
+    splits = splits * len(data) if len(splits) == 1 else splits or [None] * len(data)
+    caches = caches or [None] * len(data)
+    names = [heldout_name(d) for d in data] if names is None else [str(n) for n in names]
+    if len(names) != len(data):
+        raise ConfigError(f"{len(names)} names {names} for {len(data)} held-out sets {data}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"held-out set names {duplicates} appear more than once (from {data}); "
+                          "each set needs its own name: evaluate each text once")
+    bad = [n for n in names if not _NAME.match(n)]
+    if bad:
+        raise ConfigError(f"held-out set names {bad} must start with a letter or digit and hold "
+                          "only letters, digits and _ . + - (they name eval files)")
+    return [HeldOut(*fields) for fields in zip(names, data, splits, caches)]
+
+
+def eval_file(index: int, heldout: HeldOut) -> str:
+    """The first held-out set's evaluation is ``eval.json`` (as with one set), the others'
+    ``eval.<name>.json``."""
+    return EVAL_FILE if index == 0 else f"eval.{heldout.name}.json"
+
+
 # ---- what produced each piece ------------------------------------------------------------------
 
 def _canonical(obj):
@@ -224,11 +297,12 @@ def _changes(old: dict, new: dict) -> str:
     return "; ".join(diff_settings(old, new, "before", "now")) or "(no difference)"
 
 
-def _evaluate_to(folder: Path, label: str, model: str, settings: dict, log, **evaluate_kwargs) -> dict:
-    """``folder/eval.json`` when it was produced by ``settings``, else a fresh evaluation."""
+def _evaluate_to(folder: Path, label: str, model: str, settings: dict, log, file: str = EVAL_FILE,
+                 **evaluate_kwargs) -> dict:
+    """``folder/file`` when it was produced by ``settings``, else a fresh evaluation."""
     from unidistill.evaluate import evaluate
 
-    path = folder / EVAL_FILE
+    path = folder / file
     old = _read_json(path)
     if old is not None and old.get(PRODUCED_BY) == settings:
         return old
@@ -238,7 +312,7 @@ def _evaluate_to(folder: Path, label: str, model: str, settings: dict, log, **ev
         log(f"{label}: evaluating again, the stored evaluation does not match: {why}")
     result = json.loads(evaluate(model, **evaluate_kwargs).to_json())
     result[PRODUCED_BY] = settings
-    atomic_write_json(_mkdir(folder) / EVAL_FILE, result)
+    atomic_write_json(_mkdir(folder) / file, result)
     return result
 
 
@@ -268,14 +342,26 @@ def _prepare_run(run_dir: Path, name: str, settings: dict, out: Path, log) -> bo
 
 # ---- the table ---------------------------------------------------------------------------------
 
-def _row(name: str, settings: dict, ev: dict, ref: dict, tokens_per_s) -> dict:
-    return {"name": name, "settings": settings, "perplexity": ev.get("perplexity"),
-            "nll": ev.get("nll"),
+METRICS = ("perplexity", "nll", "perplexity_ratio", "accuracy", "accuracy_ratio", "recovery_pct",
+           "top1_agreement", "kl_to_teacher")
+HELDOUT_SETS = "heldout_sets"  # in each row of ablation.json: every held-out set's metrics by name
+
+
+def _metrics(ev: dict, ref: dict) -> dict:
+    """A model's numbers on one held-out set, next to the teacher's and the untrained student's."""
+    return {"perplexity": ev.get("perplexity"), "nll": ev.get("nll"),
             "perplexity_ratio": ratio(ev.get("perplexity"), ref["teacher"].get("perplexity")),
             "accuracy": ev.get("accuracy"),
             "accuracy_ratio": ratio(ev.get("accuracy"), ref["teacher"].get("accuracy")),
             "recovery_pct": recovery(ev.get("nll"), ref["student"].get("nll"), ref["teacher"].get("nll")),
-            "top1_agreement": ev.get("top1_agreement"), "kl_to_teacher": ev.get("kl_to_teacher"),
+            "top1_agreement": ev.get("top1_agreement"), "kl_to_teacher": ev.get("kl_to_teacher")}
+
+
+def _row(name: str, settings: dict, evs: dict[str, dict], refs: dict[str, dict], tokens_per_s) -> dict:
+    """One row: the first held-out set's metrics at the top level, every set's by name."""
+    per_set = {set_name: _metrics(ev, refs[set_name]) for set_name, ev in evs.items()}
+    first = next(iter(per_set.values()))
+    return {"name": name, "settings": settings, **first, HELDOUT_SETS: per_set,
             "tokens_per_s": tokens_per_s}
 
 
@@ -294,34 +380,61 @@ def uniform_baseline_note(table: dict) -> str | None:
     return note
 
 
-def format_table(table: dict) -> str:
-    """The markdown table of an ablation (``ablation.json``; keys an older version did not write
-    show as -)."""
+_COLUMNS = (("perplexity", "perplexity"), ("perplexity ÷ teacher", "perplexity_ratio"),
+            ("next-token accuracy", "accuracy"), ("accuracy ÷ teacher", "accuracy_ratio"),
+            ("log-ppl gap closed %", "recovery_pct"), ("top-1 agreement", "top1_agreement"),
+            ("KL to teacher", "kl_to_teacher"))
+
+
+def _cells(m: dict) -> list[str]:
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
+    kl = m.get("kl_to_teacher")
+    return [num(m.get("perplexity"), ".3f"), format_ratio(m.get("perplexity_ratio")),
+            num(m.get("accuracy"), ".3f"), format_ratio(m.get("accuracy_ratio")),
+            num(_no_negative_zero(m.get("recovery_pct")), ".1f"), num(m.get("top1_agreement"), ".3f"),
+            num(None if kl is None else max(kl, 0.0), ".4f")]
+
+
+def table_heldout_names(table: dict) -> list[str]:
+    """The names of an ablation's held-out sets, in order ([] for a table of one set written
+    before there could be several)."""
+    return [h["name"] for h in table.get("heldouts") or []]
+
+
+def format_table(table: dict) -> str:
+    """The markdown table of an ablation (``ablation.json``; keys an older version did not write
+    show as -). Several held-out sets: one block of columns per set, headed ``name: column``."""
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    names = table_heldout_names(table)
+    several = len(names) > 1
+    if several:
+        where = "; ".join(f"{h['name']} = `{h['data']}` ({h.get('split') or 'default split'})"
+                          for h in table["heldouts"])
+    else:
+        where = f"`{table['heldout']}`"
     lines = [f"# Ablation from cache `{table['cache']}`", "",
-             f"Teacher `{table['teacher']}`, student `{table['student']}`, held-out `{table['heldout']}`.",
+             f"Teacher `{table['teacher']}`, student `{table['student']}`, held-out {where}.",
              "Perplexity and accuracy ÷ teacher: the run's value over the teacher's. Next-token "
              "accuracy: share of positions whose most likely token is the actual next one. "
              "Log-ppl gap closed % (recovery): share of the untrained student's gap to the teacher "
              "in log-perplexity that the run closes."]
     note = uniform_baseline_note(table)
     lines += [note] if note else []
-    lines += ["", "| run | settings | perplexity | perplexity ÷ teacher | next-token accuracy | "
-              "accuracy ÷ teacher | log-ppl gap closed % | top-1 agreement | KL to teacher | tokens/s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    blocks = names if several else [None]
+    header = ["run", "settings"] + [f"{n}: {c}" if n else c for n in blocks for c, _ in _COLUMNS] + ["tokens/s"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table["rows"]:
         order = SHOWN + (ONLINE,)  # ablation.json stores keys sorted: show them in this order
         shown = sorted(r["settings"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
         settings = ", ".join(f"{k}={v}" for k, v in shown)
-        kl = r.get("kl_to_teacher")
-        lines.append(f"| {r['name']} | {settings} | {num(r.get('perplexity'), '.3f')} | "
-                     f"{format_ratio(r.get('perplexity_ratio'))} | {num(r.get('accuracy'), '.3f')} | "
-                     f"{format_ratio(r.get('accuracy_ratio'))} | "
-                     f"{num(_no_negative_zero(r.get('recovery_pct')), '.1f')} | "
-                     f"{num(r.get('top1_agreement'), '.3f')} | "
-                     f"{num(None if kl is None else max(kl, 0.0), '.4f')} | {num(r.get('tokens_per_s'), '.0f')} |")
+        metrics = [(r.get(HELDOUT_SETS) or {}).get(n, {}) if n else r for n in blocks]
+        cells = [r["name"], settings] + [c for m in metrics for c in _cells(m)] + [
+            num(r.get("tokens_per_s"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -338,47 +451,62 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: list[dict],
-           common: dict | None = None, heldout_cache=None, heldout_split: str | None = None,
-           eval_sequences: int | None = 32, eval_batch_size: int = 4, device: str = "auto",
-           progress: bool = True, log: Callable[[str], None] = _stderr) -> dict:
-    """Run every variant, evaluate it, and write the table; returns the table as a dict.
+def ablate(cache, student: str, teacher: str, heldout, out, *, variants: list[dict],
+           common: dict | None = None, heldout_cache=None, heldout_split=None,
+           heldout_names=None, eval_sequences: int | None = 32, eval_batch_size: int = 4,
+           device: str = "auto", progress: bool = True, log: Callable[[str], None] = _stderr) -> dict:
+    """Run every variant, evaluate it on every held-out set, and write the table; returns it.
 
-    Pieces made with the same settings are kept, the others redone (see the module docstring);
-    ``log`` gets one line for each piece redone and why. ``heldout_split`` None: evaluate's
-    default (``heldout`` for builtin:pydoc_topics, else ``train``)."""
+    ``heldout``, ``heldout_split``, ``heldout_cache``: one held-out set (str) or several (lists in
+    the same order, see :func:`heldout_sets`). Pieces made with the same settings are kept, the
+    others redone (see the module docstring); ``log`` gets one line for each piece redone and why.
+    A split None: evaluate's default (``heldout`` for built-in text and local files)."""
     from unidistill.trainer.arguments import DistillationArguments
     from unidistill.trainer.run import distill_from_cache
 
     common = dict(common or {})
     check_variants(common, variants)
+    sets = heldout_sets(heldout, heldout_split, heldout_cache, heldout_names)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    apart = _heldout_apart(cache, heldout, heldout_cache)  # refuses text the cache trained on
+    # each set: refused when it shares documents with the cache; its evaluation settings
+    apart = {h.name: _heldout_apart(cache, h.data, h.cache, h.split) for h in sets}
     fingerprint = (read_manifest(cache) or {}).get("fingerprint")  # each run records it too
-    heldout_fingerprint = None
-    if heldout_cache is not None:
-        heldout_fingerprint = (read_manifest(heldout_cache) or {}).get("fingerprint")
-    heldout_id = data_identity(heldout)
+    heldout_fingerprints = {h.name: None if h.cache is None else (read_manifest(h.cache) or {}).get("fingerprint")
+                            for h in sets}
+    heldout_ids = {h.name: data_identity(h.data) for h in sets}
     student_id, teacher_id = model_identity(student), model_identity(teacher)
 
-    def evaluation(folder: Path, label: str, model: str, model_id: dict) -> dict:
-        settings = {**evaluation_settings(model_id, heldout_id, heldout_split, heldout_fingerprint,
-                                          eval_sequences), **apart}
-        return _evaluate_to(folder, label, model, settings, log, data=heldout, split=heldout_split,
-                            cache=heldout_cache, max_sequences=eval_sequences, **apart,
-                            batch_size=eval_batch_size, device=device, progress=progress)
+    def evaluations(folder: Path, label: str, model: str, model_id: dict) -> dict[str, dict]:
+        """The model's evaluation on every held-out set, by set name."""
+        result = {}
+        for index, h in enumerate(sets):
+            settings = {**evaluation_settings(model_id, heldout_ids[h.name], h.split,
+                                              heldout_fingerprints[h.name], eval_sequences),
+                        **apart[h.name]}
+            where = f" on {h.name}" if len(sets) > 1 else ""
+            result[h.name] = _evaluate_to(
+                folder, label + where, model, settings, log, eval_file(index, h), data=h.data,
+                split=h.split, cache=h.cache, max_sequences=eval_sequences, **apart[h.name],
+                batch_size=eval_batch_size, device=device, progress=progress)
+        return result
 
-    ref = {"teacher": evaluation(out / "_teacher", "teacher", teacher, teacher_id),
-           "student": evaluation(out / "_student", "student (before)", student, student_id)}
+    teacher_evs = evaluations(out / "_teacher", "teacher", teacher, teacher_id)
+    student_evs = evaluations(out / "_student", "student (before)", student, student_id)
+    refs = {h.name: {"teacher": teacher_evs[h.name], "student": student_evs[h.name]} for h in sets}
+    first, first_ref = sets[0], refs[sets[0].name]
     table = {"cache": str(cache), "cache_fingerprint": fingerprint, "teacher": teacher, "student": student,
-             "heldout": heldout, "heldout_split": heldout_split,
-             "heldout_cache": None if heldout_cache is None else str(heldout_cache),
-             "heldout_cache_fingerprint": heldout_fingerprint, "eval_sequences": eval_sequences,
-             "vocab_size": ref["teacher"].get("vocab_size"), "uniform_nll": ref["teacher"].get("uniform_nll"),
+             "heldout": first.data, "heldout_split": first.split, "heldout_cache": first.cache,
+             "heldout_cache_fingerprint": heldout_fingerprints[first.name],
+             "heldouts": [{"name": h.name, "data": h.data, "split": h.split, "cache": h.cache,
+                           "cache_fingerprint": heldout_fingerprints[h.name],
+                           "eval_file": eval_file(i, h)} for i, h in enumerate(sets)],
+             "eval_sequences": eval_sequences,
+             "vocab_size": first_ref["teacher"].get("vocab_size"),
+             "uniform_nll": first_ref["teacher"].get("uniform_nll"),
              "common": common,
-             "rows": [_row("teacher", {}, ref["teacher"], ref, None),
-                      _row("student (before)", {}, ref["student"], ref, None)]}
+             "rows": [_row("teacher", {}, teacher_evs, refs, None),
+                      _row("student (before)", {}, student_evs, refs, None)]}
     defaults = _argument_defaults()
     for variant in variants:
         name = variant["name"]
@@ -400,18 +528,18 @@ def ablate(cache, student: str, teacher: str, heldout: str, out, *, variants: li
             atomic_write_json(stats_path, {"tokens_per_s": _tokens_per_second(trainer),
                                            "train_seconds": _train_seconds(trainer)})
             atomic_write_json(run_dir / RUN_SETTINGS_FILE, {"settings": record, "trained": True})
-        ev = evaluation(run_dir, f"run {name!r}", str(run_dir), model_identity(str(run_dir)))
+        evs = evaluations(run_dir, f"run {name!r}", str(run_dir), model_identity(str(run_dir)))
         speed = json.loads(stats_path.read_text())["tokens_per_s"] if stats_path.is_file() else None
         shown = {k: settings.get(k, common.get(k, defaults[k])) for k in SHOWN}
         if ONLINE in settings:
             shown[ONLINE] = settings[ONLINE]
-        table["rows"].append(_row(name, shown, ev, ref, speed))
+        table["rows"].append(_row(name, shown, evs, refs, speed))
         atomic_write_json(out / ABLATION_JSON, table)
         atomic_write_bytes(out / ABLATION_MD, format_table(table).encode())
     return table
 
 
-def _heldout_apart(cache, heldout: str, heldout_cache) -> dict:
+def _heldout_apart(cache, heldout: str, heldout_cache, split: str | None = None) -> dict:
     """Refuse held-out text or a held-out cache that shares documents with the training cache;
     returns the evaluation's held-out share (the training cache's, for the same local source)."""
     from unidistill.cache_builder.data import default_eval_split, source_kind
@@ -422,7 +550,7 @@ def _heldout_apart(cache, heldout: str, heldout_cache) -> dict:
     if heldout_cache is not None:
         check_caches_apart(train, ((read_manifest(heldout_cache) or {}).get("settings") or {}).get("data") or {})
     check_caches_apart(train, {"source": heldout, "config": train.get("config"),
-                               "split": default_eval_split(heldout), "heldout_share": share})
+                               "split": split or default_eval_split(heldout), "heldout_share": share})
     return {"heldout_share": share} if source_kind(heldout) == "local" else {}
 
 

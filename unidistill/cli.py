@@ -330,11 +330,18 @@ def prune_cmd(**kwargs):
 @click.option("--cache", required=True, type=click.Path(), help="The one teacher cache every run trains on.")
 @click.option("--student", required=True, help="Student model folder (e.g. from unidistill prune).")
 @click.option("--teacher", required=True, help="The teacher, evaluated for the recovery baseline.")
-@click.option("--heldout", required=True, help="Held-out text (e.g. builtin:pydoc_topics: its heldout split).")
-@click.option("--heldout-split", default=None,
-              help="Split of --heldout [default: heldout for builtin:pydoc_topics, else train].")
-@click.option("--heldout-cache", default=None, type=click.Path(),
-              help="Teacher cache of held-out text: adds top-1 agreement and KL to the table.")
+@click.option("--heldout", required=True, multiple=True,
+              help="Held-out text (e.g. builtin:stdlib_docs: its heldout split). Repeatable: every "
+                   "model is evaluated on each set; the table gets one block of columns per set.")
+@click.option("--heldout-split", default=None, multiple=True,
+              help="Split of --heldout [default: heldout for built-in text and local files]; once "
+                   "for every set or once per --heldout, in the same order.")
+@click.option("--heldout-cache", default=None, multiple=True, type=click.Path(),
+              help="Teacher cache of held-out text: adds top-1 agreement and KL to the table; none "
+                   "or one per --heldout, in the same order.")
+@click.option("--heldout-name", "heldout_names", default=None, multiple=True,
+              help="Names of the held-out sets, one per --heldout [default: the source without "
+                   "'builtin:', or the file stem].")
 @click.option("--out", required=True,
               help="Folder for the runs, ablation.json and ablation.md. Rerunning keeps what was "
                    "made with the same settings and redoes the rest; a run trained under other "
@@ -377,6 +384,7 @@ def ablate_cmd(variants_file, variant_specs, max_steps, learning_rate, per_devic
         if value is not None:
             common[key] = value
     variants = list(spec.get("variants") or []) + [parse_variant(v) for v in variant_specs]
+    kwargs["heldout_names"] = kwargs["heldout_names"] or None
     table = ablate(variants=variants, common=common, eval_sequences=eval_sequences or None,
                    log=lambda message: click.echo(message, err=True), **kwargs)
     click.echo(format_table(table))
