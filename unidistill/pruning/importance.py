@@ -156,14 +156,7 @@ def collect_stats(model, ids: np.ndarray, *, batch_size: int = 4, progress: bool
         hooks.append(block.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
     for name, module in norms.items():
         hooks.append(module.register_forward_hook(norm_hook(name)))
-    tokens = 0
-    try:
-        for batch in _batches(ids, batch_size, device, progress, "calibration"):
-            model(input_ids=batch, use_cache=False)
-            tokens += batch.numel()
-    finally:
-        for h in hooks:
-            h.remove()
+    tokens = _run_hooked(model, ids, hooks, batch_size, device, progress, "calibration")
     return ActivationStats(
         block_cosine=(cos_sum / tokens).float(),
         mlp_l2=mlp_sq.sqrt().float(), mlp_mean=(mlp_abs / tokens).float(),
@@ -172,6 +165,21 @@ def collect_stats(model, ids: np.ndarray, *, batch_size: int = 4, progress: bool
         channel_max=ch_max.float(),
         norm_input_ms={k: (v / tokens).float() for k, v in in_ms.items()},
         tokens=tokens, sequences=len(ids))
+
+
+def _run_hooked(model, ids: np.ndarray, hooks: list, batch_size: int, device, progress: bool,
+                desc: str) -> int:
+    """Run ``model`` over the calibration ``ids`` with ``hooks`` registered (removed afterwards,
+    even on an error); returns the number of tokens seen."""
+    tokens = 0
+    try:
+        for batch in _batches(ids, batch_size, device, progress, desc):
+            model(input_ids=batch, use_cache=False)
+            tokens += batch.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return tokens
 
 
 @torch.no_grad()
@@ -193,7 +201,6 @@ def kept_rms_ratios(model, ids: np.ndarray, channels: torch.Tensor, *, batch_siz
     kept_sq = {n: 0.0 for n in norms}
     all_sq = {n: 0.0 for n in norms}
     c_sum = {n: 0.0 for n in norms}
-    tokens = 0
     hooks = []
 
     def hook_for(name):
@@ -207,13 +214,7 @@ def kept_rms_ratios(model, ids: np.ndarray, channels: torch.Tensor, *, batch_siz
 
     for name, module in norms.items():
         hooks.append(module.register_forward_hook(hook_for(name)))
-    try:
-        for batch in _batches(ids, batch_size, device, progress, "norm scales"):
-            model(input_ids=batch, use_cache=False)
-            tokens += batch.numel()
-    finally:
-        for h in hooks:
-            h.remove()
+    tokens = _run_hooked(model, ids, hooks, batch_size, device, progress, "norm scales")
     return {n: {"energy": (kept_sq[n] / max(all_sq[n], 1e-300) * d / k) ** 0.5,
                 "token": c_sum[n] / tokens} for n in norms}
 
