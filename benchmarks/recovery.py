@@ -10,7 +10,7 @@ Pipeline, each stage the user-facing command:
   1. ``unidistill prune`` twice from SmolLM2-135M-Instruct (30 blocks, 134.5 M parameters), with
      calibration on the train split of ``--data``:
      depth: drop 10 blocks by KL (20 blocks, 73.7 % of the parameters);
-     width: drop 4 blocks by KL, MLP x0.67, hidden x0.78 (26 blocks, MLP 1024, hidden 432, 54.3 %);
+     width: drop 2 blocks by KL, MLP x0.42, hidden x0.83 (28 blocks, MLP 640, hidden 504, 54.7 %);
   2. ``unidistill cache-build``: ONE training cache of the train split of ``--data`` for both
      students (top-64 + tail, exact at T = 1 and 2; the teacher layers the uniform, last and
      original maps send both students' aligned blocks to, see ``recovery_variants.yaml``), and a
@@ -64,7 +64,7 @@ PRESETS = {
 # the two students: stage name -> prune options (calibration text and size are added)
 STUDENTS = {
     "depth": ["--drop-layers", "10", "--depth-method", "kl"],
-    "width": ["--drop-layers", "4", "--depth-method", "kl", "--mlp-keep", "0.67", "--hidden-keep", "0.78"],
+    "width": ["--drop-layers", "2", "--depth-method", "kl", "--mlp-keep", "0.42", "--hidden-keep", "0.83"],
 }
 LAYER_MAPS = ("uniform", "last", "original")  # the maps the runs use: their teacher layers are cached
 OTHER_TEXT = "builtin:kjv_bible"  # evaluation only: English prose of another kind
