@@ -154,7 +154,7 @@ def test_the_ablate_stages_evaluate_on_both_heldout_texts(recovery, tmp_path, mo
     # the union of the uniform, last and original maps' layers of both students' aligned blocks
     # (fake students keep their first blocks: original = i)
     depth = {8, 15, 23, 30} | {15, 20, 25, 30} | {5, 10, 15, 20}
-    width = {8, 15, 23, 30} | {11, 17, 24, 30} | {7, 13, 20, 26}
+    width = {8, 15, 23, 30} | {9, 16, 23, 30} | {7, 14, 21, 28}
     assert builds["cache"]["--layers"] == ",".join(map(str, sorted(depth | width)))
     spec = recovery.load_variants(opts.variants)
     runs = {v["name"]: v for v in recovery.student_variants(spec, "width")}
