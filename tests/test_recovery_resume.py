@@ -160,7 +160,7 @@ def test_the_ablate_stages_evaluate_on_both_heldout_texts(recovery, tmp_path, mo
     runs = {v["name"]: v for v in recovery.student_variants(spec, "width")}
     assert {"ce.seed1", "kd.seed1", "ce+kd.seed1"} <= set(runs)
     assert runs["kd.seed1"]["seed"] == 1 and runs["kd.seed1"]["data_seed"] == 1
-    assert runs["ce+kd+hidden.original"]["align_layers"] == "7,13,20,26"
+    assert runs["ce+kd+hidden.original"]["align_layers"] == "7,14,21,28"
     assert "align_layers" not in runs["ce"]
     text = (tmp_path / "variants-depth.yaml").read_text()
     assert "ce+kd.seed1" in text and "ce+kd+hidden.nmse" not in text
