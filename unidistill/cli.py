@@ -194,8 +194,10 @@ def _config_option(fn):
 @click.option("--out", "output_dir", required=True, help="Run folder: checkpoints and final model.")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of CE.")
 @click.option("--beta", type=float, default=0.5, show_default=True, help="Weight of T^2 * KL.")
-@click.option("--gamma", type=float, default=0.1, show_default=True, help="Weight of the hidden loss.")
-@click.option("--temperature", "kd_temperature", type=float, default=2.0, show_default=True)
+@click.option("--gamma", type=float, default=0.0, show_default=True,
+              help="Weight of the hidden loss (no measurable gain in benchmarks/results/recovery_cpu.md).")
+@click.option("--temperature", "kd_temperature", type=float, default=1.0, show_default=True,
+              help="KD temperature (T = 2 was no better than 1 in the recovery experiment).")
 @click.option("--tail-approximation", type=click.Choice(["uniform"]), default=None,
               help="A top-k cache serves exactly the temperatures it was built with "
                    "(cache-build --temperatures); 'uniform' accepts any other T with the tail "
@@ -218,11 +220,11 @@ def _config_option(fn):
               help="Positions per chunk of logits (memory: batch x chunk x vocab fp32).")
 @click.option("--max-steps", type=int, default=-1, show_default=True)
 @click.option("--num-train-epochs", type=float, default=1.0, show_default=True)
-@click.option("--learning-rate", type=float, default=5e-5, show_default=True)
+@click.option("--learning-rate", type=float, default=3e-4, show_default=True)
 @click.option("--per-device-train-batch-size", type=int, default=8, show_default=True)
 @click.option("--gradient-accumulation-steps", type=int, default=1, show_default=True)
 @click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option("--lr-scheduler-type", default="linear", show_default=True)
+@click.option("--lr-scheduler-type", default="cosine", show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
 @click.option("--logging-steps", type=float, default=10, show_default=True)

@@ -26,12 +26,16 @@ def _distributed_without_accelerator() -> bool:
 
 @dataclass
 class DistillationArguments(TrainingArguments):
-    """Loss weights: L = alpha*CE + beta*T^2*KL_T + gamma*L_hidden."""
+    """Loss weights: L = alpha*CE + beta*T^2*KL_T + gamma*L_hidden.
+
+    The defaults (0.5 CE + 0.5 KL at T = 1, no hidden loss) are the recipe that did best in the
+    recovery experiment (benchmarks/results/recovery_cpu.md), where T = 2 and the hidden loss
+    gave no measurable gain at its budget."""
 
     alpha: float = field(default=0.5, metadata={"help": "weight of the next-token cross-entropy"})
     beta: float = field(default=0.5, metadata={"help": "weight of the T^2-scaled KL to the teacher"})
-    gamma: float = field(default=0.1, metadata={"help": "weight of the hidden-state loss"})
-    kd_temperature: float = field(default=2.0, metadata={"help": "KL temperature T (not a sampling temperature)"})
+    gamma: float = field(default=0.0, metadata={"help": "weight of the hidden-state loss"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "KL temperature T (not a sampling temperature)"})
     tail_approximation: str | None = field(default=None, metadata={
         "help": "for a top-k cache without the exact tempered tail at --temperature: 'uniform' "
                 "spreads the tail mass evenly over the untaken ids (an approximation, see README); "
