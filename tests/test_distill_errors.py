@@ -46,7 +46,8 @@ def test_bad_settings_are_refused(tmp_path, cache, student_dir, extra, fragments
 
 def test_mapped_layer_missing_from_cache_lists_cached_ones(tmp_path, cache, student_dir):  # noqa: F811
     # the cache holds teacher layers 1..4; an explicit map onto the embeddings (0) is not cached
-    result = run(cache, student_dir, tmp_path / "run", "--layer-map", '{"1": 0}', "--align-layers", "all")
+    result = run(cache, student_dir, tmp_path / "run", "--layer-map", '{"1": 0}', "--align-layers", "all",
+                 "--gamma", "0.2")
     assert_refused(result, "[0]", "[1, 2, 3, 4]", out=tmp_path / "run")
 
 
