@@ -602,3 +602,10 @@ def test_uniform_tail_is_exact_for_an_even_tail_and_overestimates_a_peaked_one()
     close(torch.from_numpy(even), [math.log(4 * math.sqrt(0.05))])
     # the same mass on one id of the four: the true tempered tail is sqrt(.2), smaller
     assert even[0] > math.log(math.sqrt(0.2)) + 0.5
+
+
+def test_uniform_tail_of_an_empty_tail_stays_empty():
+    from unidistill.storage.reader import uniform_tail
+
+    out = uniform_tail(torch.tensor([-INF]).numpy(), 2.0, 0)  # K == V: nothing outside the top-k
+    assert out[0] == -INF

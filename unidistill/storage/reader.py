@@ -62,8 +62,8 @@ def uniform_tail(log_tail: np.ndarray, temperature: float, n_tail: int) -> np.nd
     only for a temperature the cache has no exact tempered tail for; its error on a real teacher
     is measured in benchmarks/results/tempered_tail_cpu.md.
     """
-    lt = log_tail.astype(np.float32)
-    return lt / temperature + (1.0 - 1.0 / temperature) * np.float32(math.log(n_tail))
+    lt = log_tail.astype(np.float32)  # -inf when the top-k hold the whole vocabulary (n_tail 0)
+    return lt / temperature + (1.0 - 1.0 / temperature) * np.float32(math.log(max(n_tail, 1)))
 
 
 def truncate_top_k(values: np.ndarray, log_tail: np.ndarray, k: int,
