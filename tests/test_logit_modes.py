@@ -240,3 +240,11 @@ def test_a_compact_cache_trains_like_the_full_precision_one(tmp_path, tiny_teach
     # + 2 bytes: the default --temperatures 1,2 stores the T = 2 tempered tail
     assert fp16["logits_raw"] == 16 * 2 + 16 * 2 + 2 + 2      # uint16 ids, fp16 log-probs, tails
     assert q8["logits_raw"] == 16 * 2 + 16 + 2 * 2 + 2 + 2    # uint16 deltas, uint8, (max, step), tails
+
+
+def test_check_request_says_when_the_tail_is_approximated(cache):
+    reader = CacheReader(cache)  # topk, --temperatures 1,2 by default
+    assert reader.layout.tail_temperatures == (2.0,)
+    assert reader.check_request((), None, 1.0, "uniform") is False
+    assert reader.check_request((), None, 2.0, "uniform") is False  # stored: exact
+    assert reader.check_request((), None, 3.0, "uniform") is True

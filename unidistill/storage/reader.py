@@ -184,7 +184,9 @@ class CacheReader:
         return (*read_head(self.location, device), transform)
 
     def check_request(self, layers=None, top_k: int | None = None, temperature: float = 1.0,
-                      tail_approximation: str | None = None) -> None:
+                      tail_approximation: str | None = None) -> bool:
+        """Refuse what this cache cannot serve; True when the tail at ``temperature`` will come
+        from ``tail_approximation`` rather than from the cache (see :meth:`check_temperature`)."""
         missing = [j for j in (layers or ()) if j not in self.layout.layers]
         if missing:
             raise CacheMismatchError(f"teacher layers {missing} are not in cache {self.root}; it "
@@ -197,22 +199,24 @@ class CacheReader:
             raise CacheMismatchError(f"top_k={top_k} asked, but cache {self.root} stores "
                                      f"k={self.layout.top_k}; use 1 <= top_k <= {self.layout.top_k} "
                                      "or rebuild the cache with a larger --top-k")
-        self.check_temperature(temperature, tail_approximation)
+        return self.check_temperature(temperature, tail_approximation)
 
-    def check_temperature(self, temperature: float, tail_approximation: str | None = None) -> None:
+    def check_temperature(self, temperature: float, tail_approximation: str | None = None) -> bool:
         """Refuse a KD temperature whose teacher distribution this cache cannot give exactly,
-        unless a tail approximation is asked for."""
+        unless a tail approximation is asked for; True when that approximation will be used."""
         if tail_approximation is not None and tail_approximation not in TAIL_APPROXIMATIONS:
             raise ConfigError(f"tail approximation {tail_approximation!r} is not one of "
                               f"{TAIL_APPROXIMATIONS}")
         if temperature == 1.0 or self.logits_mode == "exact":
-            return
+            return False
         if self.logits_mode == "sampled":
             raise CacheMismatchError(f"cache {self.root} holds ids sampled from the teacher at "
                                      f"T = 1, an estimate at that temperature only; got T = "
                                      f"{temperature:g}. Use T = 1, or a topk or exact cache")
-        if temperature in self.layout.tail_temperatures or tail_approximation is not None:
-            return
+        if temperature in self.layout.tail_temperatures:
+            return False
+        if tail_approximation is not None:
+            return True
         stored = [1.0, *self.layout.tail_temperatures]
         raise CacheMismatchError(
             f"cache {self.root} has the exact tempered tail for T in {stored} only, not for "

@@ -116,10 +116,10 @@ def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> D
     reader = CacheReader(cache)
     check_student_matches_cache(reader, tokenizer, student_config)
     check_logit_settings(reader, args)
-    reader.check_request((), args.kd_top_k, args.kd_temperature if args.beta > 0 else 1.0,
-                         args.tail_approximation)
-    if (args.beta > 0 and args.tail_approximation is not None and reader.logits_mode != "exact"
-            and args.kd_temperature not in (1.0, *reader.layout.tail_temperatures)):
+    approximated = reader.check_request((), args.kd_top_k,
+                                        args.kd_temperature if args.beta > 0 else 1.0,
+                                        args.tail_approximation)
+    if approximated:
         logger.warning("KD at T = %g uses the uniform-tail approximation: cache %s stores the exact "
                        "tempered tail for T in %s only. Its error on a real teacher is in the "
                        "README ('Temperatures')", args.kd_temperature, reader.root,
