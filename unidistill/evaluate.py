@@ -101,7 +101,7 @@ def _score_batch(model, input_ids, totals: _Totals, teacher: dict | None,
     labels = next_token_labels(input_ids)
     kl_mask = torch.ones_like(input_ids, dtype=torch.bool)
     for s in range(0, input_ids.shape[1], _CHUNK):
-        logits = transform.apply(head(final[:, s:s + _CHUNK]).float())    # (B, C, V)
+        logits = head_logits(final[:, s:s + _CHUNK], head.weight, head.bias, transform)  # (B, C, V)
         part = {k: teacher[k][:, s:s + _CHUNK] for k in TEACHER_FIELDS if k in teacher} \
             if teacher else {}
         teacher_logits = None

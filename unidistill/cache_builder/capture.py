@@ -18,7 +18,13 @@ from torch import nn
 
 from unidistill.cache_builder.config import check_layer_range
 from unidistill.errors import ConfigError
-from unidistill.model_logits import CHECK_POSITIONS, CHECK_SEQUENCES, LogitTransform, check_logit_transform
+from unidistill.model_logits import (
+    CHECK_POSITIONS,
+    CHECK_SEQUENCES,
+    LogitTransform,
+    check_logit_transform,
+    head_logits,
+)
 from unidistill.storage.layout import (
     INPUT_IDS,
     LOGIT_COUNTS,
@@ -173,7 +179,7 @@ class TeacherRunner:
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """The teacher's own fp32 logits (N, V) of final hidden rows (N, D): head, then its transform."""
-        return self.transform.apply(self.head(rows).float())
+        return head_logits(rows, self.head.weight, self.head.bias, self.transform)
 
     @torch.no_grad()
     def check_logits(self, input_ids) -> None:
