@@ -152,6 +152,12 @@ def test_hidden_loss_by_hand(kind):
         close(hidden_state_loss(HAND_S, HAND_T, mask, kind), 3.0)
         close(hidden_state_loss(HAND_S, HAND_T, torch.ones(3, dtype=torch.bool), kind), 10 / 3)
         return
+    if kind == "cnmse":
+        # channel 0: err 1 + 0 (+ 4 masked), ref 0 + 1 (+ 1 masked); channel 1: err 4 + 1, ref 1
+        close(hidden_state_loss(HAND_S, HAND_T, mask, kind), (1 / 1 + 5 / 1) / 2)
+        # all rows: channel 0 = 5 / 2, channel 1 = 5 / 1
+        close(hidden_state_loss(HAND_S, HAND_T, torch.ones(3, dtype=torch.bool), kind), (2.5 + 5) / 2)
+        return
     close(hidden_state_loss_per_position(HAND_S, HAND_T, kind), HAND_HIDDEN[kind])
     close(hidden_state_loss(HAND_S, HAND_T, mask, kind), sum(HAND_HIDDEN[kind][:2]) / 2)
 
@@ -387,6 +393,36 @@ def test_nmse_is_invariant_to_scaling_both_and_cosine_to_scaling_student(scale):
           scale ** 2 * hidden_state_loss(s, t, mask, "mse"), rtol=1e-4, atol=0)
 
 
+def test_cnmse_weighs_every_channel_alike_where_nmse_follows_the_outlier():
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(16, 6, generator=g)
+    mask = torch.ones(16, dtype=torch.bool)
+    s = t.clone()
+    s[:, 1] += 0.5 * torch.randn(16, generator=g)  # the student errs in channel 1 only
+    calm = {k: hidden_state_loss(s, t, mask, k) for k in ("nmse", "cnmse")}
+    scaled_t, scaled_s = t.clone(), s.clone()
+    scaled_t[:, 0] *= 1000.0  # a massive-activation channel the student matches exactly
+    scaled_s[:, 0] *= 1000.0
+    loud = {k: hidden_state_loss(scaled_s, scaled_t, mask, k) for k in ("nmse", "cnmse")}
+    close(loud["cnmse"], calm["cnmse"])  # scaling one channel of both changes nothing
+    assert loud["nmse"] < calm["nmse"] * 1e-3  # nmse: the outlier's energy hides channel 1's error
+    # by hand: only channel 1 errs, so cnmse = its relative error / D
+    err1 = (s[:, 1] - t[:, 1]).square().sum() / t[:, 1].square().sum()
+    close(calm["cnmse"], err1 / 6)
+
+
+def test_cnmse_floors_a_silent_teacher_channel():
+    t = torch.ones(4, 3)
+    t[:, 2] = 0.0  # a channel the teacher never uses
+    s = t.clone()
+    s[:, 2] = 1e-3
+    mask = torch.ones(4, dtype=torch.bool)
+    loss = hidden_state_loss(s, t, mask, "cnmse")
+    assert torch.isfinite(loss)
+    # floor = 1e-6 * mean channel energy = 1e-6 * (4 + 4 + 0) / 3
+    close(loss, (4 * 1e-6 / (1e-6 * 8 / 3)) / 3)
+
+
 def test_outlier_channel_blows_up_mse_but_nmse_stays_relative():
     # teacher states with one huge outlier channel; the student is off by 10% everywhere
     t = torch.ones(4, 8)
@@ -434,13 +470,14 @@ def test_unknown_direction_is_named_in_the_error():
 @pytest.mark.parametrize("call", [hidden_state_loss_per_position,
                                   lambda s, t, kind: hidden_state_loss(s, t, torch.ones(3), kind)])
 def test_unknown_hidden_kind_is_named_in_the_error(call):
-    with pytest.raises(ConfigError, match=r"'l2'.*mse, nmse, cosine"):
+    with pytest.raises(ConfigError, match=r"'l2'.*mse, nmse, cnmse, cosine"):
         call(HAND_S, HAND_T, "l2")
 
 
-def test_nmse_has_no_per_position_form():
+@pytest.mark.parametrize("kind", ["nmse", "cnmse"])
+def test_batch_normalised_kinds_have_no_per_position_form(kind):
     with pytest.raises(ConfigError, match="hidden_state_loss"):
-        hidden_state_loss_per_position(HAND_S, HAND_T, "nmse")
+        hidden_state_loss_per_position(HAND_S, HAND_T, kind)
 
 
 def test_chunk_size_and_missing_teacher_are_config_errors():

@@ -108,3 +108,38 @@ def test_tensorboard_gets_every_loss_term(tmp_path, cache, student_dir):
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/loss_ce", "train/loss_kl", "train/loss_hidden"} <= tags
     assert [e.step for e in acc.Scalars("train/loss_kl")] == [1, 2]
+
+
+def test_hidden_warmup_steps_train_the_hidden_loss_alone(tmp_path, cache, student_dir):
+    # reference: one SGD step on gamma * hidden with the logit terms weighted 0 (their gradient is 0)
+    ref = distill_from_cache(cache, str(student_dir), sgd(tmp_path / "ref", alpha=0.0, beta=0.0,
+                                                          gamma=1.0, max_grad_norm=0.0))
+    warm = distill_from_cache(cache, str(student_dir), sgd(
+        tmp_path / "warm", max_steps=2, hidden_warmup_steps=1, max_grad_norm=0.0, learning_rate=0.5,
+        logging_steps=1, save_strategy="steps", save_steps=1))
+    before = params_of(student_dir)
+    after_ref, after_warm = params_of(tmp_path / "ref"), params_of(tmp_path / "warm" / "checkpoint-1")
+    for name in after_ref:
+        torch.testing.assert_close(after_warm[name], after_ref[name], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(after_warm[k], before[k]) for k in after_warm)
+    logs = [h for h in warm.state.log_history if "loss" in h]
+    first, second = logs[0], logs[1]
+    # step 1 logs the hidden loss only (as the loss itself); step 2 logs the full compound loss
+    assert "loss_ce" not in first and "loss_kl" not in first
+    assert first["loss"] == pytest.approx(first["loss_hidden"], rel=1e-5)
+    a = warm.args
+    full = a.alpha * second["loss_ce"] + a.beta * a.kd_temperature ** 2 * second["loss_kl"] \
+        + a.gamma * second["loss_hidden"]
+    assert second["loss"] == pytest.approx(full, rel=1e-4)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(hidden_warmup_steps=2, gamma=0.0), "gamma > 0"),
+    (dict(hidden_warmup_steps=4, max_steps=4), "not below max_steps"),
+    (dict(hidden_warmup_steps=-1), ">= 0"),
+])
+def test_hidden_warmup_refuses_what_it_cannot_do(tmp_path, kw, needle):
+    from unidistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        args_for(tmp_path / "run", **kw)

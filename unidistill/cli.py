@@ -204,10 +204,15 @@ def _config_option(fn):
                    "mass spread evenly (an approximation, see README).")
 @click.option("--kl-direction", type=click.Choice(["forward", "reverse", "jsd"]), default="forward",
               show_default=True)
-@click.option("--hidden-loss", type=click.Choice(["mse", "nmse", "cosine"]), default="cosine",
-              show_default=True)
+@click.option("--hidden-loss", type=click.Choice(["mse", "nmse", "cnmse", "cosine"]), default="cosine",
+              show_default=True,
+              help="nmse: error over the teacher's energy; cnmse: the same per channel, averaged, so "
+                   "massive-activation channels do not dominate.")
 @click.option("--layer-map", default="uniform", show_default=True,
               help="uniform | last | original | JSON {student: teacher} | path.json")
+@click.option("--hidden-warmup-steps", type=int, default=0, show_default=True,
+              help="First optimizer steps that train the hidden-state loss alone (needs --gamma > 0), "
+                   "then the full loss.")
 @click.option("--align-layers", default="cached", show_default=True,
               help="cached | all | list of student blocks, e.g. 4,8,12")
 @click.option("--projector-init", type=click.Choice(["auto", "channels", "xavier", "identity",

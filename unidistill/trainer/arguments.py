@@ -44,6 +44,9 @@ class DistillationArguments(TrainingArguments):
     hidden_loss: str = field(default="cosine", metadata={"help": f"one of {HIDDEN_KINDS}"})
     layer_map: str = field(default="uniform", metadata={
         "help": "uniform | last | original | explicit JSON {student: teacher} or a .json file"})
+    hidden_warmup_steps: int = field(default=0, metadata={
+        "help": "optimizer steps at the start that train the hidden-state loss alone (no CE, no KL), "
+                "before the full loss; needs gamma > 0 and aligned layers"})
     align_layers: str = field(default="cached", metadata={
         "help": "which mapped student blocks get a hidden loss: 'cached' (those whose teacher layer "
                 "is in the cache), 'all' (every block; the cache must hold all), or a list 4,8,12"})
@@ -73,6 +76,16 @@ class DistillationArguments(TrainingArguments):
             raise ConfigError(f"projector_init {self.projector_init!r} is not one of {PROJECTOR_INITS}")
         if self.logits_chunk_size < 1:
             raise ConfigError(f"logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
+        if self.hidden_warmup_steps < 0:
+            raise ConfigError(f"hidden_warmup_steps must be >= 0, got {self.hidden_warmup_steps}")
+        if self.hidden_warmup_steps and self.gamma <= 0:
+            raise ConfigError(
+                f"hidden_warmup_steps={self.hidden_warmup_steps} trains the hidden-state loss alone, "
+                f"but gamma is {self.gamma}: set gamma > 0 (e.g. --gamma 0.2) or drop the warm-up")
+        if self.hidden_warmup_steps and 0 < self.max_steps <= self.hidden_warmup_steps:
+            raise ConfigError(
+                f"hidden_warmup_steps={self.hidden_warmup_steps} is not below max_steps="
+                f"{self.max_steps}: the run would never train CE or KL; lower the warm-up")
         if self.kd_top_k is not None and self.kd_top_k < 1:
             raise ConfigError(f"kd_top_k must be >= 1, got {self.kd_top_k}")
         self.remove_unused_columns = False  # teacher fields are not arguments of model.forward

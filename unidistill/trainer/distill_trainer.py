@@ -69,7 +69,7 @@ class UniversalDistillationTrainer(Trainer):
         # gradient-accumulation steps itself.
         self.loss_is_scaled_for_ga = False
         self._term_sums = {"ce": 0.0, "kl": 0.0, "hidden": 0.0}
-        self._term_count = 0
+        self._term_counts = dict.fromkeys(self._term_sums, 0)
         self._no_logits = torch.zeros(0, dtype=torch.long)
 
     # -- optimizer: student parameters as the Trainer makes them, plus the projectors ---------
@@ -140,8 +140,14 @@ class UniversalDistillationTrainer(Trainer):
         out = model(input_ids=input_ids, output_hidden_states=True,
                     logits_to_keep=self._no_logits.to(input_ids.device))
         states = out.hidden_states                                          # n_s + 1 x (B, L, D_s)
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
         kl_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if want_hidden and self.in_hidden_warmup():
+            # the warm-up: hidden alignment alone, no head and no logit terms
+            hidden = self._hidden_loss(states, batch, kl_mask)
+            if model.training:
+                self._add_terms(hidden=hidden)
+            return (hidden, out) if return_outputs else hidden
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
         t2 = args.kd_temperature ** 2
         logit_loss, ce, kl = fused_logit_loss(
             states[-1], head.weight, next_token_labels(input_ids), kl_mask,
@@ -156,40 +162,53 @@ class UniversalDistillationTrainer(Trainer):
             offset = masked_mean(batch["teacher_kl_offset"].to(kl.device), kl_mask)
             kl = kl - offset
             logit_loss = logit_loss - args.beta * t2 * offset
-        hidden = ce.new_zeros(())
-        if want_hidden:
-            mask = kl_mask.reshape(-1)
-            per_pair = []
-            for i, j in self.hidden_pairs.items():
-                s = self.projectors(i, states[i])                           # (B, L, D_t)
-                t = batch[hidden_field(j)].to(s.device)                     # (B, L, D_t)
-                per_pair.append(hidden_state_loss(s.reshape(-1, s.shape[-1]),
-                                                  t.reshape(-1, t.shape[-1]), mask, args.hidden_loss))
-            hidden = torch.stack(per_pair).mean()
+        hidden = self._hidden_loss(states, batch, kl_mask) if want_hidden else ce.new_zeros(())
         terms = LossTerms(ce=ce, kl=kl, hidden=hidden)
         # = compound_loss(terms, ...); the logit part arrives pre-weighted with its gradient
         loss = logit_loss + args.gamma * hidden
         if model.training:
-            for name in self._term_sums:
-                self._term_sums[name] += float(getattr(terms, name).detach())
-            self._term_count += 1
+            self._add_terms(**{name: getattr(terms, name) for name in self._term_sums})
         return (loss, out) if return_outputs else loss
+
+    def in_hidden_warmup(self) -> bool:
+        """True while the optimizer step being taken is one of the first ``hidden_warmup_steps``."""
+        return self.state.global_step < self.args.hidden_warmup_steps
+
+    def _hidden_loss(self, states, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over the aligned pairs of the hidden-state loss, student states through the
+        projectors against the teacher's cached (or online) states."""
+        flat_mask = mask.reshape(-1)
+        per_pair = []
+        for i, j in self.hidden_pairs.items():
+            s = self.projectors(i, states[i])                               # (B, L, D_t)
+            t = batch[hidden_field(j)].to(s.device)                         # (B, L, D_t)
+            per_pair.append(hidden_state_loss(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]),
+                                              flat_mask, self.args.hidden_loss))
+        return torch.stack(per_pair).mean()
+
+    def _add_terms(self, **terms: torch.Tensor) -> None:
+        """Add a training micro-batch's loss terms to the sums the next log averages; a term
+        that was not computed (CE and KL during the hidden warm-up) is left out of its mean."""
+        for name, value in terms.items():
+            self._term_sums[name] += float(value.detach())
+            self._term_counts[name] += 1
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:
-            sums, count = dict(self._term_sums), self._term_count
+            names = list(self._term_sums)
+            sums = [self._term_sums[n] for n in names]
+            counts = [float(self._term_counts[n]) for n in names]
             if self.accelerator.num_processes > 1:
                 # "loss" is already the mean over processes (the Trainer gathers it); the terms
                 # must be too. Every process logs the same steps, so this collective matches.
-                t = torch.tensor([*sums.values(), float(count)], dtype=torch.float64,
-                                 device=self.args.device)
+                t = torch.tensor([*sums, *counts], dtype=torch.float64, device=self.args.device)
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-                sums, count = dict(zip(sums, t[:-1].tolist())), int(t[-1].item())
-            if count:
-                for name, total in sums.items():
+                sums, counts = t[:len(names)].tolist(), t[len(names):].tolist()
+            for name, total, count in zip(names, sums, counts):
+                if count:
                     logs[f"loss_{name}"] = float(f"{total / count:.7g}")  # small KLs keep digits
-            self._term_sums = dict.fromkeys(self._term_sums, 0.0)
-            self._term_count = 0
+            self._term_sums = dict.fromkeys(names, 0.0)
+            self._term_counts = dict.fromkeys(names, 0)
         super().log(logs, start_time)
 
     # -- projectors travel with every save and resume -----------------------------------------

@@ -33,7 +33,7 @@ from unidistill.model_logits import LogitTransform, head_logits
 
 IGNORE_INDEX = -100
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
-HIDDEN_KINDS = ("mse", "nmse", "cosine")
+HIDDEN_KINDS = ("mse", "nmse", "cnmse", "cosine")
 _EPS = 1e-12
 
 
@@ -148,18 +148,18 @@ def hidden_state_loss_per_position(student_h: torch.Tensor, teacher_h: torch.Ten
                                    kind: str) -> torch.Tensor:
     """Per-position hidden-state distance: student_h (N, D), teacher_h (N, D) -> (N,) fp32.
 
-    kind "mse" = mean over channels of (s - t)^2; "cosine" = 1 - cos(s, t). "nmse" has no
-    per-position form (its normaliser is a batch statistic): use ``hidden_state_loss``.
+    kind "mse" = mean over channels of (s - t)^2; "cosine" = 1 - cos(s, t). "nmse" and "cnmse"
+    have no per-position form (their normalisers are batch statistics): use ``hidden_state_loss``.
     """
     s, t = student_h.float(), teacher_h.float()
     if kind == "mse":
         return (s - t).square().mean(-1)
     if kind == "cosine":
         return 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
-    if kind == "nmse":
-        raise ConfigError("hidden loss 'nmse' is normalised by a batch statistic and has no "
+    if kind in ("nmse", "cnmse"):
+        raise ConfigError(f"hidden loss {kind!r} is normalised by a batch statistic and has no "
                           "per-position form; call hidden_state_loss(student_h, teacher_h, mask, "
-                          "'nmse') instead")
+                          f"{kind!r}) instead")
     raise _choice_error("hidden-state loss kind", kind, HIDDEN_KINDS)
 
 
@@ -173,7 +173,18 @@ def hidden_state_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: to
     invariant to the scale of the hidden states, so a teacher with huge outlier channels does not
     give a loss orders of magnitude larger than CE/KL (plain mse grows with the outliers squared).
     The errors in those outlier channels still dominate the sum; nmse only fixes the scale.
+    "cnmse" (channel-normalised) = the mean over channels c of sum_n (s - t)_c^2 / sum_n t_c^2:
+    each channel's error relative to its own teacher energy, so a massive-activation channel
+    weighs as one channel among D instead of drowning the others. A channel whose teacher energy
+    is below 1e-6 of the mean channel's is measured against that floor.
     """
+    if kind == "cnmse":
+        s, t = student_h.float(), teacher_h.float()
+        keep = mask.bool().unsqueeze(-1)
+        err = torch.where(keep, (s - t).square(), 0.0).sum(0)              # (D,)
+        ref = torch.where(keep, t.square(), 0.0).sum(0)
+        floor = (ref.mean() * 1e-6).clamp(min=_EPS)
+        return (err / torch.maximum(ref, floor)).mean()
     if kind == "nmse":
         s, t = student_h.float(), teacher_h.float()
         err, _ = _masked_sum((s - t).square().sum(-1), mask)            # sum over (N, D)
