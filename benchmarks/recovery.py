@@ -60,7 +60,12 @@ PRESETS = {
                 steps=40, eval_sequences=16, calib_sequences=32, bf16=False),
     "gpu": dict(device="cuda", seq_len=512, train_sequences=1600, heldout_sequences=32,
                 batch_size=8, steps=200, eval_sequences=32, calib_sequences=64, bf16=True),
+    # 4x the CPU preset's tokens per run, on fresh text (no epoch repeats), with 4x the held-out
+    # tokens; few runs (recovery_long_variants.yaml): where do CE and distillation part?
+    "cpu-long": dict(device="cpu", seq_len=256, train_sequences=640, heldout_sequences=64,
+                     batch_size=4, steps=160, eval_sequences=64, calib_sequences=32, bf16=False),
 }
+VARIANTS = {"cpu-long": "recovery_long_variants.yaml"}  # other presets: recovery_variants.yaml
 # the two students: stage name -> prune options (calibration text and size are added)
 STUDENTS = {
     "depth": ["--drop-layers", "10", "--depth-method", "kl"],
@@ -179,10 +184,10 @@ def load_variants(path) -> dict:
     import yaml
 
     spec = yaml.safe_load(Path(path).read_text())
-    missing = sorted(set(STUDENTS) - set(spec.get("students") or {}))
-    if missing:
-        raise SystemExit(f"{path}: 'students' has no section for {missing}; expected one per student "
-                         f"{sorted(STUDENTS)}, each with align_layers and variants")
+    unknown = sorted(set(spec.get("students") or {}) - set(STUDENTS))
+    if unknown or not spec.get("students"):
+        raise SystemExit(f"{path}: 'students' names {unknown or 'no student'}; expected a section "
+                         f"for some of {sorted(STUDENTS)}, each with align_layers and variants")
     for name in spec.get("repeat_with_seed_1") or []:
         for student, section in spec["students"].items():
             if name not in [v["name"] for v in section["variants"]]:
@@ -223,8 +228,9 @@ def run(opts, log: Callable[[str], None] = _say) -> dict:
     spec = load_variants(opts.variants)
     stages = Stages(out, log)
     t0 = time.perf_counter()
-    students = {name: out / f"student-{name}" for name in STUDENTS}
-    for name, prune in STUDENTS.items():
+    students = {name: out / f"student-{name}" for name in STUDENTS if name in spec["students"]}
+    for name in students:
+        prune = STUDENTS[name]
         stages.run(f"prune_{name}", unidistill(
             "prune", "--model", TEACHER, "--out", str(students[name]), *prune, "--calib-data",
             opts.data, "--calib-sequences", str(opts.calib_sequences), "--device", opts.device),
@@ -249,7 +255,7 @@ def run(opts, log: Callable[[str], None] = _say) -> dict:
     if opts.device == "cpu":
         common.append("--use-cpu")
     tables, all_runs = {}, {}
-    for name in STUDENTS:
+    for name in students:
         runs = all_runs[name] = out / f"runs-{name}"
         variants = _variants_file(opts, spec, name, out)
         stages.run(f"ablate_{name}", unidistill(
@@ -373,7 +379,7 @@ def write_results(opts, result: dict) -> None:
     minutes = {k: num(None if v is None else v / 60, ".1f") for k, v in times.items()}
     md = [f"# Recovery experiment ({opts.tag})", "",
           f"`{command}` on {out['date']}, {json.dumps(out['machine'])}", "",
-          f"Teacher SmolLM2-135M-Instruct. Both students train from ONE cache of "
+          f"Teacher SmolLM2-135M-Instruct. The students train from ONE cache of "
           f"{opts.train_sequences} x {opts.seq_len} tokens of `{opts.data}` (train split; top-{TOP_K} "
           f"+ tail, exact at T = 1 and 2; teacher layers {result['cache_layers']}); every run "
           f"{opts.steps} steps x {opts.batch_size} x {opts.seq_len} tokens, common settings "
@@ -386,8 +392,8 @@ def write_results(opts, result: dict) -> None:
           "at T = 1 over the cached top-64 + tail. vs CE: perplexity minus CE only's on that text, "
           "'no measurable difference' when smaller than the seed spread.",
           f"Seed spread: runs {repeats} trained again with seed 1 and data_seed 1 (`<name>{SEED_SUFFIX}`); "
-          "chosen before the runs as CE only and the two recipes the field expects to win (logit KD "
-          "at T = 1, and 0.5/0.5 CE + KD at T = 1). The spread is the max over those recipes of "
+          "chosen before the runs (CE only, the baseline, and the recipes the field expects to "
+          "win, from the runs file). The spread is the max over those recipes of "
           "|perplexity seed 0 - seed 1|."]
     for name, st in students.items():
         pr = st["pruned"]
@@ -399,7 +405,7 @@ def write_results(opts, result: dict) -> None:
                f"({100 * pr['parameters_after'] / pr['parameters_before']:.1f} %); dropped blocks "
                f"{pr['dropped_blocks']}. Hidden loss on student blocks {st['align_layers']}."
                + (f" {st['uniform_note']}" if st["uniform_note"] else ""), ""]
-        header = ["run", "α", "β", "γ", "T", "map", "hidden loss"]
+        header = ["run", "α", "β", "γ", "T", "map", "hidden loss", "warm-up", "lr"]
         for t in texts:
             header += [f"{t} ppl", "ppl ÷ T", "acc", "acc ÷ T", "gap %", "top-1", "KL", "vs CE"]
         header.append("train min")
@@ -409,7 +415,8 @@ def write_results(opts, result: dict) -> None:
             hidden = (s.get("gamma") or 0) > 0
             cells = [r["name"], num(s.get("alpha"), "g"), num(s.get("beta"), "g"), num(s.get("gamma"), "g"),
                      num(s.get("kd_temperature"), "g") if (s.get("beta") or 0) > 0 else "-",
-                     s.get("layer_map", "-") if hidden else "-", s.get("hidden_loss", "-") if hidden else "-"]
+                     s.get("layer_map", "-") if hidden else "-", s.get("hidden_loss", "-") if hidden else "-",
+                     str(s.get("hidden_warmup_steps") or "-"), num(s.get("learning_rate"), "g")]
             for t in texts:
                 m = r["heldout_sets"][t]
                 kl = m.get("kl_to_teacher")
@@ -476,7 +483,9 @@ def parse_options(argv=None):
                         "held-out text (its held-out split; a local file is split by document, see "
                         f"unidistill cache-build --help); the second held-out text is {OTHER_TEXT}")
     p.add_argument("--heldout-split", default="heldout", help="split of --data evaluated on")
-    p.add_argument("--variants", default=str(HERE / "recovery_variants.yaml"))
+    p.add_argument("--variants", default=None,
+                   help="runs file (default: recovery_long_variants.yaml for cpu-long, else "
+                        "recovery_variants.yaml)")
     p.add_argument("--out", default="out/recovery", help="work folder (kept: reruns continue)")
     p.add_argument("--results", default=str(RESULTS))
     for key, value in PRESETS["cpu"].items():
@@ -490,6 +499,7 @@ def parse_options(argv=None):
         if getattr(opts, key) is None:
             setattr(opts, key, value)
     opts.tag = opts.tag or opts.preset
+    opts.variants = opts.variants or str(HERE / VARIANTS.get(opts.preset, "recovery_variants.yaml"))
     return opts
 
 

@@ -346,3 +346,23 @@ def test_heldout_sets_pair_the_options_in_order():
         heldout_sets(["a.jsonl", "b.jsonl"], ["x", "y", "z"])
     with pytest.raises(ConfigError, match=r"names \['t'\] appear more than once"):
         heldout_sets(["one/t.jsonl", "two/t.jsonl"])
+
+
+def test_an_argument_added_since_a_run_was_recorded_counts_only_off_its_default():
+    from unidistill.ablate import same_training, training_settings
+
+    student = {"files": "abc"}
+    now = training_settings({"alpha": 1.0, "beta": 0.0, "gamma": 0.0}, {"learning_rate": 3e-4},
+                            "fp", student, None)
+    # the record an older unidistill wrote, before hidden_warmup_steps existed
+    old = {**now, "arguments": {k: v for k, v in now["arguments"].items() if k != "hidden_warmup_steps"}}
+    assert old != now and same_training(old, now)
+    warm = training_settings({"alpha": 0.4, "beta": 0.4, "gamma": 0.2, "hidden_warmup_steps": 10},
+                             {"learning_rate": 3e-4}, "fp", student, None)
+    old_warm = {**warm, "arguments": {k: v for k, v in warm["arguments"].items()
+                                      if k != "hidden_warmup_steps"}}
+    assert not same_training(old_warm, warm)  # set off its default: not what the old run did
+    other = {**old, "arguments": {**old["arguments"], "learning_rate": 1e-3}}
+    assert not same_training(other, now)  # an existing argument that differs still differs
+    assert not same_training({**old, "cache_fingerprint": "other"}, now)
+    assert not same_training(None, now) and not same_training({"x": 1}, now)

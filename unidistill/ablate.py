@@ -27,7 +27,8 @@ the others, saying why in the log:
 
 - an evaluation whose settings changed is simply redone (its model is still there);
 - a run whose training settings changed (or that an older version made without a record) is
-  trained again from scratch, and its old folder -- a trained model the user may want -- is
+  trained again from scratch (a distill argument added since the run was recorded counts as
+  unchanged while it is at its default, which keeps the old behaviour), and its old folder -- a trained model the user may want -- is
   **moved**, never deleted, to ``_replaced/<run>-<time>/`` (delete it when it is not wanted);
 - a run stopped mid-way with the same settings continues from its last checkpoint; its
   checkpoints are never resumed under other settings.
@@ -317,12 +318,31 @@ def _evaluate_to(folder: Path, label: str, model: str, settings: dict, log, file
     return result
 
 
+def same_training(recorded, settings: dict) -> bool:
+    """Whether a run recorded with ``recorded`` trained as ``settings`` would.
+
+    Equal records, or equal once the arguments that did not exist when the run was recorded are
+    added at their defaults: a new distill argument's default keeps what training did before
+    (``hidden_warmup_steps=0``, for instance), so it does not retrain the runs made before it. A
+    run that sets such an argument to anything else differs."""
+    if recorded == settings:
+        return True
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("arguments"), dict):
+        return False
+    old, now = recorded["arguments"], settings.get("arguments") or {}
+    defaults = _canonical(_argument_defaults())
+    added = {k: now[k] for k in set(now) - set(old) if k in defaults and now[k] == defaults[k]}
+    return {**recorded, "arguments": {**old, **added}} == settings
+
+
 def _prepare_run(run_dir: Path, name: str, settings: dict, out: Path, log) -> bool:
     """Make ``run_dir`` belong to ``settings``; True when the run already finished training.
 
     A folder trained under other settings (or without a record) is moved to ``_replaced/``."""
     record = _read_json(run_dir / RUN_SETTINGS_FILE)
-    if record is not None and record.get("settings") == settings:
+    if record is not None and same_training(record.get("settings"), settings):
+        if record.get("settings") != settings:  # recorded before an argument existed: add it
+            atomic_write_json(run_dir / RUN_SETTINGS_FILE, {**record, "settings": settings})
         return bool(record.get("trained"))
     if run_dir.is_dir() and any(run_dir.iterdir()):
         why = ("its settings changed: " + _changes(record["settings"], settings)
