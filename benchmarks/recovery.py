@@ -5,8 +5,8 @@ Usage (CPU, about 75 minutes on 2 quiet cores, at most 90):
     python benchmarks/recovery.py --preset cpu
 GPU (512-token sequences, 8 x 200 steps per run, bf16):
     python benchmarks/recovery.py --preset gpu --tag h100
-Three times the CPU budget per run, CE only against 0.5 CE + 0.5 KD with two seeds each, on the
-depth + width student only (recovery_long_variants.yaml; about 40 minutes on 2 cores):
+Four times the CPU budget per run, CE only against 0.5 CE + 0.5 KD with two seeds each, on the
+depth + width student only (recovery_long_variants.yaml; about 50 minutes on 2 cores):
     python benchmarks/recovery.py --preset cpu-long --out out/recovery-long
 
 Pipeline, each stage the user-facing command:
@@ -63,10 +63,10 @@ PRESETS = {
                 steps=40, eval_sequences=16, calib_sequences=32, bf16=False),
     "gpu": dict(device="cuda", seq_len=512, train_sequences=1600, heldout_sequences=32,
                 batch_size=8, steps=200, eval_sequences=32, calib_sequences=64, bf16=True),
-    # 3x the CPU preset's tokens per run, on fresh text (no epoch repeats), with 2x the held-out
+    # 4x the CPU preset's tokens per run, on fresh text (no epoch repeats), with 4x the held-out
     # tokens; few runs (recovery_long_variants.yaml): do CE and distillation part with more tokens?
-    "cpu-long": dict(device="cpu", seq_len=256, train_sequences=480, heldout_sequences=32,
-                     batch_size=4, steps=120, eval_sequences=32, calib_sequences=32, bf16=False),
+    "cpu-long": dict(device="cpu", seq_len=256, train_sequences=640, heldout_sequences=64,
+                     batch_size=4, steps=160, eval_sequences=64, calib_sequences=32, bf16=False),
 }
 VARIANTS = {"cpu-long": "recovery_long_variants.yaml"}  # other presets: recovery_variants.yaml
 # the two students: stage name -> prune options (calibration text and size are added)
