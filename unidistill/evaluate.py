@@ -141,7 +141,7 @@ def _projector_rows(model_dir: str, n_student: int, d_student: int, d_teacher: i
     if d_student == d_teacher:
         return dict.fromkeys(range(n_student + 1))
     from unidistill.trainer.projectors import WEIGHTS_FILE, load_projectors
-    from unidistill.trainer.run import RUN_RECORD
+    from unidistill.trainer.run_record import RUN_RECORD
 
     folder = Path(model_dir)
     if not (folder / WEIGHTS_FILE).is_file():
@@ -222,7 +222,7 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
         resolve_device,
         resolve_model_source,
     )
-    from unidistill.trainer.run import check_student_matches_cache
+    from unidistill.trainer.dataset import check_student_matches_cache
 
     if data is None and cache is None:
         raise ConfigError("nothing to evaluate on: pass --data (held-out text) and/or --cache "
