@@ -26,7 +26,7 @@ from machine import machine  # benchmarks/machine.py, beside this script
 
 from unidistill.cache_builder.build import build_cache
 from unidistill.cache_builder.config import BuildConfig
-from unidistill.cache_builder.data import iter_documents, pack_documents
+from unidistill.text.data import iter_documents, pack_documents
 from unidistill.cache_builder.teacher import (
     load_model,
     load_tokenizer,

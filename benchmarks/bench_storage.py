@@ -46,7 +46,7 @@ from machine import machine  # benchmarks/machine.py, beside this script
 from bench_cache_build import bare_forward_tps  # noqa: E402
 from unidistill.cache_builder.build import build_cache
 from unidistill.cache_builder.config import BuildConfig
-from unidistill.cache_builder.data import iter_documents, pack_documents
+from unidistill.text.data import iter_documents, pack_documents
 from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_device, resolve_model_source
 from unidistill.model_logits import head_logits
 from unidistill.pruning.depth import keep_blocks

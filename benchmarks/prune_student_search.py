@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine  # noqa: E402
 
-from unidistill.cache_builder.data import BUILTIN_PYDOC, iter_documents, pack_documents  # noqa: E402
+from unidistill.text.data import BUILTIN_PYDOC, iter_documents, pack_documents  # noqa: E402
 from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_model_source  # noqa: E402
 from unidistill.evaluate import evaluate_on_ids  # noqa: E402
 from unidistill.pruning.importance import collect_stats  # noqa: E402

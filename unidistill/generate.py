@@ -44,7 +44,7 @@ def held_out_prompt(data: str, tokenizer, *, split: str = "heldout", n_tokens: i
     """The first ``n_tokens`` tokens of held-out document number ``document``, as text."""
     from itertools import islice
 
-    from unidistill.cache_builder.data import check_data_split, iter_documents
+    from unidistill.text.data import check_data_split, iter_documents
 
     if n_tokens < 1:
         raise ConfigError(f"--prompt-tokens must be >= 1, got {n_tokens}")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from unidistill import __version__
 from unidistill.cache_builder.capture import TeacherRunner
 from unidistill.cache_builder.config import BuildConfig
-from unidistill.cache_builder.data import iter_documents, pack_documents, resolve_heldout_share
+from unidistill.text.data import iter_documents, pack_documents, resolve_heldout_share
 from unidistill.cache_builder.teacher import (
     load_config,
     load_model,

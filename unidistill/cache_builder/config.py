@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unidistill.cache_builder.data import check_data_split
+from unidistill.text.data import check_data_split
 from unidistill.errors import ConfigError
 from unidistill.storage.layout import HIDDEN_DTYPES, LOGITS_MODES, MAX_SAMPLES
 from unidistill.storage.location import CacheLocation, is_url

@@ -96,7 +96,7 @@ def prune(model: str, out: str, *, drop_layers: int = 0, depth_method: str = "im
           batch_size: int = 4, device: str = "auto", gguf_file: str | None = None,
           overwrite: bool = False, progress: bool = True) -> dict:
     """Load ``model`` (folder, hub id, GGUF or builtin), prune it and save it to ``out``."""
-    from unidistill.cache_builder.data import (
+    from unidistill.text.data import (
         BUILTIN_PYDOC,
         check_data_split,
         iter_documents,
