@@ -246,8 +246,8 @@ def _canonical(obj):
 def model_identity(model: str) -> dict:
     """What identifies a model's outputs: its files' fingerprint where they are local (folder,
     GGUF file, builtin), else its hub id."""
-    from unidistill.cache_builder.teacher import resolve_model_source
     from unidistill.fingerprint import path_fingerprint
+    from unidistill.models.loading import resolve_model_source
 
     source = resolve_model_source(model)
     folder = Path(source.path)
@@ -576,7 +576,7 @@ def _heldout_apart(cache, heldout: str, heldout_cache, split: str | None = None)
 
 
 def _load_teacher(teacher: str):
-    from unidistill.cache_builder.teacher import load_model, resolve_model_source
+    from unidistill.models.loading import load_model, resolve_model_source
 
     return load_model(resolve_model_source(teacher))
 

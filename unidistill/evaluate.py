@@ -210,17 +210,17 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
              max_sequences: int | None = 64, batch_size: int = 4, device: str = "auto",
              gguf_file: str | None = None, progress: bool = True) -> Evaluation:
     """Evaluate ``model`` (folder, hub id, GGUF or builtin) on ``data`` and/or a teacher ``cache``."""
+    from unidistill.models.loading import (
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_model_source,
+    )
     from unidistill.text.data import (
         check_data_split,
         default_eval_split,
         iter_documents,
         pack_documents,
-    )
-    from unidistill.cache_builder.teacher import (
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_model_source,
     )
     from unidistill.trainer.dataset import check_student_matches_cache
 

@@ -71,7 +71,7 @@ def generate_side_by_side(models: dict[str, str], *, prompt: str | None = None,
                           data: str | None = None, split: str = "heldout", prompt_tokens: int = 48,
                           max_new_tokens: int = 40, device: str = "auto") -> tuple[str, list[Continuation]]:
     """(prompt, one continuation per model), every model loaded in turn and freed after use."""
-    from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_device, resolve_model_source
+    from unidistill.models.loading import load_model, load_tokenizer, resolve_device, resolve_model_source
 
     if (prompt is None) == (data is None):
         raise ConfigError("give either --prompt TEXT or --data SOURCE (its held-out split's first "

@@ -19,14 +19,14 @@ from pathlib import Path
 from unidistill import __version__
 from unidistill.errors import CacheMismatchError, ConfigError
 from unidistill.model_logits import check_logit_transform
+from unidistill.models.layer_map import (
+    PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
+)
 from unidistill.storage import CacheReader
 from unidistill.storage.head import read_logit_transform
 from unidistill.trainer.arguments import DistillationArguments
 from unidistill.trainer.dataset import (
     CacheDataset, check_student_matches_cache, collate_cache_batch, sample_input_ids,
-)
-from unidistill.trainer.layer_map import (
-    PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
 )
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.projectors import HiddenProjectors
