@@ -48,7 +48,9 @@ demo: setup
 	$(BIN)/unidistill generate --model teacher=builtin:smollm2 --model pruned=$(DEMO)/student \
 		--model distilled=$(DEMO)/runs/distilled --data $(DEMO_DATA) --max-new-tokens 32
 
+# lint-imports: the one-way import rules (setup.cfg [importlinter], docs/ARCHITECTURE.md)
 test: setup
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: setup

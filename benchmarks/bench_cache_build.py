@@ -26,14 +26,14 @@ from machine import machine  # benchmarks/machine.py, beside this script
 
 from unidistill.cache_builder.build import build_cache
 from unidistill.cache_builder.config import BuildConfig
-from unidistill.cache_builder.data import iter_documents, pack_documents
-from unidistill.cache_builder.teacher import (
+from unidistill.models.loading import (
     load_model,
     load_tokenizer,
     resolve_device,
     resolve_model_source,
 )
 from unidistill.storage.info import cache_info
+from unidistill.text.data import iter_documents, pack_documents
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

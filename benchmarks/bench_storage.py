@@ -45,14 +45,14 @@ from machine import machine  # benchmarks/machine.py, beside this script
 
 from bench_cache_build import bare_forward_tps  # noqa: E402
 from unidistill.cache_builder.build import build_cache
-from unidistill.cache_builder.config import BuildConfig
-from unidistill.cache_builder.data import iter_documents, pack_documents
-from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_device, resolve_model_source
-from unidistill.model_logits import head_logits
-from unidistill.pruning.depth import keep_blocks
 from unidistill.cache_builder.capture import TeacherRunner
+from unidistill.cache_builder.config import BuildConfig
+from unidistill.model_logits import head_logits
+from unidistill.models.loading import load_model, load_tokenizer, resolve_device, resolve_model_source
+from unidistill.pruning.depth import keep_blocks
 from unidistill.storage import CacheReader, decode_hidden
 from unidistill.storage.info import cache_info
+from unidistill.text.data import iter_documents, pack_documents
 from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
 from unidistill.trainer.losses import logit_losses_from_logits
 

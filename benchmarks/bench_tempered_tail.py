@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from machine import machine  # benchmarks/machine.py, beside this script
 
-from unidistill.cache_builder.capture import top_k_with_tail
-from unidistill.cache_builder.data import iter_documents, pack_documents
-from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_model_source
+from unidistill.models.loading import load_model, load_tokenizer, resolve_model_source
+from unidistill.models.teacher import top_k_with_tail
 from unidistill.storage.reader import uniform_tail
+from unidistill.text.data import iter_documents, pack_documents
 from unidistill.trainer.losses import bucket_log_probs, kl_per_position
 
 RESULTS = Path(__file__).resolve().parent / "results"

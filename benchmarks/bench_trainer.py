@@ -55,7 +55,7 @@ def run_mode(opts) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from unidistill.cache_builder.teacher import load_model, resolve_model_source
+    from unidistill.models.loading import load_model, resolve_model_source
     from unidistill.trainer.arguments import DistillationArguments
     from unidistill.trainer.dataset import CacheDataset
     from unidistill.trainer.run import distill_from_cache
@@ -108,9 +108,9 @@ def prepare(opts, work: Path) -> tuple[str, str]:
 
     from unidistill.cache_builder.build import build_cache
     from unidistill.cache_builder.config import BuildConfig
-    from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_model_source
+    from unidistill.models.layer_map import create_layer_map
+    from unidistill.models.loading import load_model, load_tokenizer, resolve_model_source
     from unidistill.pruning.depth import keep_blocks, last_blocks_dropped
-    from unidistill.trainer.layer_map import create_layer_map
 
     source = resolve_model_source(opts.teacher)
     teacher = load_model(source, "float32", "cpu")

@@ -29,13 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine  # noqa: E402  benchmarks/machine.py, beside this script
 
-from unidistill.cache_builder.data import BUILTIN_PYDOC, iter_documents, pack_documents  # noqa: E402
-from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_model_source  # noqa: E402
 from unidistill.evaluate import evaluate_on_ids  # noqa: E402
+from unidistill.models.loading import load_model, load_tokenizer, resolve_model_source  # noqa: E402
 from unidistill.pruning.depth import blocks_to_keep  # noqa: E402
 from unidistill.pruning.importance import collect_stats  # noqa: E402
 from unidistill.pruning.prune import count_parameters, prune_model  # noqa: E402
 from unidistill.pruning.width import massive_channels  # noqa: E402
+from unidistill.text.data import BUILTIN_PYDOC, iter_documents, pack_documents  # noqa: E402
 
 DEPTHS = {  # name -> (method, iterative)
     "last": ("last", False), "cosine": ("importance", False), "cosine-iter": ("importance", True),

@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine  # noqa: E402
 
-from unidistill.cache_builder.data import BUILTIN_PYDOC, iter_documents, pack_documents  # noqa: E402
-from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_model_source  # noqa: E402
 from unidistill.evaluate import evaluate_on_ids  # noqa: E402
+from unidistill.models.loading import load_model, load_tokenizer, resolve_model_source  # noqa: E402
 from unidistill.pruning.importance import collect_stats  # noqa: E402
 from unidistill.pruning.prune import count_parameters, prune_model  # noqa: E402
+from unidistill.text.data import BUILTIN_PYDOC, iter_documents, pack_documents  # noqa: E402
 
 KL_ORDER = [14, 25, 12, 5, 17, 3, 7, 26, 4, 13]  # prune_methods_cpu.json depth_orders.kl
 TEACHER_PARAMS, TEACHER_PPL = 134_515_008, 17.454060014385348  # prune_methods_cpu.json

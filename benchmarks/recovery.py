@@ -212,7 +212,7 @@ def student_variants(spec: dict, student: str) -> list[dict]:
 def cache_layers(spec: dict, students: dict[str, Path]) -> list[int]:
     """The teacher layers (hidden_states indices) that the uniform, last and original maps send
     every student's aligned blocks to: what the training cache holds."""
-    from unidistill.trainer.layer_map import parse_layer_map, provenance_from_config
+    from unidistill.models.layer_map import parse_layer_map, provenance_from_config
 
     layers: set[int] = set()
     for student, folder in students.items():

@@ -25,7 +25,7 @@ from unidistill.cache_builder.config import BuildConfig
 from unidistill.cli import main
 from unidistill.errors import ConfigError
 from unidistill.storage import CacheReader
-from unidistill.trainer.run import RUN_RECORD
+from unidistill.trainer.run_record import RUN_RECORD
 
 
 def test_recovery_is_the_share_of_the_log_perplexity_gap_closed():

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from unidistill.cache_builder import kjv_bible, stdlib_docs
-from unidistill.cache_builder.builtin_text import BUILTIN_TEXTS
-from unidistill.cache_builder.data import default_eval_split, iter_documents
+from unidistill.text import kjv_bible, stdlib_docs
+from unidistill.text.builtin_text import BUILTIN_TEXTS
+from unidistill.text.data import default_eval_split, iter_documents
 from unidistill.errors import DataError
 
 # The held-out modules of builtin:stdlib_docs: the SHA-256 of the module name below 0.1. Pinned,
@@ -29,7 +29,7 @@ def stdlib():
 
 
 def test_stdlib_docs_splits_partition_the_modules(stdlib):
-    from unidistill.cache_builder.splits import in_split
+    from unidistill.text.splits import in_split
 
     held = [n for n in stdlib_docs.MODULES if in_split(n, "heldout", stdlib_docs.HELDOUT_SHARE)]
     assert held == STDLIB_HELDOUT

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unidistill.cache_builder.build import build_cache
 from unidistill.cache_builder.config import BuildConfig
-from unidistill.cache_builder.data import iter_documents, pack_documents
+from unidistill.text.data import iter_documents, pack_documents
 from unidistill.storage import CacheReader, decode_hidden
 
 SEQ_LEN = 32

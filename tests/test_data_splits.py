@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 from unidistill.cache_builder import capture
 from unidistill.cache_builder.build import build_cache
 from unidistill.cache_builder.config import BuildConfig
-from unidistill.cache_builder.data import iter_documents, pack_documents
-from unidistill.cache_builder.splits import check_caches_apart, in_split, key_position
+from unidistill.text.data import iter_documents, pack_documents
+from unidistill.text.splits import check_caches_apart, in_split, key_position
 from unidistill.cli import main
 from unidistill.errors import CacheMismatchError, DataError
 from unidistill.storage import CacheReader

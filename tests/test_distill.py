@@ -13,7 +13,8 @@ from unidistill.cache_builder.build import build_cache
 from unidistill.cache_builder.config import BuildConfig
 from unidistill.errors import CacheIncompleteError, CacheMismatchError, ConfigError
 from unidistill.trainer.arguments import DistillationArguments
-from unidistill.trainer.run import RUN_RECORD, distill_from_cache
+from unidistill.trainer.run import distill_from_cache
+from unidistill.trainer.run_record import RUN_RECORD
 
 from .conftest import args_for, make_llama, make_tokenizer, train_losses
 

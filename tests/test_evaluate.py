@@ -43,7 +43,7 @@ def reference_accuracy(model_dir, ids: np.ndarray) -> float:
 def test_perplexity_on_text_matches_full_logits(tiny_teacher_dir, text_file):
     from transformers import AutoTokenizer
 
-    from unidistill.cache_builder.data import iter_documents, pack_documents
+    from unidistill.text.data import iter_documents, pack_documents
 
     result = evaluate(str(tiny_teacher_dir), data=str(text_file), seq_len=24, max_sequences=5,
                       batch_size=2, device="cpu", progress=False)

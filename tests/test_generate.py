@@ -25,7 +25,7 @@ def test_greedy_continuation_is_the_argmax_loop(tiny_teacher_dir):
 
 
 def test_the_prompt_is_the_start_of_a_held_out_document(tiny_teacher_dir, text_file):
-    from unidistill.cache_builder.data import iter_documents
+    from unidistill.text.data import iter_documents
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
     prompt = held_out_prompt(str(text_file), tok, n_tokens=5)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from unidistill.errors import CacheMismatchError, ConfigError
-from unidistill.trainer.layer_map import (
+from unidistill.models.layer_map import (
     LAYER_MAP_STRATEGIES, check_layers_in_cache, create_layer_map, parse_layer_map,
     provenance_from_config, teacher_layers_for_students,
 )

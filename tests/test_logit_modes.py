@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from unidistill.cache_builder.build import build_cache
-from unidistill.cache_builder.capture import sample_with_counts
 from unidistill.cache_builder.config import BuildConfig
 from unidistill.cli import main
 from unidistill.errors import CacheMismatchError, ConfigError
 from unidistill.evaluate import evaluate
+from unidistill.models.teacher import sample_with_counts
 from unidistill.storage import CacheReader
 from unidistill.storage.info import cache_info
 from unidistill.storage.layout import HEAD_FILE

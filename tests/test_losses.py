@@ -607,7 +607,7 @@ def test_tempered_bucket_teacher_equals_full_vocab_softmax_summed_over_the_tail(
 
 @pytest.mark.parametrize("temperatures", [(2.0,), (0.5, 2.0, 4.0)])
 def test_builder_tempered_tails_equal_the_reference(temperatures):
-    from unidistill.cache_builder.capture import top_k_with_tail
+    from unidistill.models.teacher import top_k_with_tail
 
     z = random_logits(n=9, v=300, seed=3, scale=4.0)
     ids, logp, tail, tempered = top_k_with_tail(z.clone(), 16, temperatures)

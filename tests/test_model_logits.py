@@ -299,7 +299,7 @@ def test_the_online_teacher_gives_its_own_logits(family_dirs, kind):
 # -- evaluate ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", CACHED)
 def test_evaluate_scores_a_family_model_by_its_own_logits(family_dirs, exact_caches, text_file, kind):
-    from unidistill.cache_builder.data import iter_documents, pack_documents
+    from unidistill.text.data import iter_documents, pack_documents
 
     model_dir = family_dirs[kind]
     result = evaluate(str(model_dir), data=str(text_file), cache=str(exact_caches[kind]), seq_len=24, split="all",

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 from unidistill.cli import main
 from unidistill.storage import CacheReader
 from unidistill.storage.writer import read_manifest, read_unit_marker
-from unidistill.trainer.run import RUN_RECORD
+from unidistill.trainer.run_record import RUN_RECORD
 
 from .test_cache_resume import build_args, read_all
 
@@ -55,12 +55,12 @@ TRAIN_DRIVER = """
 import json, os, sys
 import safetensors.torch
 from transformers import PreTrainedModel
-from unidistill.trainer import distill_trainer as dt, run
+from unidistill.trainer import distill_trainer as dt, run, run_record
 RANK, DUMP = os.environ.get("RANK", "0"), os.environ["DUMP_DIR"]
 def note(what):
     with open(os.path.join(DUMP, f"saves_rank{RANK}.txt"), "a") as f:
         f.write(what + "\\n")
-_save_projectors, _record = dt.save_projectors, run.write_run_record
+_save_projectors, _record = dt.save_projectors, run_record.write_run_record
 def save_projectors(projectors, directory):
     note(f"projectors {os.path.basename(str(directory))}")
     return _save_projectors(projectors, directory)

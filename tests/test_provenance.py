@@ -11,7 +11,7 @@ from unidistill.cache_builder.build import build_cache
 from unidistill.cache_builder.config import BuildConfig
 from unidistill.cli import main
 from unidistill.storage import CacheReader
-from unidistill.trainer.run import RUN_RECORD
+from unidistill.trainer.run_record import RUN_RECORD
 
 
 def train(cache, student, out, *extra):

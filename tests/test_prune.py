@@ -13,10 +13,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from unidistill.cli import main
 from unidistill.errors import ConfigError
+from unidistill.models.layer_map import create_layer_map, provenance_from_config
 from unidistill.pruning.importance import collect_stats
 from unidistill.pruning.prune import prune_model
 from unidistill.pruning.width import kept_size, prune_hidden, prune_mlp
-from unidistill.trainer.layer_map import create_layer_map, provenance_from_config
 
 from .conftest import make_llama
 

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from unidistill.errors import ConfigError
+from unidistill.models.layer_map import create_layer_map, provenance_from_config
 from unidistill.pruning.depth import keep_blocks, last_blocks_dropped
-from unidistill.trainer.layer_map import create_layer_map, provenance_from_config
 
 from .conftest import make_llama
 

@@ -27,7 +27,7 @@ SERVED = {"topk": (1.0, 2.0), "topk-q8": (1.0, 2.0), "sampled": (1.0,), "exact":
 
 @pytest.fixture(scope="module")
 def teacher():
-    from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_model_source
+    from unidistill.models.loading import load_model, load_tokenizer, resolve_model_source
 
     source = resolve_model_source("builtin:smollm2")
     return load_model(source, "float32", "cpu").eval(), load_tokenizer(source)

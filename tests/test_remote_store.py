@@ -26,7 +26,8 @@ from unidistill.storage.layout import hidden_key  # noqa: E402
 from unidistill.storage.location import CacheLocation  # noqa: E402
 from unidistill.storage.writer import MANIFEST_KEY, read_unit_marker, unit_marker_key  # noqa: E402
 from unidistill.trainer.dataset import CacheDataset, collate_cache_batch  # noqa: E402
-from unidistill.trainer.run import RUN_RECORD, distill_from_cache  # noqa: E402
+from unidistill.trainer.run import distill_from_cache  # noqa: E402
+from unidistill.trainer.run_record import RUN_RECORD  # noqa: E402
 
 from .conftest import args_for, train_losses  # noqa: E402
 

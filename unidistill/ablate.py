@@ -246,8 +246,8 @@ def _canonical(obj):
 def model_identity(model: str) -> dict:
     """What identifies a model's outputs: its files' fingerprint where they are local (folder,
     GGUF file, builtin), else its hub id."""
-    from unidistill.cache_builder.teacher import resolve_model_source
     from unidistill.fingerprint import path_fingerprint
+    from unidistill.models.loading import resolve_model_source
 
     source = resolve_model_source(model)
     folder = Path(source.path)
@@ -563,8 +563,8 @@ def ablate(cache, student: str, teacher: str, heldout, out, *, variants: list[di
 def _heldout_apart(cache, heldout: str, heldout_cache, split: str | None = None) -> dict:
     """Refuse held-out text or a held-out cache that shares documents with the training cache;
     returns the evaluation's held-out share (the training cache's, for the same local source)."""
-    from unidistill.cache_builder.data import default_eval_split, source_kind
-    from unidistill.cache_builder.splits import check_caches_apart
+    from unidistill.text.data import default_eval_split, source_kind
+    from unidistill.text.splits import check_caches_apart
 
     train = ((read_manifest(cache) or {}).get("settings") or {}).get("data") or {}
     share = train.get("heldout_share") if heldout == train.get("source") else None
@@ -576,7 +576,7 @@ def _heldout_apart(cache, heldout: str, heldout_cache, split: str | None = None)
 
 
 def _load_teacher(teacher: str):
-    from unidistill.cache_builder.teacher import load_model, resolve_model_source
+    from unidistill.models.loading import load_model, resolve_model_source
 
     return load_model(resolve_model_source(teacher))
 

@@ -141,7 +141,7 @@ def _projector_rows(model_dir: str, n_student: int, d_student: int, d_teacher: i
     if d_student == d_teacher:
         return dict.fromkeys(range(n_student + 1))
     from unidistill.trainer.projectors import WEIGHTS_FILE, load_projectors
-    from unidistill.trainer.run import RUN_RECORD
+    from unidistill.trainer.run_record import RUN_RECORD
 
     folder = Path(model_dir)
     if not (folder / WEIGHTS_FILE).is_file():
@@ -210,19 +210,19 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
              max_sequences: int | None = 64, batch_size: int = 4, device: str = "auto",
              gguf_file: str | None = None, progress: bool = True) -> Evaluation:
     """Evaluate ``model`` (folder, hub id, GGUF or builtin) on ``data`` and/or a teacher ``cache``."""
-    from unidistill.cache_builder.data import (
-        check_data_split,
-        default_eval_split,
-        iter_documents,
-        pack_documents,
-    )
-    from unidistill.cache_builder.teacher import (
+    from unidistill.models.loading import (
         load_model,
         load_tokenizer,
         resolve_device,
         resolve_model_source,
     )
-    from unidistill.trainer.run import check_student_matches_cache
+    from unidistill.text.data import (
+        check_data_split,
+        default_eval_split,
+        iter_documents,
+        pack_documents,
+    )
+    from unidistill.trainer.dataset import check_student_matches_cache
 
     if data is None and cache is None:
         raise ConfigError("nothing to evaluate on: pass --data (held-out text) and/or --cache "

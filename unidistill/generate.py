@@ -44,7 +44,7 @@ def held_out_prompt(data: str, tokenizer, *, split: str = "heldout", n_tokens: i
     """The first ``n_tokens`` tokens of held-out document number ``document``, as text."""
     from itertools import islice
 
-    from unidistill.cache_builder.data import check_data_split, iter_documents
+    from unidistill.text.data import check_data_split, iter_documents
 
     if n_tokens < 1:
         raise ConfigError(f"--prompt-tokens must be >= 1, got {n_tokens}")
@@ -71,7 +71,7 @@ def generate_side_by_side(models: dict[str, str], *, prompt: str | None = None,
                           data: str | None = None, split: str = "heldout", prompt_tokens: int = 48,
                           max_new_tokens: int = 40, device: str = "auto") -> tuple[str, list[Continuation]]:
     """(prompt, one continuation per model), every model loaded in turn and freed after use."""
-    from unidistill.cache_builder.teacher import load_model, load_tokenizer, resolve_device, resolve_model_source
+    from unidistill.models.loading import load_model, load_tokenizer, resolve_device, resolve_model_source
 
     if (prompt is None) == (data is None):
         raise ConfigError("give either --prompt TEXT or --data SOURCE (its held-out split's first "

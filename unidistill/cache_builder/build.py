@@ -21,20 +21,20 @@ from tqdm.auto import tqdm
 from unidistill import __version__
 from unidistill.cache_builder.capture import TeacherRunner
 from unidistill.cache_builder.config import BuildConfig
-from unidistill.cache_builder.data import iter_documents, pack_documents, resolve_heldout_share
-from unidistill.cache_builder.teacher import (
+from unidistill.distributed import ProcessGroup
+from unidistill.errors import CacheError, ConfigError
+from unidistill.fingerprint import ids_fingerprint, tokenizer_fingerprint, weights_fingerprint
+from unidistill.models.loading import (
     load_config,
     load_model,
     load_tokenizer,
     resolve_device,
     resolve_model_source,
 )
-from unidistill.distributed import ProcessGroup
-from unidistill.errors import CacheError, ConfigError
-from unidistill.fingerprint import ids_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from unidistill.storage.head import head_digest, write_head
 from unidistill.storage.layout import HEAD_FILE, CacheLayout, index_dtype_for
 from unidistill.storage.writer import CacheWriter
+from unidistill.text.data import iter_documents, pack_documents, resolve_heldout_share
 
 
 class UnitWriterThread:

@@ -6,22 +6,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unidistill.cache_builder.data import check_data_split
 from unidistill.errors import ConfigError
+from unidistill.models.layer_map import check_layer_range, teacher_layers_for_students
 from unidistill.storage.layout import HIDDEN_DTYPES, LOGITS_MODES, MAX_SAMPLES
 from unidistill.storage.location import CacheLocation, is_url
+from unidistill.text.data import check_data_split
 
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TEMPERATURES = "1,2"  # the KD temperatures a top-k cache serves exactly by default
-
-
-def check_layer_range(layers, n_layers: int) -> None:
-    """Raise ConfigError for a teacher ``hidden_states`` index outside 0..n_layers."""
-    bad = [j for j in layers if not 0 <= j <= n_layers]
-    if bad:
-        raise ConfigError(f"teacher layers {bad} are out of range: the teacher has {n_layers} "
-                          f"blocks, so valid layers are 0..{n_layers} (0 = embeddings, "
-                          f"{n_layers} = last block)")
 
 
 @dataclass(frozen=True)
@@ -135,8 +127,6 @@ class BuildConfig:
 
     def _listed_layers(self, n_layers: int) -> list[int]:
         if self.student_layers is not None:
-            from unidistill.trainer.layer_map import teacher_layers_for_students
-
             return teacher_layers_for_students(self.student_layers, n_layers, list(self.layer_maps))
         spec = self.layers.strip().lower()
         if spec == "all":

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from unidistill.cache_builder.capture import decoder_blocks
 from unidistill.errors import ConfigError
-from unidistill.trainer.layer_map import PROVENANCE_BLOCKS_KEY, PROVENANCE_KEY, provenance_from_config
+from unidistill.models.layer_map import PROVENANCE_BLOCKS_KEY, PROVENANCE_KEY, provenance_from_config
+from unidistill.models.teacher import decoder_blocks
 
 
 DEPTH_METHODS = ("importance", "kl", "ppl", "last")

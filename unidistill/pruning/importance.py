@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unidistill.cache_builder.capture import decoder_blocks
 from unidistill.errors import ConfigError
+from unidistill.models.teacher import decoder_blocks
 
 AGGREGATIONS = ("minitron", "mean")
 

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 from unidistill.errors import ConfigError
+from unidistill.models.layer_map import PROVENANCE_KEY
 from unidistill.pruning.depth import DEPTH_METHODS, blocks_to_keep, keep_blocks
 from unidistill.pruning.importance import collect_stats
 from unidistill.pruning.width import check_supported, prune_heads, prune_hidden, prune_mlp
-from unidistill.trainer.layer_map import PROVENANCE_KEY
 
 
 def needs_calibration(drop_layers: int, depth_method: str, mlp_keep: float, hidden_keep: float,
@@ -96,17 +96,17 @@ def prune(model: str, out: str, *, drop_layers: int = 0, depth_method: str = "im
           batch_size: int = 4, device: str = "auto", gguf_file: str | None = None,
           overwrite: bool = False, progress: bool = True) -> dict:
     """Load ``model`` (folder, hub id, GGUF or builtin), prune it and save it to ``out``."""
-    from unidistill.cache_builder.data import (
-        BUILTIN_PYDOC,
-        check_data_split,
-        iter_documents,
-        pack_documents,
-    )
-    from unidistill.cache_builder.teacher import (
+    from unidistill.models.loading import (
         load_model,
         load_tokenizer,
         resolve_device,
         resolve_model_source,
+    )
+    from unidistill.text.data import (
+        BUILTIN_PYDOC,
+        check_data_split,
+        iter_documents,
+        pack_documents,
     )
 
     out_dir = Path(out)

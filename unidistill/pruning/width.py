@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from unidistill.cache_builder.capture import decoder_blocks
 from unidistill.errors import ConfigError
+from unidistill.models.teacher import decoder_blocks
 from unidistill.pruning.importance import ActivationStats, head_dim_of, kept_rms_ratios, norm_modules
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")

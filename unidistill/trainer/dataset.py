@@ -1,4 +1,5 @@
-"""A map-style torch Dataset over a teacher cache, and its collator.
+"""A map-style torch Dataset over a teacher cache, its collator, and the check that a student
+can read the cache (same vocabulary, same tokenizer).
 
 Map-style, so the Trainer's samplers, shuffling, resumption and distributed sharding just work.
 The Zarr store is opened lazily in each DataLoader worker (the reader drops its handle when
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from unidistill.errors import CacheMismatchError
+from unidistill.fingerprint import tokenizer_fingerprint
 from unidistill.model_logits import CHECK_SEQUENCES
 from unidistill.storage import CacheReader, decode_hidden
 
@@ -20,6 +23,21 @@ TEACHER_FIELDS = ("teacher_ids", "teacher_logp", "teacher_log_tail")  # the cach
 
 def hidden_field(layer: int) -> str:
     return f"teacher_hidden_{layer}"
+
+
+def check_student_matches_cache(reader: CacheReader, tokenizer, student_config) -> None:
+    cached = reader.manifest["settings"]["tokenizer"]["fingerprint"]
+    mine = tokenizer_fingerprint(tokenizer)
+    vocab_cache, vocab_student = reader.layout.vocab_size, student_config.vocab_size
+    if vocab_student != vocab_cache:
+        raise CacheMismatchError(f"the student's vocabulary has {vocab_student} entries, the cache's "
+                                 f"teacher {vocab_cache}; distillation needs the same vocabulary. "
+                                 "Use a student made from the teacher (e.g. `unidistill prune`) or "
+                                 "rebuild the cache with a teacher of the student's tokenizer.")
+    if mine != cached:
+        raise CacheMismatchError(f"the student's tokenizer (fingerprint {mine[:16]}) differs from the "
+                                 f"cache's (fingerprint {cached[:16]}); token ids would not line up. "
+                                 "Use the teacher's tokenizer for the student.")
 
 
 def sample_input_ids(reader: CacheReader, n: int = CHECK_SEQUENCES) -> np.ndarray:

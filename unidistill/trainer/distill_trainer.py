@@ -21,7 +21,7 @@ from unidistill.trainer.losses import (
     next_token_labels,
 )
 from unidistill.trainer.projectors import HiddenProjectors, load_projectors, save_projectors
-from unidistill.trainer.run import write_run_record
+from unidistill.trainer.run_record import write_run_record
 
 
 def _exact_teacher(batch: dict):

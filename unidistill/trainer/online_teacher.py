@@ -9,7 +9,7 @@ shares the student's device and runs a no-grad forward on every batch. Two flavo
 - ``top_k=k``: the teacher's top-k log-probs plus tail, exactly what a cache built with that k
   would hold (but in fp32), so the online and offline paths can be compared like for like.
 
-Logits are the teacher's own (its head, then its softcap or scale: ``TeacherRunner.transform``),
+Logits are the teacher's own (its head, then its softcap or scale: ``HookedTeacher.transform``),
 checked against ``model(ids).logits`` on the first batch.
 
 Hidden states of the requested teacher layers (``hidden_states`` indices, as in the cache) are
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from unidistill.cache_builder.capture import TeacherRunner
 from unidistill.errors import ConfigError
+from unidistill.models.teacher import HookedTeacher
 from unidistill.trainer.dataset import hidden_field
 
 
@@ -43,7 +43,7 @@ class OnlineTeacher:
         self.temperature = temperature
         # the top-k targets carry the exact tempered tail at the training temperature
         temps = () if temperature == 1.0 else (temperature,)
-        self.runner = TeacherRunner(self.model, layers, top_k, tail_temperatures=temps)
+        self.runner = HookedTeacher(self.model, layers, top_k, tail_temperatures=temps)
         head = self.model.get_output_embeddings()
         self.head_weight, self.head_bias = head.weight, head.bias
         self.checked = False  # check_logits runs on the first batch unless called before

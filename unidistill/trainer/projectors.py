@@ -5,7 +5,7 @@ each mapped student layer gets its own ``Linear(d_s, d_t, bias=False)`` that is 
 student. When the widths are equal the projection is the identity (no parameters) unless
 ``force=True`` asks for a learned one anyway.
 
-Layer indices follow :mod:`unidistill.trainer.layer_map` (Hugging Face ``hidden_states``
+Layer indices follow :mod:`unidistill.models.layer_map` (Hugging Face ``hidden_states``
 indices, student block i -> teacher block j).
 
 Files written by :func:`save_projectors`: ``projectors.safetensors`` (the state dict) and
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from unidistill.errors import ConfigError
-from unidistill.trainer.layer_map import _is_int
+from unidistill.models.layer_map import _is_int
 from unidistill.storage.files import atomic_write_bytes, atomic_write_json
 
 PROJECTOR_INITS = ("xavier", "identity", "orthogonal", "channels")
@@ -37,7 +37,7 @@ def _check_layer_map(layer_map) -> dict[int, int]:
     """A student-sorted copy of an int -> int layer map, or ConfigError."""
     if not isinstance(layer_map, Mapping):
         raise ConfigError(f"layer_map is {layer_map!r}; expected a dict from student block to "
-                          f"teacher block, e.g. from unidistill.trainer.layer_map.parse_layer_map")
+                          f"teacher block, e.g. from unidistill.models.layer_map.parse_layer_map")
     bad = {k: v for k, v in layer_map.items() if not (_is_int(k) and _is_int(v))}
     if bad:
         raise ConfigError(f"layer_map has non-integer entries {bad!r}; student and teacher "

@@ -3,8 +3,8 @@
 Every check that can fail on bad input runs before the student is trained: cache complete,
 tokenizer and vocabulary equal to the cache's, layer map valid and its teacher layers cached,
 k within the stored k. The run folder, and every checkpoint in it, records the command, the
-settings and the cache fingerprint in ``unidistill_run.json``; a resume from a checkpoint trained
-on another cache is refused.
+settings and the cache fingerprint in ``unidistill_run.json`` (:mod:`.run_record`); a resume from a
+checkpoint trained on another cache is refused.
 """
 
 from __future__ import annotations
@@ -18,23 +18,21 @@ from pathlib import Path
 
 from unidistill import __version__
 from unidistill.errors import CacheMismatchError, ConfigError
-from unidistill.fingerprint import tokenizer_fingerprint
 from unidistill.model_logits import check_logit_transform
+from unidistill.models.layer_map import (
+    PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
+)
 from unidistill.storage import CacheReader
-from unidistill.storage.files import atomic_write_json
 from unidistill.storage.head import read_logit_transform
 from unidistill.trainer.arguments import DistillationArguments
-from unidistill.trainer.dataset import CacheDataset, collate_cache_batch, sample_input_ids
-from unidistill.trainer.layer_map import (
-    PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
+from unidistill.trainer.dataset import (
+    CacheDataset, check_student_matches_cache, collate_cache_batch, sample_input_ids,
 )
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.projectors import HiddenProjectors
+from unidistill.trainer.run_record import check_checkpoint_cache, resolve_checkpoint, write_run_record
 
 logger = logging.getLogger(__name__)
-
-RUN_RECORD = "unidistill_run.json"
-
 
 @dataclass
 class DistillPlan:
@@ -43,21 +41,6 @@ class DistillPlan:
     hidden_pairs: dict[int, int]
     d_student: int
     d_teacher: int
-
-
-def check_student_matches_cache(reader: CacheReader, tokenizer, student_config) -> None:
-    cached = reader.manifest["settings"]["tokenizer"]["fingerprint"]
-    mine = tokenizer_fingerprint(tokenizer)
-    vocab_cache, vocab_student = reader.layout.vocab_size, student_config.vocab_size
-    if vocab_student != vocab_cache:
-        raise CacheMismatchError(f"the student's vocabulary has {vocab_student} entries, the cache's "
-                                 f"teacher {vocab_cache}; distillation needs the same vocabulary. "
-                                 "Use a student made from the teacher (e.g. `unidistill prune`) or "
-                                 "rebuild the cache with a teacher of the student's tokenizer.")
-    if mine != cached:
-        raise CacheMismatchError(f"the student's tokenizer (fingerprint {mine[:16]}) differs from the "
-                                 f"cache's (fingerprint {cached[:16]}); token ids would not line up. "
-                                 "Use the teacher's tokenizer for the student.")
 
 
 def select_hidden_pairs(layer_map: dict[int, int], align: str, cached_layers) -> dict[int, int]:
@@ -145,47 +128,6 @@ def make_run_record(args: DistillationArguments, plan: DistillPlan, student: str
         "arguments": json.loads(args.to_json_string()),
         "processes": args.world_size,  # the batch per optimizer step is processes x per-device x GA
     }
-
-
-def write_run_record(folder, record: dict) -> None:
-    """``unidistill_run.json`` into a run folder or checkpoint."""
-    atomic_write_json(Path(folder) / RUN_RECORD, record)
-
-
-def resolve_checkpoint(resume_from_checkpoint, output_dir) -> str | None:
-    """The checkpoint folder a resume will load (``True``: the newest in ``output_dir``)."""
-    if resume_from_checkpoint is None or resume_from_checkpoint is False:
-        return None
-    if resume_from_checkpoint is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    return str(resume_from_checkpoint)
-
-
-def check_checkpoint_cache(checkpoint: str | None, fingerprint: str) -> None:
-    """Refuse to resume a checkpoint trained on another cache.
-
-    The checkpoint's own run record (written beside every checkpoint) is read; a checkpoint
-    without one falls back to its run folder's record. No record: nothing to compare.
-    """
-    if checkpoint is None:
-        return
-    for folder in (Path(checkpoint), Path(checkpoint).parent):
-        path = folder / RUN_RECORD
-        if path.is_file():
-            try:
-                recorded = json.loads(path.read_text())["cache"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                return
-            if recorded.get("fingerprint") != fingerprint:
-                raise CacheMismatchError(
-                    f"checkpoint {checkpoint} was trained on the cache at {recorded.get('path')} "
-                    f"(fingerprint {str(recorded.get('fingerprint'))[:16]}), not on this one "
-                    f"(fingerprint {fingerprint[:16]}); resuming would continue its data order on "
-                    "other data. Resume with the recorded --cache, or start a new run in another "
-                    "--out.")
-            return
 
 
 def projector_init(requested: str, config, d_student: int, d_teacher: int

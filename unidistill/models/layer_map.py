@@ -1,4 +1,4 @@
-"""Which teacher hidden state each student hidden state is distilled against.
+"""Layer indices: which teacher hidden state each student hidden state is distilled against.
 
 Index convention
 ----------------
@@ -12,7 +12,8 @@ Every layer index here is a Hugging Face ``hidden_states`` index, as returned wi
 
 A layer map is a ``dict[int, int]`` from student blocks ``i`` in ``1..n_s`` to teacher blocks
 ``j`` in ``1..n_t`` (explicit maps may also target ``0``, the teacher's embedding output).
-The teacher side is what phase one cached with ``--layers``.
+The teacher side is what phase one cached with ``--layers`` (checked by
+:func:`check_layer_range`), and what the hooked teacher forward captures.
 
 Strategies
 ----------
@@ -64,6 +65,15 @@ def _check_depths(n_student, n_teacher) -> None:
                           f"the uniform, last and original strategies need a student no deeper "
                           f"than its teacher. Use a shallower student or an explicit JSON map "
                           f"(several student blocks may then share a teacher block)")
+
+
+def check_layer_range(layers, n_layers: int) -> None:
+    """Raise ConfigError for a teacher ``hidden_states`` index outside 0..n_layers."""
+    bad = [j for j in layers if not 0 <= j <= n_layers]
+    if bad:
+        raise ConfigError(f"teacher layers {bad} are out of range: the teacher has {n_layers} "
+                          f"blocks, so valid layers are 0..{n_layers} (0 = embeddings, "
+                          f"{n_layers} = last block)")
 
 
 def _uniform_map(n_student: int, n_teacher: int) -> dict[int, int]:
