@@ -18,7 +18,7 @@ from unidistill.cli import main
 from unidistill.errors import CacheError, CacheIncompleteError, CacheMismatchError
 from unidistill.storage import CacheReader
 from unidistill.storage.layout import hidden_key
-from unidistill.storage.writer import UNITS_DIR, read_unit_marker
+from unidistill.storage.manifest import UNITS_DIR, read_unit_marker
 
 def slow_build_driver(seconds: float) -> str:
     """A `python -c` script running the CLI with every teacher call slowed by ``seconds``, so a

@@ -32,7 +32,7 @@ from unidistill.model_logits import (
 )
 from unidistill.storage import CacheReader
 from unidistill.storage.head import read_logit_transform
-from unidistill.storage.writer import MANIFEST_KEY
+from unidistill.storage.manifest import MANIFEST_KEY
 from unidistill.trainer.losses import chunked_logit_losses, fused_logit_loss, next_token_labels
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.run import distill_from_cache

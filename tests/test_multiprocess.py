@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from unidistill.cli import main
 from unidistill.storage import CacheReader
-from unidistill.storage.writer import read_manifest, read_unit_marker
+from unidistill.storage.manifest import read_manifest, read_unit_marker
 from unidistill.trainer.run_record import RUN_RECORD
 
 from .test_cache_resume import build_args, read_all

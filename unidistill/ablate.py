@@ -66,7 +66,7 @@ from typing import Callable
 from unidistill.errors import ConfigError
 from unidistill.storage.files import atomic_write_bytes, atomic_write_json
 from unidistill.storage.manifest import diff_settings
-from unidistill.storage.writer import read_manifest
+from unidistill.storage.manifest import read_manifest
 
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 EVAL_FILE = "eval.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from unidistill.storage.layout import HEAD_FILE, HIDDEN_PREFIX
 from unidistill.storage.reader import CacheReader
-from unidistill.storage.writer import read_unit_markers
+from unidistill.storage.manifest import read_unit_markers
 
 
 def cache_info(root) -> dict:

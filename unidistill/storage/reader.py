@@ -39,7 +39,7 @@ from unidistill.storage import hidden_q8
 from unidistill.storage.location import as_location
 from unidistill.storage.manifest import STATUS_COMPLETE
 from unidistill.storage.quantize import decode_top_k
-from unidistill.storage.writer import read_manifest
+from unidistill.storage.manifest import read_manifest
 
 
 def decode_hidden(a: np.ndarray, logical_dtype: str) -> torch.Tensor:

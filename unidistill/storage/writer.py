@@ -8,10 +8,8 @@ there. A killed writer can leave a half-written shard, but never a committed one
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -22,53 +20,17 @@ from unidistill.storage.files import array_digest
 from unidistill.storage.layout import FORMAT_VERSION, CacheLayout
 from unidistill.storage.location import CacheLocation, as_location
 from unidistill.storage.manifest import (
+    MANIFEST_KEY,
     STATUS_BUILDING,
     STATUS_COMPLETE,
     STATUS_CREATING,
+    UNITS_DIR,
     content_fingerprint,
     diff_settings,
+    read_manifest,
+    read_unit_markers,
+    unit_marker_key,
 )
-
-MANIFEST_KEY = "unidistill"
-UNITS_DIR = "_units"
-
-
-def unit_marker_key(unit: int) -> str:
-    return f"{UNITS_DIR}/{unit:06d}.json"
-
-
-def unit_marker_path(root: Path, unit: int) -> Path:
-    """The marker file of ``unit`` in a local cache (see :func:`unit_marker_key` for any)."""
-    return Path(root) / unit_marker_key(unit)
-
-
-def read_manifest(root) -> dict | None:
-    """The manifest dict of the cache at ``root`` (folder, URL or :class:`CacheLocation`), or None
-    when there is no unidistill cache."""
-    raw = as_location(root).read_bytes("zarr.json")
-    if raw is None:
-        return None
-    attrs = json.loads(raw).get("attributes", {})
-    return attrs.get(MANIFEST_KEY)
-
-
-def read_unit_marker(root, unit: int) -> dict | None:
-    raw = as_location(root).read_bytes(unit_marker_key(unit))
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return None  # torn marker: atomic writes make this unlikely; treat as uncommitted
-
-
-def read_unit_markers(root, n_units: int) -> dict[int, dict]:
-    """``{unit: marker}`` of every committed unit: one listing of ``_units/``, then only the
-    markers that are there are read (one request each on an object store)."""
-    loc = as_location(root)
-    present = set(loc.list_files(UNITS_DIR))
-    markers = {u: read_unit_marker(loc, u) for u in range(n_units) if unit_marker_key(u) in present}
-    return {u: m for u, m in markers.items() if m is not None}
 
 
 class CacheWriter:
