@@ -130,6 +130,30 @@ def parse_variant(text: str) -> dict:
     return variant
 
 
+def read_variants_file(path) -> dict:
+    """A ``--variants`` YAML file: ``common`` (options of every run) and a ``variants`` list."""
+    import yaml
+
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("variants", []), list):
+        raise ConfigError(f"{path} must hold a mapping with a 'variants' list")
+    return spec
+
+
+# what every ablation run sets unless its common options say otherwise
+ABLATION_COMMON = {"report_to": [], "logging_steps": 1, "save_strategy": "no"}
+
+
+def ablation_plan(spec: dict, variant_specs=(), **overrides) -> tuple[list[dict], dict]:
+    """The runs and their common options: ``spec`` (a variants file's content, or {}), then the
+    ``NAME:key=value,...`` ``variant_specs`` after its variants; ``overrides`` that are not None
+    (command-line options such as ``max_steps``) replace the file's common options."""
+    common = {**ABLATION_COMMON, **(spec.get("common") or {})}
+    common.update({key: value for key, value in overrides.items() if value is not None})
+    variants = list(spec.get("variants") or []) + [parse_variant(v) for v in variant_specs]
+    return variants, common
+
+
 def check_variants(common: dict, variants: list[dict]) -> None:
     """Names unique and usable as folders; every key a distillation argument."""
     if not variants:
@@ -408,8 +432,7 @@ _COLUMNS = (("perplexity", "perplexity"), ("perplexity ÷ teacher", "perplexity_
 
 
 def _cells(m: dict) -> list[str]:
-    def num(x, fmt):
-        return "-" if x is None else format(x, fmt)
+    from unidistill.evaluate import format_number as num
 
     kl = m.get("kl_to_teacher")
     return [num(m.get("perplexity"), ".3f"), format_ratio(m.get("perplexity_ratio")),
@@ -427,8 +450,7 @@ def table_heldout_names(table: dict) -> list[str]:
 def format_table(table: dict) -> str:
     """The markdown table of an ablation (``ablation.json``; keys an older version did not write
     show as -). Several held-out sets: one block of columns per set, headed ``name: column``."""
-    def num(x, fmt):
-        return "-" if x is None else format(x, fmt)
+    from unidistill.evaluate import format_number as num
 
     names = table_heldout_names(table)
     several = len(names) > 1

@@ -387,22 +387,18 @@ def ablate_cmd(variants_file, variant_specs, max_steps, learning_rate, per_devic
     whose settings match, redoes the others and says so (evaluations are redone in place; a run
     whose training settings changed is trained again and its old folder moved to OUT/_replaced/).
     """
-    import yaml
-
-    from unidistill.ablate import ablate, format_table, parse_variant
+    from unidistill.ablate import ablate, ablation_plan, format_table, read_variants_file
+    from unidistill.errors import ConfigError
 
     spec = {}
     if variants_file:
-        spec = yaml.safe_load(Path(variants_file).read_text()) or {}
-        if not isinstance(spec, dict) or not isinstance(spec.get("variants", []), list):
-            raise click.UsageError(f"{variants_file} must hold a mapping with a 'variants' list")
-    common = {"report_to": [], "logging_steps": 1, "save_strategy": "no", **(spec.get("common") or {})}
-    for key, value in (("max_steps", max_steps), ("learning_rate", learning_rate),
-                       ("per_device_train_batch_size", per_device_train_batch_size), ("seed", seed),
-                       ("use_cpu", use_cpu)):
-        if value is not None:
-            common[key] = value
-    variants = list(spec.get("variants") or []) + [parse_variant(v) for v in variant_specs]
+        try:
+            spec = read_variants_file(variants_file)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from e
+    variants, common = ablation_plan(
+        spec, variant_specs, max_steps=max_steps, learning_rate=learning_rate,
+        per_device_train_batch_size=per_device_train_batch_size, seed=seed, use_cpu=use_cpu)
     kwargs["heldout_names"] = kwargs["heldout_names"] or None
     table = ablate(variants=variants, common=common, eval_sequences=eval_sequences or None,
                    log=lambda message: click.echo(message, err=True), **kwargs)

@@ -141,14 +141,15 @@ def _projector_rows(model_dir: str, n_student: int, d_student: int, d_teacher: i
     if d_student == d_teacher:
         return dict.fromkeys(range(n_student + 1))
     from unidistill.trainer.projectors import WEIGHTS_FILE, load_projectors
-    from unidistill.trainer.run_record import RUN_RECORD
+    from unidistill.trainer.run_record import read_run_record
 
     folder = Path(model_dir)
     if not (folder / WEIGHTS_FILE).is_file():
         return {}
     projectors = load_projectors(folder).eval()
-    if (folder / RUN_RECORD).is_file():  # only projectors a hidden-state loss trained
-        trained = {int(i) for i in json.loads((folder / RUN_RECORD).read_text())["hidden_pairs"]}
+    record = read_run_record(folder)
+    if record is not None:  # only projectors a hidden-state loss trained
+        trained = {int(i) for i in record["hidden_pairs"]}
     else:
         trained = set(projectors.layer_map)
     return {i: (lambda h, i=i: projectors(i, h)) for i in sorted(trained & set(projectors.layer_map))}
@@ -260,11 +261,14 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
     return result
 
 
+def format_number(x, fmt: str) -> str:
+    """A metric in a report or table: ``format(x, fmt)``, or ``-`` where there is none."""
+    return "-" if x is None else format(x, fmt)
+
+
 def format_evaluation(result: Evaluation) -> str:
     """A short human-readable summary (the CLI's default output)."""
-    def num(x, fmt):
-        return "-" if x is None else format(x, fmt)
-
+    num = format_number
     lines = [f"model            {result.model}"]
     if result.uniform_nll is not None:
         lines.append(f"uniform guess    nll {result.uniform_nll:.4f} = ln V, V = {result.vocab_size} "

@@ -8,7 +8,6 @@ there. A killed writer can leave a half-written shard, but never a committed one
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import numpy as np
@@ -16,7 +15,7 @@ import zarr
 
 from unidistill import __version__
 from unidistill.errors import CacheError, CacheMismatchError, ConfigError
-from unidistill.storage.files import array_digest
+from unidistill.storage.files import array_digest, utc_timestamp
 from unidistill.storage.layout import FORMAT_VERSION, CacheLayout
 from unidistill.storage.location import CacheLocation, as_location
 from unidistill.storage.manifest import (
@@ -93,7 +92,7 @@ class CacheWriter:
             "format_version": FORMAT_VERSION,
             "package_version": __version__,
             "status": STATUS_CREATING,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created_at": utc_timestamp(),
             "settings": settings,
             "layout": layout.to_dict(),
         }
@@ -130,7 +129,7 @@ class CacheWriter:
             digests[name] = array_digest(data)
         marker = {"unit": unit, "start": start, "stop": stop, "digests": digests,
                   "run_id": self.run_id,
-                  "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "committed_at": utc_timestamp()}
         self.location.write_json(unit_marker_key(unit), marker)
         return marker
 
@@ -144,7 +143,7 @@ class CacheWriter:
         manifest = dict(self.manifest)
         manifest.update(extra or {})
         manifest["status"] = STATUS_COMPLETE
-        manifest["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        manifest["completed_at"] = utc_timestamp()
         manifest["fingerprint"] = content_fingerprint(
             manifest["settings"], manifest["layout"], [m["digests"] for m in markers])
         self.group.attrs[MANIFEST_KEY] = manifest

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from unidistill.models.layer_map import (
     PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
 )
 from unidistill.storage import CacheReader
+from unidistill.storage.files import utc_timestamp
 from unidistill.storage.head import read_logit_transform
 from unidistill.trainer.arguments import DistillationArguments
 from unidistill.trainer.dataset import (
@@ -119,7 +119,7 @@ def make_run_record(args: DistillationArguments, plan: DistillPlan, student: str
     return {
         "unidistill_version": __version__,
         "command": sys.argv,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started_at": utc_timestamp(),
         "student": str(student),
         "cache": {"path": str(cache), "fingerprint": plan.reader.manifest["fingerprint"]},
         "resumed_from": resumed_from,
