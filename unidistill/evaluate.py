@@ -211,12 +211,7 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
              max_sequences: int | None = 64, batch_size: int = 4, device: str = "auto",
              gguf_file: str | None = None, progress: bool = True) -> Evaluation:
     """Evaluate ``model`` (folder, hub id, GGUF or builtin) on ``data`` and/or a teacher ``cache``."""
-    from unidistill.models.loading import (
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_model_source,
-    )
+    from unidistill.models.loading import load_tokenizer_and_model, resolve_device, resolve_model_source
     from unidistill.text.data import (
         check_data_split,
         default_eval_split,
@@ -238,8 +233,7 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
     dev = resolve_device(device)
     source = resolve_model_source(model, gguf_file)
     reader = CacheReader(cache) if cache is not None else None
-    tokenizer = load_tokenizer(source)
-    net = load_model(source, "float32", str(dev))
+    tokenizer, net = load_tokenizer_and_model(source, dev)
     if reader is not None:
         check_student_matches_cache(reader, tokenizer, net.config)
     vocab_size = int(net.get_output_embeddings().weight.shape[0])
