@@ -180,7 +180,7 @@ def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
     model = load_model(prepared.source, cfg.dtype, str(device))
     head = model.get_output_embeddings()
     layout = CacheLayout(
-        n_sequences=int(ids.shape[0]), seq_len=cfg.seq_len, top_k=cfg.stored_k,
+        n_sequences=int(ids.shape[0]), seq_len=cfg.seq_len, stored_k=cfg.stored_k,
         vocab_size=int(head.weight.shape[0]), hidden_size=int(model_config.hidden_size),
         layers=tuple(prepared.layers), hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size,
         logits_mode=cfg.logits, tail_temperatures=cfg.tail_temperatures,

@@ -175,9 +175,9 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     online_teacher = None
     if teacher_model is not None:
         online_teacher = OnlineTeacher(teacher_model.to(args.device), layers=teacher_layers,
-                                       top_k=online_top_k, temperature=args.kd_temperature)
+                                       kd_top_k=online_top_k, temperature=args.kd_temperature)
     dataset = CacheDataset(plan.reader, layers=() if online_teacher else teacher_layers,
-                           top_k=args.kd_top_k, logits=args.beta > 0 and online_teacher is None,
+                           kd_top_k=args.kd_top_k, logits=args.beta > 0 and online_teacher is None,
                            temperature=args.kd_temperature,
                            tail_approximation=args.tail_approximation)
     model = AutoModelForCausalLM.from_pretrained(student)
