@@ -83,7 +83,7 @@ LOGITS_MODES = ("topk", "topk-q8", "sampled", "exact")
 TOPK_MODES = ("topk", "topk-q8")  # modes that hold the teacher's K most likely ids
 MAX_SAMPLES = 65534  # counts are uint16 and 65535 is their fill sentinel
 UINT16_MAX_VOCAB = 65535  # 65535 itself is the fill sentinel, so the largest id must be below it
-STORED_K_KEY = "top_k"  # CacheLayout.stored_k's key in the manifest (format v1; caches-info JSON too)
+STORED_K_KEY = "top_k"  # CacheLayout.stored_k's key in the manifest (format v1; and in cache-info --json)
 
 
 def hidden_key(layer: int) -> str:
