@@ -31,6 +31,7 @@ from unidistill.trainer.dataset import (
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.projectors import HiddenProjectors
 from unidistill.trainer.run_record import check_checkpoint_cache, resolve_checkpoint, write_run_record
+from unidistill.trainer.student import StudentWithProjectors
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +200,8 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     if online_teacher is None and plan.reader.logits_mode == "exact" and args.beta > 0:
         teacher_head = plan.reader.head(args.device)
     trainer = UniversalDistillationTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collate_cache_batch,
-        processing_class=tokenizer, projectors=projectors, hidden_pairs=plan.hidden_pairs,
+        model=StudentWithProjectors(model, projectors), args=args, train_dataset=dataset,
+        data_collator=collate_cache_batch, processing_class=tokenizer, hidden_pairs=plan.hidden_pairs,
         online_teacher=online_teacher, teacher_head=teacher_head, callbacks=callbacks,
         run_record=record)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
