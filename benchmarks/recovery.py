@@ -122,7 +122,7 @@ def pruned_student_complete(folder: Path) -> bool:
 def cache_complete(folder: Path) -> bool:
     """The writer marks a cache ``complete`` in its manifest as its very last step."""
     from unidistill.storage.manifest import STATUS_COMPLETE
-    from unidistill.storage.writer import read_manifest
+    from unidistill.storage.manifest import read_manifest
 
     return (read_manifest(folder) or {}).get("status") == STATUS_COMPLETE
 

@@ -14,10 +14,12 @@ from unidistill.ablate import (
     heldout_sets,
     RUN_SETTINGS_FILE,
     ablate,
+    ablation_plan,
     check_variants,
     format_table,
     parse_variant,
     ratio,
+    read_variants_file,
     recovery,
 )
 from unidistill.cache_builder.build import build_cache
@@ -34,6 +36,23 @@ def test_recovery_is_the_share_of_the_log_perplexity_gap_closed():
     assert recovery(4.5, 4.0, 2.0) == pytest.approx(-25.0)  # a run can make things worse
     assert recovery(None, 4.0, 2.0) is None and recovery(3.0, 2.0, 2.0) is None
     assert ratio(30.0, 20.0) == pytest.approx(1.5) and ratio(None, 2.0) is None and ratio(1.0, 0.0) is None
+
+
+def test_ablation_plan_merges_file_flags_and_variants(tmp_path):
+    """The rules the ablate command applies: file variants then --variant ones; the run defaults,
+    then the file's common options, then the flags that were given."""
+    path = tmp_path / "v.yaml"
+    path.write_text("common: {max_steps: 5, logging_steps: 3}\nvariants: [{name: a, beta: 0}]\n")
+    variants, common = ablation_plan(read_variants_file(path), ["b:gamma=1"], max_steps=7, seed=None)
+    assert variants == [{"name": "a", "beta": 0}, {"name": "b", "gamma": 1}]
+    assert common == {"report_to": [], "logging_steps": 3, "save_strategy": "no", "max_steps": 7}
+    path.write_text("- just a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping with a 'variants' list"):
+        read_variants_file(path)
+    result = CliRunner().invoke(main, ["ablate", "--cache", "c", "--student", "s", "--teacher", "t",
+                                       "--heldout", "h", "--out", str(tmp_path / "o"),
+                                       "--variants", str(path)])
+    assert result.exit_code == 2 and "must hold a mapping with a 'variants' list" in result.output
 
 
 def test_variant_parsing_and_bad_variants():

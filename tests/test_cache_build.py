@@ -91,3 +91,43 @@ def test_identical_builds_have_identical_fingerprints(tmp_path, tiny_teacher_dir
     c = build(tiny_teacher_dir, text_file, tmp_path / "c", top_k=7)
     assert a["fingerprint"] == b["fingerprint"]
     assert a["fingerprint"] != c["fingerprint"]
+
+
+@pytest.mark.parametrize("flag", ["--layer-map", "--map"])
+def test_cli_layer_map_and_its_deprecated_alias(tmp_path, tiny_teacher_dir, text_file, flag):
+    """cache-build names the layer map --layer-map, as distill-from-cache does; the old --map
+    still works (users' scripts) and warns once, naming the new flag."""
+    from click.testing import CliRunner
+
+    from unidistill.cli import main
+
+    out = tmp_path / "c"
+    result = CliRunner().invoke(main, [
+        "cache-build", "--teacher", str(tiny_teacher_dir), "--data", str(text_file), "--out", str(out),
+        "--seq-len", str(SEQ_LEN), "--top-k", "8", "--student-layers", "2", flag, "last",
+        "--max-sequences", "2", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert CacheReader(out).layers == (3, 4)  # teacher 4 blocks, student 2: last {1: 3, 2: 4}
+    warnings = [line for line in result.output.splitlines() if "deprecated" in line]
+    if flag == "--map":
+        assert warnings == ["warning: --map is deprecated, use --layer-map"]
+    else:
+        assert warnings == []
+
+
+def test_cli_default_layer_maps_and_no_double_name(tmp_path, tiny_teacher_dir, text_file, monkeypatch):
+    from click.testing import CliRunner
+
+    import unidistill.cache_builder.build as build_module
+    from unidistill.cli import main
+
+    seen = []
+    monkeypatch.setattr(build_module, "build_cache", lambda cfg, **kw: seen.append(cfg))
+    base = ["cache-build", "--teacher", str(tiny_teacher_dir), "--data", str(text_file),
+            "--out", str(tmp_path / "c"), "--quiet"]
+    assert CliRunner().invoke(main, base).exit_code == 0
+    assert seen[-1].layer_maps == ("uniform", "last")
+    result = CliRunner().invoke(main, [*base, "--map", "last", "--layer-map", "uniform"])
+    assert result.exit_code == 2 and "--layer-map only" in result.output
+    assert "--map" not in CliRunner().invoke(main, ["cache-build", "--help"]).output.replace(
+        "--layer-map", "")

@@ -18,7 +18,7 @@ from unidistill.cli import main
 from unidistill.errors import CacheError, CacheIncompleteError, CacheMismatchError
 from unidistill.storage import CacheReader
 from unidistill.storage.layout import hidden_key
-from unidistill.storage.writer import UNITS_DIR, read_unit_marker
+from unidistill.storage.manifest import UNITS_DIR, read_unit_marker
 
 def slow_build_driver(seconds: float) -> str:
     """A `python -c` script running the CLI with every teacher call slowed by ``seconds``, so a
@@ -108,17 +108,31 @@ def test_complete_cache_refused_without_overwrite(tmp_path, tiny_teacher_dir, te
     assert run_cli(build_args(tiny_teacher_dir, text_file, out, "--overwrite")).exit_code == 0
 
 
+def test_layout_keeps_its_manifest_key_top_k():
+    """CacheLayout.stored_k is written and read as the manifest's layout.top_k (format v1), so
+    caches built before the rename load, and new manifests are what older versions read."""
+    from unidistill.storage.layout import CacheLayout
+
+    written_before = {"n_sequences": 4, "seq_len": 8, "top_k": 4, "vocab_size": 100, "hidden_size": 8,
+                      "layers": [1], "hidden_dtype": "float16", "shard_size": 2, "logits_mode": "topk"}
+    layout = CacheLayout.from_dict(written_before)
+    assert layout.stored_k == 4
+    d = layout.to_dict()
+    assert d["top_k"] == 4 and "stored_k" not in d
+    assert {k: d[k] for k in written_before} == written_before
+
+
 def test_resume_with_other_settings_names_them(tmp_path, tiny_teacher_dir, text_file):
     from unidistill.storage.layout import CacheLayout
     from unidistill.storage.writer import CacheWriter
 
     out = tmp_path / "c"
-    layout = CacheLayout(n_sequences=4, seq_len=8, top_k=4, vocab_size=100, hidden_size=8,
+    layout = CacheLayout(n_sequences=4, seq_len=8, stored_k=4, vocab_size=100, hidden_size=8,
                          layers=(1,), shard_size=2)
     writer = CacheWriter.open(out, layout, {"teacher": {"source": "a"}})
     writer.write_unit(0, {name: np.zeros((2,) + tuple(spec["shape"][1:]), spec["dtype"])
                           for name, spec in layout.array_specs().items()})
-    other = CacheLayout(**{**layout.to_dict(), "top_k": 8, "layers": (1,)})
+    other = CacheLayout.from_dict({**layout.to_dict(), "top_k": 8})
     with pytest.raises(CacheMismatchError) as e:
         CacheWriter.open(out, other, {"teacher": {"source": "b"}})
     msg = str(e.value)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from unidistill.cli import main
-from unidistill.storage.writer import UNITS_DIR
+from unidistill.storage.manifest import UNITS_DIR
 
 from .conftest import make_llama
 

@@ -84,7 +84,7 @@ def test_narrow_student_uses_its_trained_projectors(tmp_path, cache, student_dir
     result = evaluate(str(run), cache=str(cache), device="cpu", progress=False)
     # rows with trained projectors (student blocks 1, 2 -> teacher 2, 4) have cosines, others not
     assert [i for i, row in enumerate(result.layer_cosine) if row[0] is not None] == [1, 2]
-    proj = trainer.projectors.eval()
+    proj = trainer.model.projectors.eval()
     reader = CacheReader(cache)
     student = AutoModelForCausalLM.from_pretrained(run).eval()
     total, kl, hits, n = 0.0, 0.0, 0.0, 0

@@ -27,7 +27,7 @@ from unidistill.cache_builder.config import BuildConfig
 from unidistill.errors import CacheError
 from unidistill.storage import CacheReader
 from unidistill.storage.verify import verify_cache
-from unidistill.storage.writer import UNITS_DIR, read_unit_marker
+from unidistill.storage.manifest import UNITS_DIR, read_unit_marker
 
 from .test_cache_resume import build_args, read_all, run_cli, slow_build_driver
 

@@ -158,6 +158,15 @@ def test_original_without_provenance():
         create_layer_map(3, 6, "original")
 
 
+def test_original_without_provenance_names_the_layer_map_flag():
+    """The hint names the flag that takes a layer map (--layer-map), not the old --map."""
+    with pytest.raises(ConfigError) as info:
+        create_layer_map(3, 6, "original")
+    message = str(info.value)
+    assert "Use --layer-map uniform or --layer-map last" in message
+    assert "--map " not in message
+
+
 @pytest.mark.parametrize("provenance, fragment", [
     ([0, 1], r"has 2 entries \[0, 1\].*3 blocks"),
     ([0, 1, 2, 3], r"has 4 entries"),

@@ -101,7 +101,7 @@ def test_sampled_kl_estimate_is_zero_for_the_teacher_and_unbiased_for_another_st
 
 def test_a_sampled_cache_estimates_the_teacher(sampled_cache, teacher):
     reader = CacheReader(sampled_cache)
-    assert reader.logits_mode == "sampled" and reader.layout.top_k == 64
+    assert reader.logits_mode == "sampled" and reader.layout.stored_k == 64
     est, true = [], []
     for i in range(len(reader)):
         seq = reader.read(i)
@@ -144,7 +144,7 @@ def test_sampled_cache_trains_at_its_temperature_only(tmp_path, sampled_cache, s
 # -- exact ---------------------------------------------------------------------------------------
 def test_an_exact_cache_holds_the_final_state_and_the_head(exact_cache, teacher):
     reader = CacheReader(exact_cache)
-    assert reader.logits_mode == "exact" and reader.layout.top_k == 0
+    assert reader.logits_mode == "exact" and reader.layout.stored_k == 0
     assert reader.layers == (2, 4)                                       # the final layer was added
     assert not any(name.startswith("logits/") for name in reader.layout.array_specs())
     weight, bias, transform = reader.head()
@@ -224,7 +224,7 @@ def test_a_compact_cache_trains_like_the_full_precision_one(tmp_path, tiny_teach
     build(tmp_path, tiny_teacher_dir, text_file, "q8", top_k=16, logits="topk-q8")
     full, compact = CacheReader(tmp_path / "fp16"), CacheReader(tmp_path / "q8")
     for i in range(len(full)):
-        a, b = full.read(i, top_k=8), compact.read(i, top_k=8)
+        a, b = full.read(i, kd_top_k=8), compact.read(i, kd_top_k=8)
         # near-ties may swap places after quantization: compare the distributions, not the order
         pa = torch.zeros(32, full.layout.vocab_size).scatter_(-1, torch.from_numpy(a["teacher_ids"].astype(np.int64)),
                                            torch.from_numpy(np.exp(a["teacher_logp"].astype(np.float32))))

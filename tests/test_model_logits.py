@@ -32,7 +32,7 @@ from unidistill.model_logits import (
 )
 from unidistill.storage import CacheReader
 from unidistill.storage.head import read_logit_transform
-from unidistill.storage.writer import MANIFEST_KEY
+from unidistill.storage.manifest import MANIFEST_KEY
 from unidistill.trainer.losses import chunked_logit_losses, fused_logit_loss, next_token_labels
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.run import distill_from_cache
@@ -288,9 +288,9 @@ def test_the_online_teacher_gives_its_own_logits(family_dirs, kind):
     model = AutoModelForCausalLM.from_pretrained(family_dirs[kind]).eval()
     ids = random_ids()
     log_p = torch.log_softmax(own_logits(model, ids), -1)                              # (B, L, V)
-    fields = OnlineTeacher(model, top_k=8)(ids)
+    fields = OnlineTeacher(model, kd_top_k=8)(ids)
     torch.testing.assert_close(fields["teacher_logp"], log_p.topk(8, -1).values, atol=1e-5, rtol=0)
-    full = OnlineTeacher(model, top_k=None)(ids)
+    full = OnlineTeacher(model, kd_top_k=None)(ids)
     rebuilt = head_logits(full["teacher_final_hidden"], full["teacher_head_weight"],
                           full["teacher_head_bias"], full["teacher_logit_transform"])
     torch.testing.assert_close(torch.log_softmax(rebuilt, -1), log_p, atol=1e-5, rtol=0)
@@ -339,7 +339,7 @@ def test_an_unknown_post_processing_is_refused_everywhere(monkeypatch, tmp_path,
     assert not (tmp_path / "run").exists()
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     with pytest.raises(LogitTransformError, match="the teacher.*" + message):
-        OnlineTeacher(teacher, top_k=4)(random_ids())
+        OnlineTeacher(teacher, kd_top_k=4)(random_ids())
     with pytest.raises(LogitTransformError, match="the evaluated model.*" + message):
         evaluate(str(student_dir), data=str(text_file), seq_len=24, max_sequences=2, device="cpu",
                  progress=False)

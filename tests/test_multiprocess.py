@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from unidistill.cli import main
 from unidistill.storage import CacheReader
-from unidistill.storage.writer import read_manifest, read_unit_marker
+from unidistill.storage.manifest import read_manifest, read_unit_marker
 from unidistill.trainer.run_record import RUN_RECORD
 
 from .test_cache_resume import build_args, read_all
@@ -61,9 +61,9 @@ def note(what):
     with open(os.path.join(DUMP, f"saves_rank{RANK}.txt"), "a") as f:
         f.write(what + "\\n")
 _save_projectors, _record = dt.save_projectors, run_record.write_run_record
-def save_projectors(projectors, directory):
+def save_projectors(projectors, directory, *rest):
     note(f"projectors {os.path.basename(str(directory))}")
-    return _save_projectors(projectors, directory)
+    return _save_projectors(projectors, directory, *rest)
 def write_run_record(folder, record):
     note(f"run record {os.path.basename(str(folder))}")
     return _record(folder, record)
@@ -78,9 +78,9 @@ PreTrainedModel.save_pretrained = save_pretrained
 _train = dt.UniversalDistillationTrainer.train
 def train(self, *a, **k):
     out = _train(self, *a, **k)
-    tensors = {f"projectors.{n}": t for n, t in self.projectors.state_dict().items()}
-    tensors.update({f"model.{n}": t for n, t in
-                    self.accelerator.unwrap_model(self.model).state_dict().items()})
+    wrapper = self.accelerator.unwrap_model(self.model)
+    tensors = {f"projectors.{n}": t for n, t in wrapper.projectors.state_dict().items()}
+    tensors.update({f"model.{n}": t for n, t in wrapper.student.state_dict().items()})
     safetensors.torch.save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()},
                                 os.path.join(DUMP, f"rank{RANK}.safetensors"))
     with open(os.path.join(DUMP, f"rank{RANK}.json"), "w") as f:
@@ -192,7 +192,7 @@ def test_two_process_training_matches_double_batch_and_saves_once(tmp_path, cach
     for rank in (0, 1):
         info = json.loads((dump / f"rank{rank}.json").read_text())
         assert info == {"processes": 2, "distributed_type": "DistributedType.MULTI_CPU"}
-    # the projectors live outside the DDP model, and still end identical on both processes
+    # the projectors are in the DDP model with the student, and end identical on both processes
     rank0, rank1 = load_file(dump / "rank0.safetensors"), load_file(dump / "rank1.safetensors")
     assert rank0.keys() == rank1.keys() and any(k.startswith("projectors.") for k in rank0)
     for name in rank0:

@@ -25,7 +25,7 @@ def teacher(tiny_teacher_dir):
 def test_online_top_k_matches_what_the_cache_stored(cache, teacher):
     reader = CacheReader(cache)
     seq = reader.read(3, layers=[2, 4])
-    online = OnlineTeacher(teacher, layers=[2, 4], top_k=reader.layout.top_k)
+    online = OnlineTeacher(teacher, layers=[2, 4], kd_top_k=reader.layout.stored_k)
     got = online(torch.from_numpy(seq["input_ids"].astype(np.int64))[None])
     # the cache stores fp16 log-probs; the online teacher keeps fp32
     torch.testing.assert_close(got["teacher_logp"][0], torch.from_numpy(seq["teacher_logp"]).float(),
@@ -41,7 +41,7 @@ def test_online_top_k_matches_what_the_cache_stored(cache, teacher):
 
 
 def test_online_full_vocab_gives_the_head_and_final_state(teacher):
-    online = OnlineTeacher(teacher, top_k=None)
+    online = OnlineTeacher(teacher, kd_top_k=None)
     ids = torch.randint(0, teacher.config.vocab_size, (2, 9))
     got = online(ids)
     assert got["teacher_head_weight"] is teacher.get_output_embeddings().weight
@@ -53,7 +53,7 @@ def test_online_full_vocab_gives_the_head_and_final_state(teacher):
 
 def test_online_top_k_above_the_vocabulary_is_refused(teacher):
     with pytest.raises(ConfigError, match=r"top_k is 100000, but it must be between 1 and the vocabulary size"):
-        OnlineTeacher(teacher, top_k=100_000)
+        OnlineTeacher(teacher, kd_top_k=100_000)
 
 
 def test_online_top_k_run_tracks_the_cached_run(tmp_path, cache, student_dir, teacher):

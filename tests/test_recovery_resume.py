@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from unidistill.storage.manifest import STATUS_BUILDING, STATUS_COMPLETE
-from unidistill.storage.writer import MANIFEST_KEY, read_manifest
+from unidistill.storage.manifest import MANIFEST_KEY, read_manifest
 
 RECOVERY = Path(__file__).resolve().parents[1] / "benchmarks" / "recovery.py"
 

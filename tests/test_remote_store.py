@@ -24,7 +24,7 @@ from unidistill.errors import CacheIncompleteError, ConfigError  # noqa: E402
 from unidistill.storage import CacheReader  # noqa: E402
 from unidistill.storage.layout import hidden_key  # noqa: E402
 from unidistill.storage.location import CacheLocation  # noqa: E402
-from unidistill.storage.writer import MANIFEST_KEY, read_unit_marker, unit_marker_key  # noqa: E402
+from unidistill.storage.manifest import MANIFEST_KEY, read_unit_marker, unit_marker_key  # noqa: E402
 from unidistill.trainer.dataset import CacheDataset, collate_cache_batch  # noqa: E402
 from unidistill.trainer.run import distill_from_cache  # noqa: E402
 from unidistill.trainer.run_record import RUN_RECORD  # noqa: E402

@@ -40,19 +40,19 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, cache, student_d
         assert delta_a.abs().sum() > 0
         torch.testing.assert_close(delta_b, delta_a, rtol=1e-4, atol=1e-6)
     assert train_losses(two)[0][1] == pytest.approx(train_losses(one)[0][1], rel=1e-5)
-    torch.testing.assert_close(two.projectors.state_dict()["proj.1.weight"],
-                               one.projectors.state_dict()["proj.1.weight"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(two.model.projectors.state_dict()["proj.1.weight"],
+                               one.model.projectors.state_dict()["proj.1.weight"], rtol=1e-4, atol=1e-6)
 
 
 def test_projector_gradients_are_clipped_with_the_students(tmp_path, cache, student_dir):
     lr, max_norm = 0.5, 1e-3
     init = distill_from_cache(cache, str(student_dir),
-                              sgd(tmp_path / "zero", learning_rate=0.0)).projectors.state_dict()
+                              sgd(tmp_path / "zero", learning_rate=0.0)).model.projectors.state_dict()
     trainer = distill_from_cache(cache, str(student_dir),
                                  sgd(tmp_path / "run", learning_rate=lr, max_grad_norm=max_norm))
     before, after = params_of(student_dir), params_of(tmp_path / "run")
     student_sq = sum(float((after[k] - before[k]).square().sum()) for k in after)
-    proj_sq = sum(float((v - init[k]).square().sum()) for k, v in trainer.projectors.state_dict().items())
+    proj_sq = sum(float((v - init[k]).square().sum()) for k, v in trainer.model.projectors.state_dict().items())
     assert proj_sq > 0 and student_sq > 0
     # SGD: the whole update is lr * the clipped gradient, so its norm is at most lr * max_norm
     assert math.sqrt(student_sq + proj_sq) <= lr * max_norm * 1.001
@@ -66,7 +66,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, cache, student_d
     ckpt = distill_from_cache(cache, str(student_dir), args_for(tmp_path / "b", max_steps=2,
                                                                 save_strategy="no",
                                                                 gradient_checkpointing=True))
-    assert ckpt.model.is_gradient_checkpointing
+    assert ckpt.model.student.is_gradient_checkpointing
     for a, b in zip(train_losses(plain), train_losses(ckpt)):
         assert b == pytest.approx(a, rel=1e-5)
 

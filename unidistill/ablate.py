@@ -66,11 +66,12 @@ from typing import Callable
 from unidistill.errors import ConfigError
 from unidistill.storage.files import atomic_write_bytes, atomic_write_json
 from unidistill.storage.manifest import diff_settings
-from unidistill.storage.writer import read_manifest
+from unidistill.storage.manifest import read_manifest
 
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 EVAL_FILE = "eval.json"
 RUN_SETTINGS_FILE = "ablate_run.json"   # in each run folder: what trained it, and whether it finished
+TRAIN_SPEED_FILE = "train_speed.json"   # in each run folder: its training tokens/s and seconds
 PRODUCED_BY = "produced_by"             # in each eval.json: what produced the evaluation
 REPLACED_DIR = "_replaced"              # run folders whose settings changed are moved here
 # Distill arguments that change files and logs but not the trained weights.
@@ -128,6 +129,30 @@ def parse_variant(text: str) -> dict:
             raise ConfigError(f"--variant {text!r}: {item!r} is not key=value")
         variant[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return variant
+
+
+def read_variants_file(path) -> dict:
+    """A ``--variants`` YAML file: ``common`` (options of every run) and a ``variants`` list."""
+    import yaml
+
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("variants", []), list):
+        raise ConfigError(f"{path} must hold a mapping with a 'variants' list")
+    return spec
+
+
+# what every ablation run sets unless its common options say otherwise
+ABLATION_COMMON = {"report_to": [], "logging_steps": 1, "save_strategy": "no"}
+
+
+def ablation_plan(spec: dict, variant_specs=(), **overrides) -> tuple[list[dict], dict]:
+    """The runs and their common options: ``spec`` (a variants file's content, or {}), then the
+    ``NAME:key=value,...`` ``variant_specs`` after its variants; ``overrides`` that are not None
+    (command-line options such as ``max_steps``) replace the file's common options."""
+    common = {**ABLATION_COMMON, **(spec.get("common") or {})}
+    common.update({key: value for key, value in overrides.items() if value is not None})
+    variants = list(spec.get("variants") or []) + [parse_variant(v) for v in variant_specs]
+    return variants, common
 
 
 def check_variants(common: dict, variants: list[dict]) -> None:
@@ -408,8 +433,7 @@ _COLUMNS = (("perplexity", "perplexity"), ("perplexity ÷ teacher", "perplexity_
 
 
 def _cells(m: dict) -> list[str]:
-    def num(x, fmt):
-        return "-" if x is None else format(x, fmt)
+    from unidistill.evaluate import format_number as num
 
     kl = m.get("kl_to_teacher")
     return [num(m.get("perplexity"), ".3f"), format_ratio(m.get("perplexity_ratio")),
@@ -427,8 +451,7 @@ def table_heldout_names(table: dict) -> list[str]:
 def format_table(table: dict) -> str:
     """The markdown table of an ablation (``ablation.json``; keys an older version did not write
     show as -). Several held-out sets: one block of columns per set, headed ``name: column``."""
-    def num(x, fmt):
-        return "-" if x is None else format(x, fmt)
+    from unidistill.evaluate import format_number as num
 
     names = table_heldout_names(table)
     several = len(names) > 1
@@ -482,9 +505,6 @@ def ablate(cache, student: str, teacher: str, heldout, out, *, variants: list[di
     the same order, see :func:`heldout_sets`). Pieces made with the same settings are kept, the
     others redone (see the module docstring); ``log`` gets one line for each piece redone and why.
     A split None: evaluate's default (``heldout`` for built-in text and local files)."""
-    from unidistill.trainer.arguments import DistillationArguments
-    from unidistill.trainer.run import distill_from_cache
-
     common = dict(common or {})
     check_variants(common, variants)
     sets = heldout_sets(heldout, heldout_split, heldout_cache, heldout_names)
@@ -515,40 +535,20 @@ def ablate(cache, student: str, teacher: str, heldout, out, *, variants: list[di
     teacher_evs = evaluations(out / "_teacher", "teacher", teacher, teacher_id)
     student_evs = evaluations(out / "_student", "student (before)", student, student_id)
     refs = {h.name: {"teacher": teacher_evs[h.name], "student": student_evs[h.name]} for h in sets}
-    first, first_ref = sets[0], refs[sets[0].name]
-    table = {"cache": str(cache), "cache_fingerprint": fingerprint, "teacher": teacher, "student": student,
-             "heldout": first.data, "heldout_split": first.split, "heldout_cache": first.cache,
-             "heldout_cache_fingerprint": heldout_fingerprints[first.name],
-             "heldouts": [{"name": h.name, "data": h.data, "split": h.split, "cache": h.cache,
-                           "cache_fingerprint": heldout_fingerprints[h.name],
-                           "eval_file": eval_file(i, h)} for i, h in enumerate(sets)],
-             "eval_sequences": eval_sequences,
-             "vocab_size": first_ref["teacher"].get("vocab_size"),
-             "uniform_nll": first_ref["teacher"].get("uniform_nll"),
-             "common": common,
-             "rows": [_row("teacher", {}, teacher_evs, refs, None),
-                      _row("student (before)", {}, student_evs, refs, None)]}
+    table = _new_table(cache, fingerprint, teacher, student, sets, heldout_fingerprints,
+                       eval_sequences, common, refs)
+    table["rows"] = [_row("teacher", {}, teacher_evs, refs, None),
+                     _row("student (before)", {}, student_evs, refs, None)]
     defaults = _argument_defaults()
     for variant in variants:
         name = variant["name"]
         run_dir = out / name
         settings = {k: v for k, v in variant.items() if k != "name"}
-        stats_path = run_dir / "train_speed.json"
+        stats_path = run_dir / TRAIN_SPEED_FILE
         record = training_settings(settings, common, fingerprint, student_id,
                                    teacher_id if ONLINE in settings else None)
         if not _prepare_run(run_dir, name, record, out, log):
-            train = {k: v for k, v in settings.items() if k != ONLINE}
-            args = DistillationArguments(output_dir=str(run_dir), **{**common, **train})
-            resume = any(run_dir.glob("checkpoint-*"))  # stopped mid-way under these settings
-            online = {}
-            if ONLINE in settings:
-                online = dict(teacher_model=_load_teacher(teacher),
-                              online_top_k=online_top_k(settings[ONLINE], name))
-            trainer = distill_from_cache(cache, student, args, resume_from_checkpoint=resume or None,
-                                         **online)
-            atomic_write_json(stats_path, {"tokens_per_s": _tokens_per_second(trainer),
-                                           "train_seconds": _train_seconds(trainer)})
-            atomic_write_json(run_dir / RUN_SETTINGS_FILE, {"settings": record, "trained": True})
+            _train_run(cache, student, teacher, run_dir, name, settings, record, common)
         evs = evaluations(run_dir, f"run {name!r}", str(run_dir), model_identity(str(run_dir)))
         speed = json.loads(stats_path.read_text())["tokens_per_s"] if stats_path.is_file() else None
         shown = {k: settings.get(k, common.get(k, defaults[k])) for k in SHOWN}
@@ -558,6 +558,43 @@ def ablate(cache, student: str, teacher: str, heldout, out, *, variants: list[di
         atomic_write_json(out / ABLATION_JSON, table)
         atomic_write_bytes(out / ABLATION_MD, format_table(table).encode())
     return table
+
+
+def _new_table(cache, fingerprint, teacher: str, student: str, sets: list[HeldOut],
+               heldout_fingerprints: dict, eval_sequences, common: dict, refs: dict) -> dict:
+    """``ablation.json`` before its rows: what the runs trained on and were evaluated on."""
+    first, first_ref = sets[0], refs[sets[0].name]
+    return {"cache": str(cache), "cache_fingerprint": fingerprint, "teacher": teacher, "student": student,
+            "heldout": first.data, "heldout_split": first.split, "heldout_cache": first.cache,
+            "heldout_cache_fingerprint": heldout_fingerprints[first.name],
+            "heldouts": [{"name": h.name, "data": h.data, "split": h.split, "cache": h.cache,
+                          "cache_fingerprint": heldout_fingerprints[h.name],
+                          "eval_file": eval_file(i, h)} for i, h in enumerate(sets)],
+            "eval_sequences": eval_sequences,
+            "vocab_size": first_ref["teacher"].get("vocab_size"),
+            "uniform_nll": first_ref["teacher"].get("uniform_nll"),
+            "common": common}
+
+
+def _train_run(cache, student: str, teacher: str, run_dir: Path, name: str, settings: dict,
+               record: dict, common: dict) -> None:
+    """Train one run (on the live teacher with ``online``), resuming a checkpoint left under
+    the same settings; record its speed and that it finished."""
+    from unidistill.trainer.arguments import DistillationArguments
+    from unidistill.trainer.run import distill_from_cache
+
+    train = {k: v for k, v in settings.items() if k != ONLINE}
+    args = DistillationArguments(output_dir=str(run_dir), **{**common, **train})
+    resume = any(run_dir.glob("checkpoint-*"))  # stopped mid-way under these settings
+    online = {}
+    if ONLINE in settings:
+        online = dict(teacher_model=_load_teacher(teacher),
+                      online_top_k=online_top_k(settings[ONLINE], name))
+    trainer = distill_from_cache(cache, student, args, resume_from_checkpoint=resume or None,
+                                 **online)
+    atomic_write_json(run_dir / TRAIN_SPEED_FILE, {"tokens_per_s": _tokens_per_second(trainer),
+                                                   "train_seconds": _train_seconds(trainer)})
+    atomic_write_json(run_dir / RUN_SETTINGS_FILE, {"settings": record, "trained": True})
 
 
 def _heldout_apart(cache, heldout: str, heldout_cache, split: str | None = None) -> dict:

@@ -37,6 +37,9 @@ def main():
     """Offline two-phase knowledge distillation: cache a teacher once, distill students from it."""
 
 
+_DEFAULT_BUILD_MAPS = "uniform,last"  # cache-build --layer-map
+
+
 @main.command("cache-build")
 @click.option("--teacher", required=True, help="Model folder, hub id, .gguf file, or builtin:smollm2.")
 @click.option("--gguf-file", default=None, help="GGUF file name inside the --teacher folder.")
@@ -73,8 +76,10 @@ def main():
               help="Teacher hidden_states indices to cache: 6,12,18,24,30 | all (1..n) | none.")
 @click.option("--student-layers", type=int, default=None,
               help="Instead of --layers: cache the teacher layers a student of this depth maps to.")
-@click.option("--map", "layer_maps", default="uniform,last", show_default=True,
+@click.option("--layer-map", "layer_maps", default=None, show_default=_DEFAULT_BUILD_MAPS,
               help="With --student-layers: layer maps whose teacher layers to cache.")
+@click.option("--map", "deprecated_map", default=None, hidden=True,
+              help="Deprecated name of --layer-map.")
 @click.option("--max-sequences", type=int, default=None, help="Stop after this many sequences.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--shard-size", type=int, default=16, show_default=True,
@@ -90,7 +95,7 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace a complete cache at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_friendly_errors
-def cache_build(layer_maps, quiet, **kwargs):
+def cache_build(layer_maps, deprecated_map, quiet, **kwargs):
     """Run the teacher once over packed text and write the cache (resumable).
 
     \b
@@ -101,6 +106,13 @@ def cache_build(layer_maps, quiet, **kwargs):
     from unidistill.cache_builder.build import build_cache
     from unidistill.cache_builder.config import BuildConfig
 
+    if deprecated_map is not None:
+        if layer_maps is not None:
+            raise click.UsageError("--map is the old name of --layer-map; give --layer-map only")
+        click.echo("warning: --map is deprecated, use --layer-map", err=True)
+        layer_maps = deprecated_map
+    if layer_maps is None:
+        layer_maps = _DEFAULT_BUILD_MAPS
     maps = tuple(m.strip() for m in layer_maps.split(",") if m.strip())
     cfg = BuildConfig(layer_maps=maps, **kwargs)
     build_cache(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
@@ -375,22 +387,18 @@ def ablate_cmd(variants_file, variant_specs, max_steps, learning_rate, per_devic
     whose settings match, redoes the others and says so (evaluations are redone in place; a run
     whose training settings changed is trained again and its old folder moved to OUT/_replaced/).
     """
-    import yaml
-
-    from unidistill.ablate import ablate, format_table, parse_variant
+    from unidistill.ablate import ablate, ablation_plan, format_table, read_variants_file
+    from unidistill.errors import ConfigError
 
     spec = {}
     if variants_file:
-        spec = yaml.safe_load(Path(variants_file).read_text()) or {}
-        if not isinstance(spec, dict) or not isinstance(spec.get("variants", []), list):
-            raise click.UsageError(f"{variants_file} must hold a mapping with a 'variants' list")
-    common = {"report_to": [], "logging_steps": 1, "save_strategy": "no", **(spec.get("common") or {})}
-    for key, value in (("max_steps", max_steps), ("learning_rate", learning_rate),
-                       ("per_device_train_batch_size", per_device_train_batch_size), ("seed", seed),
-                       ("use_cpu", use_cpu)):
-        if value is not None:
-            common[key] = value
-    variants = list(spec.get("variants") or []) + [parse_variant(v) for v in variant_specs]
+        try:
+            spec = read_variants_file(variants_file)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from e
+    variants, common = ablation_plan(
+        spec, variant_specs, max_steps=max_steps, learning_rate=learning_rate,
+        per_device_train_batch_size=per_device_train_batch_size, seed=seed, use_cpu=use_cpu)
     kwargs["heldout_names"] = kwargs["heldout_names"] or None
     table = ablate(variants=variants, common=common, eval_sequences=eval_sequences or None,
                    log=lambda message: click.echo(message, err=True), **kwargs)

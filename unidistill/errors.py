@@ -31,6 +31,3 @@ class CacheIncompleteError(CacheError):
 class CacheMismatchError(CacheError, ValueError):
     """The cache was built with other settings, or does not fit what the caller asks of it."""
 
-
-class CacheCorruptError(CacheError):
-    """Stored bytes do not match their checksums, or a committed unit is missing."""

@@ -141,14 +141,15 @@ def _projector_rows(model_dir: str, n_student: int, d_student: int, d_teacher: i
     if d_student == d_teacher:
         return dict.fromkeys(range(n_student + 1))
     from unidistill.trainer.projectors import WEIGHTS_FILE, load_projectors
-    from unidistill.trainer.run_record import RUN_RECORD
+    from unidistill.trainer.run_record import read_run_record
 
     folder = Path(model_dir)
     if not (folder / WEIGHTS_FILE).is_file():
         return {}
     projectors = load_projectors(folder).eval()
-    if (folder / RUN_RECORD).is_file():  # only projectors a hidden-state loss trained
-        trained = {int(i) for i in json.loads((folder / RUN_RECORD).read_text())["hidden_pairs"]}
+    record = read_run_record(folder)
+    if record is not None:  # only projectors a hidden-state loss trained
+        trained = {int(i) for i in record["hidden_pairs"]}
     else:
         trained = set(projectors.layer_map)
     return {i: (lambda h, i=i: projectors(i, h)) for i in sorted(trained & set(projectors.layer_map))}
@@ -210,12 +211,7 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
              max_sequences: int | None = 64, batch_size: int = 4, device: str = "auto",
              gguf_file: str | None = None, progress: bool = True) -> Evaluation:
     """Evaluate ``model`` (folder, hub id, GGUF or builtin) on ``data`` and/or a teacher ``cache``."""
-    from unidistill.models.loading import (
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_model_source,
-    )
+    from unidistill.models.loading import load_tokenizer_and_model, resolve_device, resolve_model_source
     from unidistill.text.data import (
         check_data_split,
         default_eval_split,
@@ -237,8 +233,7 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
     dev = resolve_device(device)
     source = resolve_model_source(model, gguf_file)
     reader = CacheReader(cache) if cache is not None else None
-    tokenizer = load_tokenizer(source)
-    net = load_model(source, "float32", str(dev))
+    tokenizer, net = load_tokenizer_and_model(source, dev)
     if reader is not None:
         check_student_matches_cache(reader, tokenizer, net.config)
     vocab_size = int(net.get_output_embeddings().weight.shape[0])
@@ -260,11 +255,14 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
     return result
 
 
+def format_number(x, fmt: str) -> str:
+    """A metric in a report or table: ``format(x, fmt)``, or ``-`` where there is none."""
+    return "-" if x is None else format(x, fmt)
+
+
 def format_evaluation(result: Evaluation) -> str:
     """A short human-readable summary (the CLI's default output)."""
-    def num(x, fmt):
-        return "-" if x is None else format(x, fmt)
-
+    num = format_number
     lines = [f"model            {result.model}"]
     if result.uniform_nll is not None:
         lines.append(f"uniform guess    nll {result.uniform_nll:.4f} = ln V, V = {result.vocab_size} "

@@ -12,7 +12,7 @@ import errno
 import queue
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from unidistill.distributed import ProcessGroup
 from unidistill.errors import CacheError, ConfigError
 from unidistill.fingerprint import ids_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from unidistill.models.loading import (
+    TeacherSource,
     load_config,
     load_model,
     load_tokenizer,
@@ -89,7 +90,19 @@ class UnitWriterThread:
         self._raise_if_failed()
 
 
-def prepare(cfg: BuildConfig, log=print):
+@dataclass
+class PreparedBuild:
+    """What :func:`prepare` checked and loaded: everything but the teacher's weights."""
+
+    source: TeacherSource
+    device: torch.device
+    model_config: object  # the teacher's transformers config
+    layers: list[int]  # teacher hidden_states indices to cache
+    tokenizer: object
+    ids: np.ndarray  # the packed sequences (N, seq_len)
+
+
+def prepare(cfg: BuildConfig, log=print) -> PreparedBuild:
     """Everything that can fail on bad input, before any output is written."""
     source = resolve_model_source(cfg.teacher, cfg.gguf_file)
     device = resolve_device(cfg.device)
@@ -105,7 +118,7 @@ def prepare(cfg: BuildConfig, log=print):
     docs = iter_documents(cfg.data, data_config=cfg.data_config, split=cfg.split,
                           text_field=cfg.text_field, heldout_share=cfg.heldout_share)
     ids = pack_documents(docs, tokenizer, cfg.seq_len, cfg.max_sequences)
-    return source, device, model_config, layers, tokenizer, ids
+    return PreparedBuild(source, device, model_config, layers, tokenizer, ids)
 
 
 def build_cache(cfg: BuildConfig, *, progress: bool = True, log=print) -> dict:
@@ -126,119 +139,176 @@ def build_cache(cfg: BuildConfig, *, progress: bool = True, log=print) -> dict:
         group.close()
 
 
+@dataclass
+class _Build:
+    """One process's share of a build once set up: the loaded teacher and the cache it fills."""
+
+    ids: np.ndarray
+    device: torch.device
+    head: torch.nn.Module  # the teacher's output head (stored once in an exact cache)
+    layout: CacheLayout
+    runner: TeacherRunner
+    settings: dict  # what identifies the build (compared on resume)
+    writer: CacheWriter | None = None  # open once the cache exists (see _share_pending)
+
+
 def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dict:
-    main = group.is_main
-    error = writer = None
-    pending: list[int] = []
+    error, build, pending = None, None, []
     try:
-        source, device, model_config, layers, tokenizer, ids = prepare(cfg, log)
-        if group.distributed and device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", group.local_rank % torch.cuda.device_count())
-        log(f"{ids.shape[0]} sequences x {cfg.seq_len} tokens; loading teacher {source.path} on {device} ..."
-            + (f" (x{group.world_size} processes)" if group.distributed else ""))
-        model = load_model(source, cfg.dtype, str(device))
-        head = model.get_output_embeddings()
-        layout = CacheLayout(
-            n_sequences=int(ids.shape[0]), seq_len=cfg.seq_len, top_k=cfg.stored_k,
-            vocab_size=int(head.weight.shape[0]), hidden_size=int(model_config.hidden_size),
-            layers=tuple(layers), hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size,
-            logits_mode=cfg.logits, tail_temperatures=cfg.tail_temperatures,
-            sample_logp=cfg.logits == "sampled")
-        runner = TeacherRunner(model, layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
-                               hidden_dtype=cfg.hidden_dtype, mode=cfg.logits,
-                               tail_temperatures=layout.tail_temperatures)
-        runner.check_logits(ids)  # before anything is written: a teacher we cannot reproduce is refused
-        settings = {
-            "teacher": {**source.describe(), "architecture": type(model).__name__,
-                        "n_layers": model_config.num_hidden_layers,
-                        "hidden_size": model_config.hidden_size,
-                        "vocab_size": layout.vocab_size,
-                        # what follows the head (softcap, scale): an exact cache's logits need it
-                        "logit_transform": runner.transform.to_dict(),
-                        "weights_fingerprint": weights_fingerprint(model),
-                        "dtype": cfg.dtype},
-            "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
-                          "eos_token_id": tokenizer.eos_token_id},
-            "data": {"source": cfg.data, "config": cfg.data_config, "split": cfg.split,
-                     "heldout_share": resolve_heldout_share(cfg.data, cfg.heldout_share),
-                     "text_field": cfg.text_field, "max_sequences": cfg.max_sequences,
-                     "packing": "documents joined with EOS, remainder dropped",
-                     "ids_fingerprint": ids_fingerprint(ids)},
-        }
-        if cfg.logits == "sampled":
-            settings["sampling"] = {"temperature": 1.0, "seed": cfg.sample_seed}
-        if main:  # the only process that creates, overwrites or resumes the cache
-            writer = CacheWriter.open(cfg.out, layout, settings, overwrite=cfg.overwrite)
-            pending = writer.pending_units()
-            done_units = layout.n_units - len(pending)
-            if done_units:
-                log(f"resuming {cfg.out}: {done_units}/{layout.n_units} units already committed")
-            if cfg.logits == "exact":
-                write_head(cfg.out, head.weight, head.bias)
+        build = _set_up(cfg, group, log)
+        if group.is_main:  # the only process that creates, overwrites or resumes the cache
+            pending = _open_cache(cfg, build, log)
     except BaseException as e:  # told to the other processes at the sync point, then re-raised
         error = e
-    # process 0's pending list is the one every process splits: read before anyone writes a unit
+    pending = _share_pending(cfg, group, build, error, pending)
+    mine = pending[group.rank::group.world_size]
+    t_start = time.perf_counter()
+    seconds, error = _compute_units(cfg, group, build, mine, progress)
+    stats = group.agree(error, seconds)
+    wall = time.perf_counter() - t_start
+    return _finish(cfg, group, build, stats, pending, wall, log)
+
+
+def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
+    """Check the input, load the teacher, fix the layout and the settings; nothing written."""
+    prepared = prepare(cfg, log)
+    ids, device, model_config = prepared.ids, prepared.device, prepared.model_config
+    if group.distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", group.local_rank % torch.cuda.device_count())
+    log(f"{ids.shape[0]} sequences x {cfg.seq_len} tokens; loading teacher {prepared.source.path} on {device} ..."
+        + (f" (x{group.world_size} processes)" if group.distributed else ""))
+    model = load_model(prepared.source, cfg.dtype, str(device))
+    head = model.get_output_embeddings()
+    layout = CacheLayout(
+        n_sequences=int(ids.shape[0]), seq_len=cfg.seq_len, stored_k=cfg.stored_k,
+        vocab_size=int(head.weight.shape[0]), hidden_size=int(model_config.hidden_size),
+        layers=tuple(prepared.layers), hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size,
+        logits_mode=cfg.logits, tail_temperatures=cfg.tail_temperatures,
+        sample_logp=cfg.logits == "sampled")
+    runner = TeacherRunner(model, prepared.layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
+                           hidden_dtype=cfg.hidden_dtype, mode=cfg.logits,
+                           tail_temperatures=layout.tail_temperatures)
+    runner.check_logits(ids)  # before anything is written: a teacher we cannot reproduce is refused
+    settings = _settings(cfg, prepared, model, runner, layout)
+    return _Build(ids=ids, device=device, head=head, layout=layout, runner=runner, settings=settings)
+
+
+def _settings(cfg: BuildConfig, prepared: PreparedBuild, model, runner: TeacherRunner,
+              layout: CacheLayout) -> dict:
+    """The manifest's ``settings``: teacher, tokenizer and data that identify the build."""
+    model_config, tokenizer = prepared.model_config, prepared.tokenizer
+    settings = {
+        "teacher": {**prepared.source.describe(), "architecture": type(model).__name__,
+                    "n_layers": model_config.num_hidden_layers,
+                    "hidden_size": model_config.hidden_size,
+                    "vocab_size": layout.vocab_size,
+                    # what follows the head (softcap, scale): an exact cache's logits need it
+                    "logit_transform": runner.transform.to_dict(),
+                    "weights_fingerprint": weights_fingerprint(model),
+                    "dtype": cfg.dtype},
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
+                      "eos_token_id": tokenizer.eos_token_id},
+        "data": {"source": cfg.data, "config": cfg.data_config, "split": cfg.split,
+                 "heldout_share": resolve_heldout_share(cfg.data, cfg.heldout_share),
+                 "text_field": cfg.text_field, "max_sequences": cfg.max_sequences,
+                 "packing": "documents joined with EOS, remainder dropped",
+                 "ids_fingerprint": ids_fingerprint(prepared.ids)},
+    }
+    if cfg.logits == "sampled":
+        settings["sampling"] = {"temperature": 1.0, "seed": cfg.sample_seed}
+    return settings
+
+
+def _open_cache(cfg: BuildConfig, build: _Build, log) -> list[int]:
+    """Process 0: create or resume the cache (and write an exact cache's head); its pending units."""
+    build.writer = CacheWriter.open(cfg.out, build.layout, build.settings, overwrite=cfg.overwrite)
+    pending = build.writer.pending_units()
+    done_units = build.layout.n_units - len(pending)
+    if done_units:
+        log(f"resuming {cfg.out}: {done_units}/{build.layout.n_units} units already committed")
+    if cfg.logits == "exact":
+        write_head(cfg.out, build.head.weight, build.head.bias)
+    return pending
+
+
+def _share_pending(cfg: BuildConfig, group: ProcessGroup, build: _Build | None,
+                   error: BaseException | None, pending: list[int]) -> list[int]:
+    """The sync point after set-up: a failure anywhere is raised everywhere; process 0's pending
+    list (read before anyone writes a unit) is the one every process splits; the other processes
+    open the cache process 0 made."""
     pending = group.agree(error, pending)[0]
     if group.distributed:
-        if not main:
+        if not group.is_main:
             try:  # the cache exists now, with this build's settings; never overwrite it from here
-                writer = CacheWriter.open(cfg.out, layout, settings, overwrite=False)
+                build.writer = CacheWriter.open(cfg.out, build.layout, build.settings, overwrite=False)
             except BaseException as e:
                 error = e
         group.agree(error)  # every process has the cache open
-    mine = pending[group.rank::group.world_size]
+    return pending
 
-    def tokens(units):
-        return sum(np.subtract(*layout.unit_range(u)[::-1]) for u in units) * cfg.seq_len
 
-    todo_tokens, my_tokens = tokens(pending), tokens(mine)
-    t_start = time.perf_counter()
+def _unit_tokens(cfg: BuildConfig, layout: CacheLayout, units) -> int:
+    return sum(np.subtract(*layout.unit_range(u)[::-1]) for u in units) * cfg.seq_len
+
+
+def _compute_units(cfg: BuildConfig, group: ProcessGroup, build: _Build, units: list[int],
+                   progress: bool) -> tuple[dict, BaseException | None]:
+    """Run the teacher over ``units`` batch by batch, the writer thread writing behind it.
+
+    Returns the seconds spent in the teacher and in the writer, and the error that stopped it
+    (None when every unit was written): the caller tells the other processes before raising.
+    """
     teacher_seconds = 0.0
     thread = None
+    error = None
     try:
-        bar = tqdm(total=int(my_tokens), unit="tok", unit_scale=True,
+        bar = tqdm(total=int(_unit_tokens(cfg, build.layout, units)), unit="tok", unit_scale=True,
                    desc="cache-build" + (f" (process 0 of {group.world_size})" if group.distributed else ""),
                    disable=not progress, smoothing=0.1)
-        thread = UnitWriterThread(writer)
+        thread = UnitWriterThread(build.writer)
         try:
-            for unit in mine:
-                start, stop = layout.unit_range(unit)
+            for unit in units:
+                start, stop = build.layout.unit_range(unit)
                 parts = []
                 for s in range(start, stop, cfg.batch_size):
-                    batch = ids[s:min(s + cfg.batch_size, stop)]
+                    batch = build.ids[s:min(s + cfg.batch_size, stop)]
                     t0 = time.perf_counter()
-                    parts.append(runner(batch, seed=cfg.sample_seed * 1_000_003 + s))
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+                    parts.append(build.runner(batch, seed=cfg.sample_seed * 1_000_003 + s))
+                    if build.device.type == "cuda":
+                        torch.cuda.synchronize(build.device)
                     teacher_seconds += time.perf_counter() - t0
                     bar.update(batch.size)
                 thread.submit(unit, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
         finally:
-            runner.close()
+            build.runner.close()
             bar.close()
             thread.close()  # writes what was queued: finished units are never thrown away
     except BaseException as e:
         error = e
-    stats = group.agree(error, {"teacher_seconds": teacher_seconds,
-                                "writer_seconds": thread.write_seconds if thread else 0.0})
-    wall = time.perf_counter() - t_start
+    return {"teacher_seconds": teacher_seconds,
+            "writer_seconds": thread.write_seconds if thread else 0.0}, error
 
+
+def _finish(cfg: BuildConfig, group: ProcessGroup, build: _Build, stats: list[dict],
+            pending: list[int], wall: float, log) -> dict:
+    """Process 0 records the build statistics and finalizes the manifest; every process gets it."""
     manifest = None
     error = None
-    if main:
+    if group.is_main:
         try:
-            build = {"units_computed_this_run": len(pending), "wall_seconds": round(wall, 3),
-                     "teacher_seconds": round(sum(s["teacher_seconds"] for s in stats), 3),
-                     "writer_seconds": round(sum(s["writer_seconds"] for s in stats), 3),
-                     "tokens_per_second": round(todo_tokens / wall, 1) if wall > 0 else None,
-                     "device": str(device), "processes": group.world_size,
-                     "unidistill_version": __version__,
-                     "config": {k: v for k, v in asdict(cfg).items() if k != "overwrite"}}
-            extra = {"build": build}
+            todo_tokens = _unit_tokens(cfg, build.layout, pending)
+            record = {"units_computed_this_run": len(pending), "wall_seconds": round(wall, 3),
+                      "teacher_seconds": round(sum(s["teacher_seconds"] for s in stats), 3),
+                      "writer_seconds": round(sum(s["writer_seconds"] for s in stats), 3),
+                      "tokens_per_second": round(todo_tokens / wall, 1) if wall > 0 else None,
+                      "device": str(build.device), "processes": group.world_size,
+                      "unidistill_version": __version__,
+                      "config": {k: v for k, v in asdict(cfg).items() if k != "overwrite"}}
+            extra = {"build": record}
             if cfg.logits == "exact":
                 extra["head"] = {"file": HEAD_FILE, "sha256": head_digest(cfg.out)}
-            manifest = writer.finalize(extra)
-            log(f"cache complete: {cfg.out} ({layout.n_sequences * cfg.seq_len} tokens, "
+            manifest = build.writer.finalize(extra)
+            log(f"cache complete: {cfg.out} ({build.layout.n_sequences * cfg.seq_len} tokens, "
                 f"fingerprint {manifest['fingerprint'][:16]})")
         except BaseException as e:
             error = e

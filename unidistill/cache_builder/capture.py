@@ -49,11 +49,11 @@ class TeacherRunner(HookedTeacher):
     """Runs the teacher on batches of ids and returns numpy arrays in storage dtypes.
 
     ``mode`` is the cache's logit representation (see :mod:`unidistill.storage.layout`):
-    ``topk`` (``top_k`` ids + tail), ``topk-q8`` (the same, compact), ``sampled`` (``top_k`` draws per position, seeded per call)
+    ``topk`` (``stored_k`` ids + tail), ``topk-q8`` (the same, compact), ``sampled`` (``stored_k`` draws per position, seeded per call)
     or ``exact`` (no logit arrays; the final layer is among ``layers``).
     """
 
-    def __init__(self, model, layers, top_k: int | None, *, index_dtype: np.dtype = np.int32,
+    def __init__(self, model, layers, stored_k: int | None, *, index_dtype: np.dtype = np.int32,
                  hidden_dtype: str = "float16", rows_per_chunk: int = 1024, mode: str = "topk",
                  tail_temperatures: tuple[float, ...] = ()):
         if mode not in LOGITS_MODES:
@@ -61,7 +61,7 @@ class TeacherRunner(HookedTeacher):
         self.mode = mode
         self.index_dtype = np.dtype(index_dtype)
         self.hidden_dtype = hidden_dtype
-        super().__init__(model, layers, top_k, rows_per_chunk=rows_per_chunk,
+        super().__init__(model, layers, stored_k, rows_per_chunk=rows_per_chunk,
                          tail_temperatures=tail_temperatures)
 
     def _to_storage(self, j: int, h: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,8 @@ class BuildConfig:
 
     @property
     def stored_k(self) -> int:
-        """What the layout's top_k holds: K ids, S draws, or 0 for exact logits."""
+        """Ids the cache holds per position (``CacheLayout.stored_k``): K ids (``top_k``), S draws
+        (``samples``), or 0 for exact logits."""
         return {"topk": self.top_k, "topk-q8": self.top_k, "sampled": self.samples, "exact": 0}[self.logits]
 
     def resolve_layers(self, n_layers: int) -> list[int]:

@@ -92,8 +92,8 @@ def _check_provenance(provenance, n_student: int, n_teacher: int) -> list[int]:
     if provenance is None:
         raise ConfigError(f"layer map 'original' needs the teacher block each student block was "
                           f"copied from, but the student config has no pruning provenance "
-                          f"({PROVENANCE_KEY}['{PROVENANCE_BLOCKS_KEY}']). Use --map uniform or "
-                          f"--map last, {_EXPLICIT_HINT}")
+                          f"({PROVENANCE_KEY}['{PROVENANCE_BLOCKS_KEY}']). Use --layer-map uniform "
+                          f"or --layer-map last, {_EXPLICIT_HINT}")
     if not isinstance(provenance, (list, tuple)) or not all(_is_int(p) for p in provenance):
         raise ConfigError(f"pruning provenance is {provenance!r}, but it must be a list of "
                           f"0-based teacher block indices (ints), one per student block")

@@ -93,6 +93,12 @@ def load_model(source: TeacherSource, dtype: str = "float32", device: str = "cpu
     return model.to(device).eval()
 
 
+def load_tokenizer_and_model(source: TeacherSource, device, dtype: str = "float32"):
+    """(tokenizer, model in eval mode on ``device``): what ``evaluate`` and ``prune`` work on."""
+    tokenizer = load_tokenizer(source)
+    return tokenizer, load_model(source, dtype, str(device))
+
+
 def _forget_gguf_quantizer(model) -> None:
     """A GGUF load dequantizes every tensor into a plain model but leaves it flagged as quantized,
     which blocks ``save_pretrained`` and training; the flags are dropped so a student pruned from

@@ -96,15 +96,16 @@ def sample_with_counts(logits: torch.Tensor, n: int, generator: torch.Generator 
 
 class HookedTeacher:
     """The teacher with hooks on the chosen ``layers``: its forward without gradients, its own
-    logits, their top-k with tail (and the tempered tails at ``tail_temperatures``) or ``top_k``
-    draws, ``rows_per_chunk`` positions at a time.
+    logits, their top-``k`` with tail (and the tempered tails at ``tail_temperatures``) or ``k``
+    draws, ``rows_per_chunk`` positions at a time. ``k`` is the ids per position it gives: the
+    cache's ``stored_k`` when building, the online teacher's ``kd_top_k`` when training.
     """
 
-    def __init__(self, model, layers, top_k: int | None, *, rows_per_chunk: int = 1024,
+    def __init__(self, model, layers, k: int | None, *, rows_per_chunk: int = 1024,
                  tail_temperatures: tuple[float, ...] = ()):
         self.model = model
         self.layers = sorted(layers)
-        self.top_k = top_k
+        self.k = k
         self.tail_temperatures = tuple(tail_temperatures)
         self.rows_per_chunk = rows_per_chunk
         self.base = model.get_decoder()
@@ -170,14 +171,14 @@ class HookedTeacher:
         ``rows_per_chunk`` positions at a time."""
         b, length = final.shape[:2]
         rows = final.reshape(b * length, -1)                                 # (B*L, D)
-        parts = [top_k_with_tail(self.logits(rows[s:s + self.rows_per_chunk]), self.top_k,
+        parts = [top_k_with_tail(self.logits(rows[s:s + self.rows_per_chunk]), self.k,
                                  self.tail_temperatures)
                  for s in range(0, rows.shape[0], self.rows_per_chunk)]
         return tuple(torch.cat(p).reshape(b, length, *p[0].shape[1:]) for p in zip(*parts))
 
     @torch.no_grad()
     def sampled(self, final: torch.Tensor, seed: int):
-        """final hidden (B, L, D) -> distinct sampled ids and counts, (B, L, top_k) each, and the
+        """final hidden (B, L, D) -> distinct sampled ids and counts, (B, L, k) each, and the
         draws' mean teacher log-prob (B, L).
 
         The draws use a generator seeded with ``seed``, so a batch always gets the same sample
@@ -185,6 +186,6 @@ class HookedTeacher:
         b, length = final.shape[:2]
         rows = final.reshape(b * length, -1)                                 # (B*L, D)
         generator = torch.Generator(device=rows.device).manual_seed(seed)
-        parts = [sample_with_counts(self.logits(rows[s:s + self.rows_per_chunk]), self.top_k, generator)
+        parts = [sample_with_counts(self.logits(rows[s:s + self.rows_per_chunk]), self.k, generator)
                  for s in range(0, rows.shape[0], self.rows_per_chunk)]
         return tuple(torch.cat(p).reshape(b, length, *p[0].shape[1:]) for p in zip(*parts))

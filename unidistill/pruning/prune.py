@@ -96,12 +96,7 @@ def prune(model: str, out: str, *, drop_layers: int = 0, depth_method: str = "im
           batch_size: int = 4, device: str = "auto", gguf_file: str | None = None,
           overwrite: bool = False, progress: bool = True) -> dict:
     """Load ``model`` (folder, hub id, GGUF or builtin), prune it and save it to ``out``."""
-    from unidistill.models.loading import (
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_model_source,
-    )
+    from unidistill.models.loading import load_tokenizer_and_model, resolve_device, resolve_model_source
     from unidistill.text.data import (
         BUILTIN_PYDOC,
         check_data_split,
@@ -117,8 +112,7 @@ def prune(model: str, out: str, *, drop_layers: int = 0, depth_method: str = "im
     if calibrate:  # a bad split or share is refused before the model is loaded
         check_data_split(calib_data or BUILTIN_PYDOC, calib_split, calib_heldout_share)
     source = resolve_model_source(model, gguf_file)
-    tokenizer = load_tokenizer(source)
-    net = load_model(source, "float32", str(resolve_device(device)))
+    tokenizer, net = load_tokenizer_and_model(source, resolve_device(device))
     check_supported(net)
     calib_ids = None
     if calibrate:

@@ -5,7 +5,8 @@ from unidistill.storage.layout import CacheLayout, hidden_key
 from unidistill.storage.location import CacheLocation
 from unidistill.storage.reader import CacheReader, decode_hidden
 from unidistill.storage.verify import verify_cache
-from unidistill.storage.writer import CacheWriter, read_manifest
+from unidistill.storage.manifest import read_manifest
+from unidistill.storage.writer import CacheWriter
 
 __all__ = ["CacheLayout", "CacheLocation", "CacheReader", "CacheWriter", "decode_hidden", "hidden_key",
            "read_manifest", "verify_cache"]

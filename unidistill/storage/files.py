@@ -1,4 +1,4 @@
-"""Small durable-file helpers: atomic JSON writes and content digests."""
+"""Small durable-file helpers: atomic JSON writes, content digests and the UTC timestamps records carry."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def json_bytes(obj) -> bytes:
+    """How every JSON record of unidistill is written: indented, keys sorted, UTF-8."""
+    return json.dumps(obj, indent=2, sort_keys=True).encode()
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def utc_timestamp() -> str:
+    """Now in UTC, to the second, as every record stores it: ``2026-01-31T12:00:00Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def array_digest(a: np.ndarray) -> str:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from unidistill.storage.layout import HEAD_FILE, HIDDEN_PREFIX
+from unidistill.storage.layout import HEAD_FILE, HIDDEN_PREFIX, STORED_K_KEY
 from unidistill.storage.reader import CacheReader
-from unidistill.storage.writer import read_unit_markers
+from unidistill.storage.manifest import read_unit_markers
 
 
 def cache_info(root) -> dict:
@@ -45,7 +45,7 @@ def cache_info(root) -> dict:
         "n_sequences": layout.n_sequences,
         "seq_len": layout.seq_len,
         "n_tokens": n_tokens,
-        "top_k": layout.top_k,
+        STORED_K_KEY: layout.stored_k,
         "logits_mode": layout.logits_mode,
         "tail_temperatures": list(layout.tail_temperatures),
         "head_bytes": head_bytes,

@@ -33,7 +33,8 @@ The ``logits/*`` arrays depend on the logit representation (``logits_mode``):
   log-probs sorted by probability, so every consumer sees what ``topk`` gives;
 * ``sampled``: ``logits/indices`` [N, L, S] and ``logits/counts`` [N, L, S] (uint16): S ids drawn
   with replacement from the teacher's distribution at T = 1, stored as the distinct ids with
-  their counts (unused slots: id 0, count 0). ``top_k`` holds S, the draws per position.
+  their counts (unused slots: id 0, count 0). ``stored_k`` (``top_k`` in the manifest) holds S,
+  the draws per position.
   ``logits/sample_logp`` [N, L] float32 holds the mean teacher log-prob of the S draws,
   ``Σ_i (c_i / S) log p_i``: with it the KL estimate ``Σ_i (c_i / S) (log p_i - log q_i)`` is
   unbiased and exactly 0 for a student equal to the teacher (without it only the soft
@@ -41,7 +42,7 @@ The ``logits/*`` arrays depend on the logit representation (``logits_mode``):
   written before it existed have ``sample_logp = False``;
 * ``exact``: no logit arrays. The final normed hidden state (layer n) is always cached and the
   teacher's output head is stored once as ``lm_head.safetensors``, so the full-vocabulary
-  teacher logits can be rebuilt offline at any temperature. ``top_k`` is 0.
+  teacher logits can be rebuilt offline at any temperature. ``stored_k`` is 0.
 
 Fill values are sentinels that real data never holds (-1 ids, NaN floats, 0xFFFF bf16 NaN), so a
 chunk that was never written cannot pass for data.
@@ -82,6 +83,7 @@ LOGITS_MODES = ("topk", "topk-q8", "sampled", "exact")
 TOPK_MODES = ("topk", "topk-q8")  # modes that hold the teacher's K most likely ids
 MAX_SAMPLES = 65534  # counts are uint16 and 65535 is their fill sentinel
 UINT16_MAX_VOCAB = 65535  # 65535 itself is the fill sentinel, so the largest id must be below it
+STORED_K_KEY = "top_k"  # CacheLayout.stored_k's key in the manifest (format v1; and in cache-info --json)
 
 
 def hidden_key(layer: int) -> str:
@@ -113,7 +115,7 @@ class CacheLayout:
 
     n_sequences: int
     seq_len: int
-    top_k: int
+    stored_k: int  # ids per position: K (top-k modes), S draws (sampled) or 0 (exact); "top_k" on disk
     vocab_size: int
     hidden_size: int
     layers: tuple[int, ...]
@@ -131,12 +133,12 @@ class CacheLayout:
             )
         if self.logits_mode not in LOGITS_MODES:
             raise ConfigError(f"logits mode {self.logits_mode!r} is not one of {LOGITS_MODES}")
-        if self.logits_mode == "exact" and self.top_k != 0:
+        if self.logits_mode == "exact" and self.stored_k != 0:
             raise ConfigError(f"an exact-logits cache stores no top-k ids, so top_k must be 0; got "
-                              f"{self.top_k}")
-        if self.logits_mode != "exact" and not 1 <= self.top_k <= MAX_SAMPLES:
+                              f"{self.stored_k}")
+        if self.logits_mode != "exact" and not 1 <= self.stored_k <= MAX_SAMPLES:
             raise ConfigError(f"top_k (ids per position, or draws per position when sampled) must "
-                              f"be between 1 and {MAX_SAMPLES}; got {self.top_k}")
+                              f"be between 1 and {MAX_SAMPLES}; got {self.stored_k}")
         if self.shard_size < 1:
             raise ConfigError(f"shard size must be >= 1 sequence, got {self.shard_size}")
         object.__setattr__(self, "layers", tuple(sorted(int(j) for j in self.layers)))
@@ -160,19 +162,22 @@ class CacheLayout:
         return start, min(start + self.shard_size, self.n_sequences)
 
     def to_dict(self) -> dict:
+        """The manifest's ``layout``, with its on-disk keys (``stored_k`` is stored as ``top_k``)."""
         d = asdict(self)
+        d = {STORED_K_KEY if k == "stored_k" else k: v for k, v in d.items()}
         d["layers"] = list(self.layers)
         d["tail_temperatures"] = list(self.tail_temperatures)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CacheLayout":
+        d = {"stored_k" if k == STORED_K_KEY else k: v for k, v in d.items()}
         return cls(**{**d, "layers": tuple(d["layers"]),
                       "tail_temperatures": tuple(d.get("tail_temperatures", ()))})
 
     def array_specs(self) -> dict[str, dict]:
         """name -> keyword arguments of ``zarr.Group.create_array``."""
-        n, length, k, s = self.n_sequences, self.seq_len, self.top_k, self.shard_size
+        n, length, k, s = self.n_sequences, self.seq_len, self.stored_k, self.shard_size
         idx = index_dtype_for(self.vocab_size)
         ints = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
         floats = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle), Crc32cCodec()]

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from unidistill.errors import CacheNotFoundError, ConfigError
-from unidistill.storage.files import atomic_write_bytes
+from unidistill.storage.files import atomic_write_bytes, json_bytes
 
 STORAGE_OPTIONS_ENV = "UNIDISTILL_STORAGE_OPTIONS"
 S3_PROTOCOLS = ("s3", "s3a")
@@ -275,7 +275,7 @@ class CacheLocation:
             self.fs.pipe_file(self._path(key), data)
 
     def write_json(self, key: str, obj) -> None:
-        self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True).encode())
+        self.write_bytes(key, json_bytes(obj))
 
     def delete(self, key: str) -> None:
         if self.is_local:

@@ -1,4 +1,4 @@
-"""The cache manifest: the root group's attributes.
+"""The cache manifest (the root group's attributes) and the unit markers: their keys and readers.
 
 The manifest is written three times: with the root group as ``status: creating`` (the arrays
 may not all exist yet: a build that finds this status starts over, nothing was committed), then
@@ -12,9 +12,47 @@ from __future__ import annotations
 import hashlib
 import json
 
+from unidistill.storage.location import as_location
+
 STATUS_CREATING = "creating"
 STATUS_BUILDING = "building"
 STATUS_COMPLETE = "complete"
+
+MANIFEST_KEY = "unidistill"
+UNITS_DIR = "_units"
+
+
+def unit_marker_key(unit: int) -> str:
+    return f"{UNITS_DIR}/{unit:06d}.json"
+
+
+def read_manifest(root) -> dict | None:
+    """The manifest dict of the cache at ``root`` (folder, URL or :class:`CacheLocation`), or None
+    when there is no unidistill cache."""
+    raw = as_location(root).read_bytes("zarr.json")
+    if raw is None:
+        return None
+    attrs = json.loads(raw).get("attributes", {})
+    return attrs.get(MANIFEST_KEY)
+
+
+def read_unit_marker(root, unit: int) -> dict | None:
+    raw = as_location(root).read_bytes(unit_marker_key(unit))
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return None  # torn marker: atomic writes make this unlikely; treat as uncommitted
+
+
+def read_unit_markers(root, n_units: int) -> dict[int, dict]:
+    """``{unit: marker}`` of every committed unit: one listing of ``_units/``, then only the
+    markers that are there are read (one request each on an object store)."""
+    loc = as_location(root)
+    present = set(loc.list_files(UNITS_DIR))
+    markers = {u: read_unit_marker(loc, u) for u in range(n_units) if unit_marker_key(u) in present}
+    return {u: m for u, m in markers.items() if m is not None}
 
 
 def diff_settings(stored: dict, requested: dict, stored_as: str = "in the cache",

@@ -39,7 +39,7 @@ from unidistill.storage import hidden_q8
 from unidistill.storage.location import as_location
 from unidistill.storage.manifest import STATUS_COMPLETE
 from unidistill.storage.quantize import decode_top_k
-from unidistill.storage.writer import read_manifest
+from unidistill.storage.manifest import read_manifest
 
 
 def decode_hidden(a: np.ndarray, logical_dtype: str) -> torch.Tensor:
@@ -107,6 +107,14 @@ def sample_kl_offset(sample_logp: np.ndarray, teacher_logp_mean: np.ndarray) -> 
     w = np.exp(sample_logp)
     neg_entropy = (w * np.where(w > 0, sample_logp, 0.0)).sum(-1)  # unused slots: 0, not 0 * -inf
     return (neg_entropy - teacher_logp_mean).astype(np.float32)
+
+
+def _async_array(array: zarr.Array):
+    """The public ``Array.async_array`` (zarr-python #3556; the installed 3.1.6 has it); the
+    private attribute it returns only on older 3.1 releases, which setup.cfg still allows."""
+    if hasattr(type(array), "async_array"):
+        return array.async_array
+    return array._async_array
 
 
 class CacheReader:
@@ -183,7 +191,7 @@ class CacheReader:
         transform = read_logit_transform(self.manifest, self.root)
         return (*read_head(self.location, device), transform)
 
-    def check_request(self, layers=None, top_k: int | None = None, temperature: float = 1.0,
+    def check_request(self, layers=None, kd_top_k: int | None = None, temperature: float = 1.0,
                       tail_approximation: str | None = None) -> bool:
         """Refuse what this cache cannot serve; True when the tail at ``temperature`` will come
         from ``tail_approximation`` rather than from the cache (see :meth:`check_temperature`)."""
@@ -191,15 +199,23 @@ class CacheReader:
         if missing:
             raise CacheMismatchError(f"teacher layers {missing} are not in cache {self.root}; it "
                                      f"holds layers {list(self.layout.layers)}")
-        if top_k is not None and self.logits_mode not in TOPK_MODES:
-            raise CacheMismatchError(f"top_k={top_k} asked, but cache {self.root} stores "
+        self.check_kd_top_k(kd_top_k)
+        return self.check_temperature(temperature, tail_approximation)
+
+    def check_kd_top_k(self, kd_top_k: int | None) -> None:
+        """The one check of a training top-k (``kd_top_k``, ``--top-k`` of distill-from-cache)
+        against what the cache holds: a top-k cache, and 1 <= kd_top_k <= its ``stored_k``."""
+        if kd_top_k is None:
+            return
+        if self.logits_mode not in TOPK_MODES:
+            raise CacheMismatchError(f"top_k={kd_top_k} asked, but cache {self.root} stores "
                                      f"{self.logits_mode} logits, which have no top-k to cut; "
                                      "leave --top-k unset")
-        if top_k is not None and not 1 <= top_k <= self.layout.top_k:
-            raise CacheMismatchError(f"top_k={top_k} asked, but cache {self.root} stores "
-                                     f"k={self.layout.top_k}; use 1 <= top_k <= {self.layout.top_k} "
+        stored_k = self.layout.stored_k
+        if not 1 <= kd_top_k <= stored_k:
+            raise CacheMismatchError(f"top_k={kd_top_k} asked, but cache {self.root} stores "
+                                     f"k={stored_k}; use 1 <= top_k <= {stored_k} "
                                      "or rebuild the cache with a larger --top-k")
-        return self.check_temperature(temperature, tail_approximation)
 
     def check_temperature(self, temperature: float, tail_approximation: str | None = None) -> bool:
         """Refuse a KD temperature whose teacher distribution this cache cannot give exactly,
@@ -225,7 +241,7 @@ class CacheReader:
             f"{stored}, or accept the uniform-tail approximation with --tail-approximation "
             "uniform (its error on a real teacher: README, 'Temperatures')")
 
-    def read(self, index: int, *, layers=None, top_k: int | None = None,
+    def read(self, index: int, *, layers=None, kd_top_k: int | None = None,
              logits: bool = True, temperature: float = 1.0,
              tail_approximation: str | None = None) -> dict:
         """One sequence: ``input_ids (L,)``, the teacher's logit targets and ``hidden`` =
@@ -240,7 +256,7 @@ class CacheReader:
         at T = 1; the loss divides them by T.
         """
         layers = list(self.layout.layers if layers is None else layers)
-        self.check_request(layers, top_k, temperature if logits else 1.0, tail_approximation)
+        self.check_request(layers, kd_top_k, temperature if logits else 1.0, tail_approximation)
         if not 0 <= index < self.layout.n_sequences:
             raise IndexError(f"sequence {index} out of range 0..{self.layout.n_sequences - 1}")
         mode = self.logits_mode
@@ -258,7 +274,7 @@ class CacheReader:
             names += self._hidden_names(j)
         got = self.fetch(names, index)
         out = {"input_ids": got[INPUT_IDS]}
-        k = top_k or self.layout.top_k
+        k = kd_top_k or self.layout.stored_k
         if logits and mode in TOPK_MODES:
             if mode == "topk":
                 ids, values = got[LOGIT_INDICES], got[LOGIT_VALUES]
@@ -285,7 +301,7 @@ class CacheReader:
         if temperature in self.layout.tail_temperatures:
             m = self.layout.tail_temperatures.index(temperature)
             return got[LOGIT_TAIL_TEMPERED][..., m].astype(np.float32)
-        return uniform_tail(tail, temperature, self.layout.vocab_size - self.layout.top_k)
+        return uniform_tail(tail, temperature, self.layout.vocab_size - self.layout.stored_k)
 
     def fetch(self, names, index) -> dict[str, np.ndarray]:
         """``{name: array[index]}`` for several arrays, read concurrently: one sequence spans
@@ -294,8 +310,7 @@ class CacheReader:
         arrays = self._arrays()
 
         async def one(name):
-            array = arrays[name]
-            return name, await getattr(array, "async_array", array._async_array).getitem(index)
+            return name, await _async_array(arrays[name]).getitem(index)
 
         async def together():
             return await asyncio.gather(*(one(n) for n in names))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from unidistill.storage.files import array_digest
 from unidistill.storage.reader import CacheReader
-from unidistill.storage.writer import read_unit_markers
+from unidistill.storage.manifest import read_unit_markers
 
 
 @dataclass

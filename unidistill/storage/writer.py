@@ -8,67 +8,28 @@ there. A killed writer can leave a half-written shard, but never a committed one
 
 from __future__ import annotations
 
-import json
-import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import zarr
 
 from unidistill import __version__
 from unidistill.errors import CacheError, CacheMismatchError, ConfigError
-from unidistill.storage.files import array_digest
+from unidistill.storage.files import array_digest, utc_timestamp
 from unidistill.storage.layout import FORMAT_VERSION, CacheLayout
 from unidistill.storage.location import CacheLocation, as_location
 from unidistill.storage.manifest import (
+    MANIFEST_KEY,
     STATUS_BUILDING,
     STATUS_COMPLETE,
     STATUS_CREATING,
+    UNITS_DIR,
     content_fingerprint,
     diff_settings,
+    read_manifest,
+    read_unit_markers,
+    unit_marker_key,
 )
-
-MANIFEST_KEY = "unidistill"
-UNITS_DIR = "_units"
-
-
-def unit_marker_key(unit: int) -> str:
-    return f"{UNITS_DIR}/{unit:06d}.json"
-
-
-def unit_marker_path(root: Path, unit: int) -> Path:
-    """The marker file of ``unit`` in a local cache (see :func:`unit_marker_key` for any)."""
-    return Path(root) / unit_marker_key(unit)
-
-
-def read_manifest(root) -> dict | None:
-    """The manifest dict of the cache at ``root`` (folder, URL or :class:`CacheLocation`), or None
-    when there is no unidistill cache."""
-    raw = as_location(root).read_bytes("zarr.json")
-    if raw is None:
-        return None
-    attrs = json.loads(raw).get("attributes", {})
-    return attrs.get(MANIFEST_KEY)
-
-
-def read_unit_marker(root, unit: int) -> dict | None:
-    raw = as_location(root).read_bytes(unit_marker_key(unit))
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return None  # torn marker: atomic writes make this unlikely; treat as uncommitted
-
-
-def read_unit_markers(root, n_units: int) -> dict[int, dict]:
-    """``{unit: marker}`` of every committed unit: one listing of ``_units/``, then only the
-    markers that are there are read (one request each on an object store)."""
-    loc = as_location(root)
-    present = set(loc.list_files(UNITS_DIR))
-    markers = {u: read_unit_marker(loc, u) for u in range(n_units) if unit_marker_key(u) in present}
-    return {u: m for u, m in markers.items() if m is not None}
 
 
 class CacheWriter:
@@ -131,7 +92,7 @@ class CacheWriter:
             "format_version": FORMAT_VERSION,
             "package_version": __version__,
             "status": STATUS_CREATING,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created_at": utc_timestamp(),
             "settings": settings,
             "layout": layout.to_dict(),
         }
@@ -168,7 +129,7 @@ class CacheWriter:
             digests[name] = array_digest(data)
         marker = {"unit": unit, "start": start, "stop": stop, "digests": digests,
                   "run_id": self.run_id,
-                  "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "committed_at": utc_timestamp()}
         self.location.write_json(unit_marker_key(unit), marker)
         return marker
 
@@ -182,7 +143,7 @@ class CacheWriter:
         manifest = dict(self.manifest)
         manifest.update(extra or {})
         manifest["status"] = STATUS_COMPLETE
-        manifest["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        manifest["completed_at"] = utc_timestamp()
         manifest["fingerprint"] = content_fingerprint(
             manifest["settings"], manifest["layout"], [m["digests"] for m in markers])
         self.group.attrs[MANIFEST_KEY] = manifest

@@ -57,22 +57,22 @@ class CacheDataset(Dataset):
     the losses upcast to fp32.
     """
 
-    def __init__(self, cache, *, layers=(), top_k: int | None = None, logits: bool = True,
+    def __init__(self, cache, *, layers=(), kd_top_k: int | None = None, logits: bool = True,
                  temperature: float = 1.0, tail_approximation: str | None = None):
         self.reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
         self.layers = sorted(layers)
-        self.top_k = top_k
+        self.kd_top_k = kd_top_k
         self.logits = logits
         self.temperature = temperature
         self.tail_approximation = tail_approximation
-        self.reader.check_request(self.layers, top_k, temperature if logits else 1.0,
+        self.reader.check_request(self.layers, kd_top_k, temperature if logits else 1.0,
                                   tail_approximation)
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        seq = self.reader.read(int(index), layers=self.layers, top_k=self.top_k, logits=self.logits,
+        seq = self.reader.read(int(index), layers=self.layers, kd_top_k=self.kd_top_k, logits=self.logits,
                                temperature=self.temperature,
                                tail_approximation=self.tail_approximation)
         item = {"input_ids": torch.from_numpy(seq["input_ids"].astype(np.int64))}

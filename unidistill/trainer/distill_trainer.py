@@ -2,14 +2,20 @@
 
 It only wires the building blocks: targets come from the batch (cache) or from an online
 teacher, the loss terms from ``losses``, the hidden-state pairs from the layer map and the
-projectors. Projectors are trained with the student, saved as ``projectors.safetensors`` +
-``projectors.json`` beside every checkpoint and the final model, and restored on resume.
+projectors. Its ``model`` is a :class:`~unidistill.trainer.student.StudentWithProjectors`, so the
+Trainer's own optimizer, clipping, gradient zeroing, DDP / FSDP and checkpointing cover the
+projectors. What stays custom is the projector learning rate (one extra optimizer group) and the
+files: the student saved as a plain Hugging Face model with ``projectors.safetensors`` +
+``projectors.json`` beside it, in every checkpoint and the final model, and restored on resume.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from unidistill.model_logits import LogitTransform
 from unidistill.trainer.dataset import hidden_field
@@ -20,8 +26,9 @@ from unidistill.trainer.losses import (
     masked_mean,
     next_token_labels,
 )
-from unidistill.trainer.projectors import HiddenProjectors, load_projectors, save_projectors
+from unidistill.trainer.projectors import load_projectors, save_projectors
 from unidistill.trainer.run_record import write_run_record
+from unidistill.trainer.student import StudentWithProjectors
 
 
 def _exact_teacher(batch: dict):
@@ -32,22 +39,12 @@ def _exact_teacher(batch: dict):
     return batch["teacher_final_hidden"], batch["teacher_head_weight"], batch.get("teacher_head_bias")
 
 
-class _ZeroProjectorGrads(TrainerCallback):
-    """The Trainer zeroes only the model's gradients after each optimizer step; without this the
-    projectors' gradients would accumulate across steps."""
-
-    def __init__(self, projectors: HiddenProjectors):
-        self.projectors = projectors
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.projectors.zero_grad(set_to_none=True)
-
-
 class UniversalDistillationTrainer(Trainer):
     """Trainer whose loss is alpha*CE + beta*T^2*KL + gamma*hidden against cached targets.
 
-    ``hidden_pairs`` maps each aligned student block to its teacher layer (hidden_states
-    indices); ``projectors`` bring student widths to the teacher's. ``online_teacher``, if given,
+    ``model`` is a :class:`~unidistill.trainer.student.StudentWithProjectors`: the student and
+    the projectors that bring its widths to the teacher's. ``hidden_pairs`` maps each aligned
+    student block to its teacher layer (hidden_states indices). ``online_teacher``, if given,
     is a callable ``input_ids -> dict of teacher fields`` that replaces the cached targets (the
     baseline with the teacher in memory). ``teacher_head`` = (weight, bias, logit transform) of an
     exact-logits cache (``CacheReader.head``), through which the cached final teacher state gives
@@ -55,11 +52,9 @@ class UniversalDistillationTrainer(Trainer):
     :class:`~unidistill.model_logits.LogitTransform` (read from its config).
     """
 
-    def __init__(self, *args, projectors: HiddenProjectors, hidden_pairs: dict[int, int],
-                 online_teacher=None, teacher_head=None, run_record: dict | None = None, **kwargs):
+    def __init__(self, *args, hidden_pairs: dict[int, int], online_teacher=None,
+                 teacher_head=None, run_record: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.projectors = projectors.to(self.args.device)
-        self.add_callback(_ZeroProjectorGrads(self.projectors))
         self.hidden_pairs = dict(sorted(hidden_pairs.items()))
         self.online_teacher = online_teacher
         self.teacher_head = teacher_head  # exact-logits caches: (weight, bias, transform) on the device
@@ -72,55 +67,26 @@ class UniversalDistillationTrainer(Trainer):
         self._term_counts = dict.fromkeys(self._term_sums, 0)
         self._no_logits = torch.zeros(0, dtype=torch.long)
 
-    # -- optimizer: student parameters as the Trainer makes them, plus the projectors ---------
+    def _wrapper(self, model=None) -> StudentWithProjectors:
+        """The :class:`StudentWithProjectors` inside ``model`` (default: the Trainer's), unwrapped
+        from DDP / FSDP / compilation."""
+        return self.accelerator.unwrap_model(self.model if model is None else model,
+                                             keep_torch_compile=False)
+
+    # -- optimizer: the student's parameter groups as the Trainer makes them, plus the projectors'
     def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        params = [p for p in self.projectors.parameters() if p.requires_grad]
-        if params and not any(any(p is q for q in g["params"]) for g in optimizer.param_groups
-                              for p in params[:1]):
+        """The Trainer's optimizer over the student (its decay / no-decay groups), and one more
+        group for the projectors with their own ``projector_learning_rate`` and no weight decay;
+        the scheduler then drives that group from its own peak."""
+        if self.optimizer is not None:
+            return self.optimizer
+        wrapper = self._wrapper(model)
+        optimizer = super().create_optimizer(wrapper.student)
+        params = [p for p in wrapper.projectors.parameters() if p.requires_grad]
+        if params:
             lr = self.args.projector_learning_rate or self.args.learning_rate
             optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
         return optimizer
-
-    # -- data parallel: the projectors are outside the DDP-wrapped model ---------------------
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:  # the micro-batch on which DDP syncs the model
-            self._average_projector_grads()
-        return loss
-
-    def _average_projector_grads(self) -> None:
-        """Average the projectors' gradients over the processes, as DDP does the student's.
-
-        DDP all-reduces only the parameters of the model it wraps; the projectors live beside
-        it (so the saved model stays a plain HF model), and without this each process would
-        step them with its own shard's gradient and they would drift apart. Runs once per
-        optimizer step, after the last micro-batch's backward and before clipping, so the
-        clipping norm and the update are the same on every process.
-        """
-        if self.accelerator.num_processes <= 1:
-            return
-        params = [p for p in self.projectors.parameters() if p.requires_grad]
-        if not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat /= self.accelerator.num_processes
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
-
-    def _clip_grad_norm(self, model):
-        """Clip student and projector gradients together, so max_grad_norm bounds the whole
-        update (the Trainer alone would clip only the model's)."""
-        projector_params = [p for p in self.projectors.parameters() if p.grad is not None]
-        if not projector_params or self.is_deepspeed_enabled or self._has_mixed_mesh_grads(model):
-            return super()._clip_grad_norm(model)
-        params = [*model.parameters(), *projector_params]
-        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
     # -- loss -----------------------------------------------------------------------------------
     def _targets(self, inputs: dict) -> dict:
@@ -138,16 +104,17 @@ class UniversalDistillationTrainer(Trainer):
         input_ids = batch["input_ids"]                                      # (B, L)
         want_hidden = args.gamma > 0 and bool(self.hidden_pairs)
         out = model(input_ids=input_ids, output_hidden_states=True,
-                    logits_to_keep=self._no_logits.to(input_ids.device))
+                    logits_to_keep=self._no_logits.to(input_ids.device),
+                    project_layers=tuple(self.hidden_pairs) if want_hidden else ())
         states = out.hidden_states                                          # n_s + 1 x (B, L, D_s)
         kl_mask = torch.ones_like(input_ids, dtype=torch.bool)
         if want_hidden and self.in_hidden_warmup():
             # the warm-up: hidden alignment alone, no head and no logit terms
-            hidden = self._hidden_loss(states, batch, kl_mask)
+            hidden = self._hidden_loss(out.projected, batch, kl_mask)
             if model.training:
                 self._add_terms(hidden=hidden)
             return (hidden, out) if return_outputs else hidden
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        head = self._wrapper(model).student.get_output_embeddings()
         t2 = args.kd_temperature ** 2
         logit_loss, ce, kl = fused_logit_loss(
             states[-1], head.weight, next_token_labels(input_ids), kl_mask,
@@ -162,7 +129,7 @@ class UniversalDistillationTrainer(Trainer):
             offset = masked_mean(batch["teacher_kl_offset"].to(kl.device), kl_mask)
             kl = kl - offset
             logit_loss = logit_loss - args.beta * t2 * offset
-        hidden = self._hidden_loss(states, batch, kl_mask) if want_hidden else ce.new_zeros(())
+        hidden = self._hidden_loss(out.projected, batch, kl_mask) if want_hidden else ce.new_zeros(())
         terms = LossTerms(ce=ce, kl=kl, hidden=hidden)
         # = compound_loss(terms, ...); the logit part arrives pre-weighted with its gradient
         loss = logit_loss + args.gamma * hidden
@@ -174,13 +141,14 @@ class UniversalDistillationTrainer(Trainer):
         """True while the optimizer step being taken is one of the first ``hidden_warmup_steps``."""
         return self.state.global_step < self.args.hidden_warmup_steps
 
-    def _hidden_loss(self, states, batch: dict, mask: torch.Tensor) -> torch.Tensor:
-        """Mean over the aligned pairs of the hidden-state loss, student states through the
-        projectors against the teacher's cached (or online) states."""
+    def _hidden_loss(self, projected: dict, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over the aligned pairs of the hidden-state loss, the student states the model's
+        forward projected (``StudentOutput.projected``) against the teacher's cached (or online)
+        states."""
         flat_mask = mask.reshape(-1)
         per_pair = []
         for i, j in self.hidden_pairs.items():
-            s = self.projectors(i, states[i])                               # (B, L, D_t)
+            s = projected[i]                                                # (B, L, D_t)
             t = batch[hidden_field(j)].to(s.device)                         # (B, L, D_t)
             per_pair.append(hidden_state_loss(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]),
                                               flat_mask, self.args.hidden_loss))
@@ -211,15 +179,32 @@ class UniversalDistillationTrainer(Trainer):
             self._term_counts = dict.fromkeys(names, 0)
         super().log(logs, start_time)
 
-    # -- projectors travel with every save and resume -----------------------------------------
+    # -- saving: a plain HF student with the projectors' two files beside it -------------------
     def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:  # the Trainer calls _save on every process; one writes
-            save_projectors(self.projectors, output_dir or self.args.output_dir)
-            if self.run_record is not None:  # which cache (fingerprint) this state was trained on
-                write_run_record(output_dir or self.args.output_dir, self.run_record)
+        """What ``Trainer._save`` writes for a Hugging Face model (the student through
+        ``save_pretrained``, the tokenizer, the training arguments), then ``projectors.safetensors``
+        + ``projectors.json`` and the run record. ``state_dict`` (FSDP's gathered full state)
+        is the whole wrapper's and is split between the two."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:  # the Trainer calls _save on every process; one writes
+            return
+        wrapper = self._wrapper()
+        student_state, projector_state = wrapper.split_state_dict(state_dict)
+        wrapper.student.save_pretrained(output_dir, state_dict=student_state)
+        save_projectors(wrapper.projectors, output_dir, projector_state)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if self.run_record is not None:  # which cache (fingerprint) this state was trained on
+            write_run_record(output_dir, self.run_record)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        """Resume from the layout :meth:`_save` writes: the student from its HF files, the
+        projectors from theirs. Under FSDP the Trainer's own FSDP checkpoint files hold the whole
+        wrapper, projectors included, and it loads them itself."""
+        if self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        wrapper = self._wrapper(model)
+        super()._load_from_checkpoint(resume_from_checkpoint, wrapper.student)
         saved = load_projectors(resume_from_checkpoint, map_location=self.args.device)
-        self.projectors.load_state_dict(saved.state_dict())
+        wrapper.projectors.load_state_dict(saved.state_dict())

@@ -3,10 +3,10 @@
 This is what offline distillation is measured against (memory, speed and quality): the teacher
 shares the student's device and runs a no-grad forward on every batch. Two flavours:
 
-- ``top_k=None`` (full vocabulary): the teacher's final hidden state and output head are handed
+- ``kd_top_k=None`` (full vocabulary): the teacher's final hidden state and output head are handed
   to the chunked loss, which rebuilds exact full-vocabulary teacher logits one chunk at a time,
   so the KL is over all V ids at any temperature;
-- ``top_k=k``: the teacher's top-k log-probs plus tail, exactly what a cache built with that k
+- ``kd_top_k=k``: the teacher's top-k log-probs plus tail, exactly what a cache built with that k
   would hold (but in fp32), so the online and offline paths can be compared like for like.
 
 Logits are the teacher's own (its head, then its softcap or scale: ``HookedTeacher.transform``),
@@ -33,17 +33,17 @@ class OnlineTeacher:
     ``teacher_head_weight`` / ``teacher_head_bias`` / ``teacher_logit_transform`` (full vocabulary).
     """
 
-    def __init__(self, model, *, layers=(), top_k: int | None = None, temperature: float = 1.0):
+    def __init__(self, model, *, layers=(), kd_top_k: int | None = None, temperature: float = 1.0):
         vocab = model.config.vocab_size
-        if top_k is not None and not 1 <= top_k <= vocab:
-            raise ConfigError(f"online teacher top_k is {top_k}, but it must be between 1 and the "
+        if kd_top_k is not None and not 1 <= kd_top_k <= vocab:
+            raise ConfigError(f"online teacher top_k is {kd_top_k}, but it must be between 1 and the "
                               f"vocabulary size {vocab}; use top_k=None for the full vocabulary")
         self.model = model.eval().requires_grad_(False)
-        self.top_k = top_k
+        self.kd_top_k = kd_top_k
         self.temperature = temperature
         # the top-k targets carry the exact tempered tail at the training temperature
         temps = () if temperature == 1.0 else (temperature,)
-        self.runner = HookedTeacher(self.model, layers, top_k, tail_temperatures=temps)
+        self.runner = HookedTeacher(self.model, layers, kd_top_k, tail_temperatures=temps)
         head = self.model.get_output_embeddings()
         self.head_weight, self.head_bias = head.weight, head.bias
         self.checked = False  # check_logits runs on the first batch unless called before
@@ -62,7 +62,7 @@ class OnlineTeacher:
             self.check_logits(input_ids)
         final, captured = self.runner.forward(input_ids.to(self.device))
         fields = {hidden_field(j): h for j, h in captured.items()}
-        if self.top_k is None:
+        if self.kd_top_k is None:
             fields.update(teacher_final_hidden=final, teacher_head_weight=self.head_weight,
                           teacher_head_bias=self.head_bias,
                           teacher_logit_transform=self.runner.transform)

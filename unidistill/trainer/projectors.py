@@ -179,16 +179,19 @@ class HiddenProjectors(nn.Module):
                 f"projects={self.projects}, init={self.init!r}")
 
 
-def save_projectors(projectors: HiddenProjectors, directory: str | Path) -> None:
+def save_projectors(projectors: HiddenProjectors, directory: str | Path,
+                    state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write ``projectors.safetensors`` and ``projectors.json`` into ``directory``, atomically.
 
-    Each file goes to a temporary name in ``directory`` and is renamed over the target, so a
-    reader never sees half a file. The weights are written first, the json last.
+    ``state_dict`` (default: the module's own) is for weights gathered elsewhere, e.g. the
+    projectors' part of a state dict FSDP assembled from its shards. Each file goes to a
+    temporary name in ``directory`` and is renamed over the target, so a reader never sees half
+    a file. The weights are written first, the json last.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").contiguous()
-               for name, t in projectors.state_dict().items()}
+    state_dict = projectors.state_dict() if state_dict is None else state_dict
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
     atomic_write_bytes(directory / WEIGHTS_FILE,
                        safetensors.torch.save(tensors, metadata={"format": "pt"}))
     atomic_write_json(directory / CONFIG_FILE, projectors.config_dict())

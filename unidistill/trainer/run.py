@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from unidistill.models.layer_map import (
     PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
 )
 from unidistill.storage import CacheReader
+from unidistill.storage.files import utc_timestamp
 from unidistill.storage.head import read_logit_transform
 from unidistill.trainer.arguments import DistillationArguments
 from unidistill.trainer.dataset import (
@@ -31,6 +31,7 @@ from unidistill.trainer.dataset import (
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.projectors import HiddenProjectors
 from unidistill.trainer.run_record import check_checkpoint_cache, resolve_checkpoint, write_run_record
+from unidistill.trainer.student import StudentWithProjectors
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def make_run_record(args: DistillationArguments, plan: DistillPlan, student: str
     return {
         "unidistill_version": __version__,
         "command": sys.argv,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started_at": utc_timestamp(),
         "student": str(student),
         "cache": {"path": str(cache), "fingerprint": plan.reader.manifest["fingerprint"]},
         "resumed_from": resumed_from,
@@ -175,9 +176,9 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     online_teacher = None
     if teacher_model is not None:
         online_teacher = OnlineTeacher(teacher_model.to(args.device), layers=teacher_layers,
-                                       top_k=online_top_k, temperature=args.kd_temperature)
+                                       kd_top_k=online_top_k, temperature=args.kd_temperature)
     dataset = CacheDataset(plan.reader, layers=() if online_teacher else teacher_layers,
-                           top_k=args.kd_top_k, logits=args.beta > 0 and online_teacher is None,
+                           kd_top_k=args.kd_top_k, logits=args.beta > 0 and online_teacher is None,
                            temperature=args.kd_temperature,
                            tail_approximation=args.tail_approximation)
     model = AutoModelForCausalLM.from_pretrained(student)
@@ -199,8 +200,8 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     if online_teacher is None and plan.reader.logits_mode == "exact" and args.beta > 0:
         teacher_head = plan.reader.head(args.device)
     trainer = UniversalDistillationTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collate_cache_batch,
-        processing_class=tokenizer, projectors=projectors, hidden_pairs=plan.hidden_pairs,
+        model=StudentWithProjectors(model, projectors), args=args, train_dataset=dataset,
+        data_collator=collate_cache_batch, processing_class=tokenizer, hidden_pairs=plan.hidden_pairs,
         online_teacher=online_teacher, teacher_head=teacher_head, callbacks=callbacks,
         run_record=record)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)

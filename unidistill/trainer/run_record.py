@@ -23,6 +23,15 @@ def write_run_record(folder, record: dict) -> None:
     atomic_write_json(Path(folder) / RUN_RECORD, record)
 
 
+def read_run_record(folder) -> dict | None:
+    """The ``unidistill_run.json`` of a run folder or checkpoint, or None when it has none
+    (a torn or foreign file raises :class:`json.JSONDecodeError`)."""
+    path = Path(folder) / RUN_RECORD
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
 def resolve_checkpoint(resume_from_checkpoint, output_dir) -> str | None:
     """The checkpoint folder a resume will load (``True``: the newest in ``output_dir``)."""
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
@@ -43,17 +52,18 @@ def check_checkpoint_cache(checkpoint: str | None, fingerprint: str) -> None:
     if checkpoint is None:
         return
     for folder in (Path(checkpoint), Path(checkpoint).parent):
-        path = folder / RUN_RECORD
-        if path.is_file():
-            try:
-                recorded = json.loads(path.read_text())["cache"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                return
-            if recorded.get("fingerprint") != fingerprint:
-                raise CacheMismatchError(
-                    f"checkpoint {checkpoint} was trained on the cache at {recorded.get('path')} "
-                    f"(fingerprint {str(recorded.get('fingerprint'))[:16]}), not on this one "
-                    f"(fingerprint {fingerprint[:16]}); resuming would continue its data order on "
-                    "other data. Resume with the recorded --cache, or start a new run in another "
-                    "--out.")
+        try:
+            record = read_run_record(folder)
+            if record is None:
+                continue
+            recorded = record["cache"]
+        except (json.JSONDecodeError, KeyError, TypeError):
             return
+        if recorded.get("fingerprint") != fingerprint:
+            raise CacheMismatchError(
+                f"checkpoint {checkpoint} was trained on the cache at {recorded.get('path')} "
+                f"(fingerprint {str(recorded.get('fingerprint'))[:16]}), not on this one "
+                f"(fingerprint {fingerprint[:16]}); resuming would continue its data order on "
+                "other data. Resume with the recorded --cache, or start a new run in another "
+                "--out.")
+        return
