@@ -11,6 +11,7 @@ launch through accelerate uses ``examples/fsdp.yaml``.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -116,3 +117,15 @@ def test_the_fsdp_example_config_keeps_the_final_model_folder():
     # save_model writes the model folder (and so _save) only from a full state dict
     assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+@pytest.mark.parametrize("use_cpu", [True, False])
+def test_fsdp_without_gpus_is_refused_not_run_as_ddp(tmp_path, use_cpu, monkeypatch):
+    from unidistill.errors import ConfigError
+    from unidistill.trainer import arguments
+    from unidistill.trainer.arguments import DistillationArguments
+
+    monkeypatch.setattr(arguments, "_has_accelerator", lambda: False)
+    with pytest.raises(ConfigError, match="FSDP runs only on GPU launches.*torchrun"):
+        DistillationArguments(output_dir=str(tmp_path), fsdp="full_shard", use_cpu=use_cpu,
+                              report_to=[])

@@ -11,17 +11,19 @@ from unidistill.trainer.losses import HIDDEN_KINDS, KL_DIRECTIONS, validate_loss
 from unidistill.trainer.projectors import PROJECTOR_INITS
 
 
-def _distributed_without_accelerator() -> bool:
+def _has_accelerator() -> bool:
     import torch
 
-    from unidistill.distributed import world_size_from_env
-
-    if world_size_from_env() <= 1:
-        return False
     has_accelerator = getattr(torch, "accelerator", None)
     if has_accelerator is not None and hasattr(has_accelerator, "is_available"):
-        return not torch.accelerator.is_available()
-    return not torch.cuda.is_available()
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def _distributed_without_accelerator() -> bool:
+    from unidistill.distributed import world_size_from_env
+
+    return world_size_from_env() > 1 and not _has_accelerator()
 
 
 @dataclass
@@ -61,6 +63,14 @@ class DistillationArguments(TrainingArguments):
     logits_chunk_size: int = field(default=64, metadata={"help": "positions per chunk of fp32 log-probs"})
 
     def __post_init__(self):
+        if self.fsdp and (self.use_cpu or not _has_accelerator()):
+            # accelerate turns FSDP on only for GPU launches; on the CPU the Trainer would run
+            # plain DDP (or fail with one process) while the user asked for sharding
+            raise ConfigError(
+                f"fsdp={self.fsdp!r} asked on a run without GPUs (use_cpu={self.use_cpu}); FSDP "
+                "runs only on GPU launches (accelerate launch --config_file examples/fsdp.yaml). "
+                "On CPUs use data parallel instead: torchrun --nproc_per_node N -m unidistill.cli "
+                "distill-from-cache ...")
         if not self.use_cpu and _distributed_without_accelerator():
             # `torchrun` / `accelerate launch --multi_gpu` on a machine without GPUs: accelerate
             # makes a gloo process group only when asked for the CPU, and would otherwise run
