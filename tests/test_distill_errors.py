@@ -103,3 +103,20 @@ def test_config_file_sets_options_and_rejects_unknown_keys(tmp_path, cache, stud
     bad.write_text("alpha: 0.4\nbogus_knob: 3\n")
     result = run(cache, student_dir, tmp_path / "run2", "--config", str(bad))
     assert result.exit_code == 2 and "unknown keys" in result.output and "bogus_knob" in result.output
+
+
+def test_the_recipe_defaults_are_the_same_from_the_cli_and_the_arguments():
+    """ablate and --config users build DistillationArguments; CLI users get click's defaults: the
+    measured recipe must be the default of both."""
+    import dataclasses
+
+    from unidistill.cli import distill_from_cache_cmd
+    from unidistill.trainer.arguments import DistillationArguments
+
+    cli = {p.name: p.default for p in distill_from_cache_cmd.params}
+    fields = {f.name: f.default for f in dataclasses.fields(DistillationArguments)}
+    for name in ("learning_rate", "lr_scheduler_type", "alpha", "beta", "gamma", "kd_temperature",
+                 "kl_direction", "hidden_loss", "layer_map", "align_layers", "hidden_warmup_steps",
+                 "logits_chunk_size"):
+        assert cli[name] == fields[name], name
+    assert fields["learning_rate"] == 3e-4 and fields["lr_scheduler_type"] == "cosine"
