@@ -408,7 +408,7 @@ def write_results(opts, result: dict) -> None:
                f"({100 * pr['parameters_after'] / pr['parameters_before']:.1f} %); dropped blocks "
                f"{pr['dropped_blocks']}. Hidden loss on student blocks {st['align_layers']}."
                + (f" {st['uniform_note']}" if st["uniform_note"] else ""), ""]
-        header = ["run", "α", "β", "γ", "T", "map", "hidden loss", "warm-up", "lr"]
+        header = ["run", "α", "β", "γ", "T", "KL", "map", "hidden loss", "warm-up", "lr", "schedule"]
         for t in texts:
             header += [f"{t} ppl", "ppl ÷ T", "acc", "acc ÷ T", "gap %", "top-1", "KL", "vs CE"]
         header.append("train min")
@@ -418,8 +418,10 @@ def write_results(opts, result: dict) -> None:
             hidden = (s.get("gamma") or 0) > 0
             cells = [r["name"], num(s.get("alpha"), "g"), num(s.get("beta"), "g"), num(s.get("gamma"), "g"),
                      num(s.get("kd_temperature"), "g") if (s.get("beta") or 0) > 0 else "-",
+                     s.get("kl_direction", "-") if (s.get("beta") or 0) > 0 else "-",
                      s.get("layer_map", "-") if hidden else "-", s.get("hidden_loss", "-") if hidden else "-",
-                     str(s.get("hidden_warmup_steps") or "-"), num(s.get("learning_rate"), "g")]
+                     str(s.get("hidden_warmup_steps") or "-"), num(s.get("learning_rate"), "g"),
+                     str(s.get("lr_scheduler_type") or "-")]
             for t in texts:
                 m = r["heldout_sets"][t]
                 kl = m.get("kl_to_teacher")

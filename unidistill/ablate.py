@@ -88,8 +88,8 @@ _MODEL_FILE = re.compile(r"^(config\.json|generation_config\.json|projectors\.js
                          r"|special_tokens_map\.json|vocab\.[^/]*|merges\.txt|chat_template\.[^/]*"
                          r"|[^/]*\.(safetensors|gguf|pt|bin))$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-SHOWN = ("alpha", "beta", "gamma", "kd_temperature", "layer_map", "hidden_loss", "hidden_warmup_steps",
-         "kd_top_k", "learning_rate")
+SHOWN = ("alpha", "beta", "gamma", "kd_temperature", "kl_direction", "layer_map", "hidden_loss",
+         "hidden_warmup_steps", "kd_top_k", "learning_rate", "lr_scheduler_type")
 
 
 ONLINE = "online"
