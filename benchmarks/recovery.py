@@ -395,9 +395,9 @@ def write_results(opts, result: dict) -> None:
           "at T = 1 over the cached top-64 + tail. vs CE: perplexity minus CE only's on that text, "
           "'no measurable difference' when smaller than the seed spread.",
           f"Seed spread: runs {repeats} trained again with seed 1 and data_seed 1 (`<name>{SEED_SUFFIX}`); "
-          "chosen before the runs (CE only, the baseline, and the recipes the field expects to "
-          "win, from the runs file). The spread is the max over those recipes of "
-          "|perplexity seed 0 - seed 1|."]
+          "chosen in the runs file (CE only, the baseline, the recipes the field expects to win, "
+          "and any the file says were added to check a first result). The spread is the max over "
+          "those recipes of |perplexity seed 0 - seed 1|."]
     for name, st in students.items():
         pr = st["pruned"]
         rows = {r["name"]: r for r in st["rows"]}
