@@ -5,6 +5,9 @@ Usage (CPU, about 75 minutes on 2 quiet cores, at most 90):
     python benchmarks/recovery.py --preset cpu
 GPU (512-token sequences, 8 x 200 steps per run, bf16):
     python benchmarks/recovery.py --preset gpu --tag h100
+More runs on the CPU preset's students and cache (learning rate, KL direction, schedule, cnmse;
+recovery_extra_variants.yaml; after the CPU preset in the same --out, about 45 minutes):
+    python benchmarks/recovery.py --preset cpu --variants benchmarks/recovery_extra_variants.yaml --tag cpu-extra
 Four times the CPU budget per run, CE only against 0.5 CE + 0.5 KD with two seeds each, on the
 depth + width student only (recovery_long_variants.yaml; about 50 minutes on 2 cores):
     python benchmarks/recovery.py --preset cpu-long --out out/recovery-long
@@ -26,7 +29,7 @@ Pipeline, each stage the user-facing command:
 Results: benchmarks/results/recovery_<tag>.{json,md,png}: per student, every run on both texts,
 the seed spread (runs repeated with seed 1), the best recipe on each text and a computed verdict.
 
-Wall time of the CPU preset (2 cores): prune 2 x ~2.5 min, caches ~4 min, 19 runs x (40 steps x
+Wall time of the CPU preset (2 cores): prune 2 x ~2.5 min, caches ~4 min, 20 runs x (40 steps x
 ~3.5 s + two evaluations ~25 s) ~ 55 min, teacher evaluations ~2 min: ~70-75 minutes.
 
 A stopped experiment continues where it stopped (the same command, the same --out). Before a
