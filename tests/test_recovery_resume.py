@@ -166,6 +166,32 @@ def test_the_ablate_stages_evaluate_on_both_heldout_texts(recovery, tmp_path, mo
     assert "ce+kd.seed1" in text and "ce+kd+hidden.nmse" not in text
 
 
+def test_the_long_preset_runs_only_the_students_its_runs_file_names(recovery, tmp_path, monkeypatch):
+    argvs = []
+    monkeypatch.setattr(recovery, "_execute", lambda argv: argvs.append(argv) or FakeCommands(recovery)(argv))
+    opts = recovery.parse_options(["--preset", "cpu-long", "--out", str(tmp_path)])
+    assert Path(opts.variants).name == "recovery_long_variants.yaml"
+    assert (opts.steps, opts.train_sequences, opts.eval_sequences) == (160, 640, 64)
+    recovery.run(opts, log=lambda m: None)
+    pruned = [Path(recovery.command_options(a)["--out"]).name for a in argvs if a[1] == "prune"]
+    ablates = [recovery.command_options(a) for a in argvs if a[1] == "ablate"]
+    assert pruned == ["student-width"]
+    assert [Path(a["--student"]).name for a in ablates] == ["student-width"]
+    assert ablates[0]["--max-steps"] == "160" and ablates[0]["--eval-sequences"] == "64"
+    builds = {Path(recovery.command_options(a)["--out"]).name: recovery.command_options(a)
+              for a in argvs if a[1] == "cache-build"}
+    assert builds["cache"]["--max-sequences"] == "640"
+    assert builds["cache"]["--layers"] == ",".join(map(str, sorted(
+        {8, 15, 23, 30} | {9, 16, 23, 30} | {7, 14, 21, 28})))  # the width student's maps only
+
+
+def test_a_runs_file_naming_an_unknown_student_is_refused(recovery, tmp_path):
+    path = tmp_path / "runs.yaml"
+    path.write_text("common: {}\nstudents:\n  tiny: {align_layers: '1', variants: []}\n")
+    with pytest.raises(SystemExit, match=r"names \['tiny'\].*some of \['depth', 'width'\]"):
+        recovery.load_variants(path)
+
+
 def _row(name, docs, kjv):
     return {"name": name, "heldout_sets": {"docs": {"perplexity": docs}, "kjv": {"perplexity": kjv}}}
 

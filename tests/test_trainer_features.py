@@ -112,8 +112,8 @@ def test_tensorboard_gets_every_loss_term(tmp_path, cache, student_dir):
 
 def test_hidden_warmup_steps_train_the_hidden_loss_alone(tmp_path, cache, student_dir):
     # reference: one SGD step on gamma * hidden with the logit terms weighted 0 (their gradient is 0)
-    ref = distill_from_cache(cache, str(student_dir), sgd(tmp_path / "ref", alpha=0.0, beta=0.0,
-                                                          gamma=1.0, max_grad_norm=0.0))
+    distill_from_cache(cache, str(student_dir), sgd(tmp_path / "ref", alpha=0.0, beta=0.0, gamma=1.0,
+                                                    max_grad_norm=0.0))
     warm = distill_from_cache(cache, str(student_dir), sgd(
         tmp_path / "warm", max_steps=2, hidden_warmup_steps=1, max_grad_norm=0.0, learning_rate=0.5,
         logging_steps=1, save_strategy="steps", save_steps=1))

@@ -28,8 +28,9 @@ the others, saying why in the log:
 - an evaluation whose settings changed is simply redone (its model is still there);
 - a run whose training settings changed (or that an older version made without a record) is
   trained again from scratch (a distill argument added since the run was recorded counts as
-  unchanged while it is at its default, which keeps the old behaviour), and its old folder -- a trained model the user may want -- is
-  **moved**, never deleted, to ``_replaced/<run>-<time>/`` (delete it when it is not wanted);
+  unchanged while it is at its default, which keeps the old behaviour), and its old folder -- a
+  trained model the user may want -- is **moved**, never deleted, to ``_replaced/<run>-<time>/``
+  (delete it when it is not wanted);
 - a run stopped mid-way with the same settings continues from its last checkpoint; its
   checkpoints are never resumed under other settings.
 

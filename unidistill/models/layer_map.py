@@ -181,7 +181,7 @@ def _load_json_map(text: str, source: str):
 
 def parse_layer_map(spec: str | dict, n_student: int, n_teacher: int, *,
                     provenance: list[int] | None = None) -> dict[int, int]:
-    """Turn a ``--map`` value into a layer map sorted by student block.
+    """Turn a ``--layer-map`` value into a layer map sorted by student block.
 
     ``spec`` is a strategy name (see :data:`LAYER_MAP_STRATEGIES`), an explicit JSON object
     string, a path to a ``.json`` file holding one, or an already parsed dict. Explicit maps may
@@ -241,7 +241,7 @@ def teacher_layers_for_students(n_student: int, n_teacher: int, strategies: list
                                 provenance: list[int] | None = None) -> list[int]:
     """Sorted union of the teacher layers the given strategies map a student of n_student to.
 
-    Used by cache-build ``--student-layers N --map uniform,last`` to cache exactly the teacher
+    Used by cache-build ``--student-layers N --layer-map uniform,last`` to cache exactly the teacher
     hidden states those students will need.
     """
     if isinstance(strategies, str) or not strategies:
