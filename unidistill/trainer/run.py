@@ -17,7 +17,7 @@ from pathlib import Path
 
 from unidistill import __version__
 from unidistill.errors import CacheMismatchError, ConfigError
-from unidistill.model_logits import check_logit_transform
+from unidistill.model_logits import OutputHead, check_logit_transform
 from unidistill.models.layer_map import (
     PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
 )
@@ -198,7 +198,7 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
         write_run_record(args.output_dir, record)
     teacher_head = None
     if online_teacher is None and plan.reader.logits_mode == "exact" and args.beta > 0:
-        teacher_head = plan.reader.head(args.device)
+        teacher_head = OutputHead(*plan.reader.head(args.device))
     trainer = UniversalDistillationTrainer(
         model=StudentWithProjectors(model, projectors), args=args, train_dataset=dataset,
         data_collator=collate_cache_batch, processing_class=tokenizer, hidden_pairs=plan.hidden_pairs,
