@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 from machine import machine  # benchmarks/machine.py, beside this script
 
 from bench_cache_build import bare_forward_tps  # noqa: E402
@@ -54,7 +55,7 @@ from unidistill.pruning.depth import keep_blocks
 from unidistill.storage import CacheReader, decode_hidden
 from unidistill.storage.info import cache_info
 from unidistill.text.data import iter_documents, pack_documents
-from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
+from unidistill.trainer.dataset import CacheDataset
 from unidistill.trainer.losses import sums_from_logits
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -159,7 +160,7 @@ def hidden_error(reader: CacheReader, runner, n_seq: int) -> dict:
 def read_tps(root: Path, layers: list[int], workers: int, batch_size: int = 4) -> float:
     dataset = CacheDataset(root, layers=layers)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         num_workers=workers, collate_fn=collate_cache_batch,
+                                         num_workers=workers, collate_fn=default_collate,
                                          generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     n = sum(batch["input_ids"].numel() for batch in loader)

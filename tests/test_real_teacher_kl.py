@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import default_collate
 import torch.nn.functional as F
 
 import unidistill.cache_builder.build as build_module
@@ -17,7 +18,7 @@ from unidistill.cache_builder.config import BuildConfig
 from unidistill.model_logits import OutputHead
 from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader
-from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
+from unidistill.trainer.dataset import CacheDataset
 from unidistill.trainer.losses import next_token_labels, sums_from_logits
 from unidistill.trainer.run import distill_from_cache
 
@@ -55,7 +56,7 @@ def _kl_of_teacher_as_student(model, cache, temperature, tail_approximation=None
     """Mean and max |KL(cached teacher || the teacher itself)| per position at T, through the
     loss the trainer uses on each chunk of positions."""
     reader = CacheReader(cache)
-    data = collate_cache_batch(list(CacheDataset(reader, temperature=temperature,
+    data = default_collate(list(CacheDataset(reader, temperature=temperature,
                                                  tail_approximation=tail_approximation)))
     ids = data["input_ids"]
     labels = next_token_labels(ids)

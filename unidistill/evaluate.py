@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset, default_collate
 from tqdm.auto import tqdm
 
 from unidistill.errors import ConfigError
 from unidistill.model_logits import OutputHead, check_logit_transform
 from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader
-from unidistill.trainer.dataset import CacheDataset, collate_cache_batch, sample_input_ids
+from unidistill.trainer.dataset import CacheDataset, sample_input_ids
 from unidistill.trainer.losses import LogitSums, LossConfig, logit_sums, next_token_labels
 
 DEFAULT_SEQ_LEN = 256
@@ -41,6 +42,7 @@ DEFAULT_SEQ_LEN = 256
 # version is stale (``unidistill ablate`` redoes it).
 METRICS_VERSION = 2
 _CHUNK = 128  # positions per logits chunk
+DEFAULT_WORKERS = 1  # DataLoader workers reading a cache ahead of the scoring
 
 
 @dataclass
@@ -151,9 +153,12 @@ def evaluate_on_ids(model, ids: np.ndarray, *, batch_size: int, device, progress
 
 
 def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_dir: str | None,
-                      batch_size: int, device, max_sequences: int | None, progress: bool = True
-                      ) -> None:
-    """Fill the cache metrics of ``result`` from the model's agreement with the cached teacher."""
+                      batch_size: int, device, max_sequences: int | None, progress: bool = True,
+                      num_workers: int = DEFAULT_WORKERS) -> None:
+    """Fill the cache metrics of ``result`` from the model's agreement with the cached teacher.
+
+    The cache is read through a DataLoader with ``num_workers`` worker processes (0: in this
+    process), so reading the next batches overlaps scoring this one."""
     cfg = model.config
     teacher_layers = list(reader.layers)
     d_teacher = reader.manifest["settings"]["teacher"]["hidden_size"]
@@ -165,8 +170,11 @@ def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_d
     dataset = CacheDataset(reader, layers=layers)
     head = OutputHead(*reader.head(device)) if reader.logits_mode == "exact" else None
     check_logit_transform(model, sample_input_ids(reader), role="evaluated model")
-    for rows in tqdm(list(_batches(n, batch_size)), desc="teacher agreement", disable=not progress):
-        batch = {k: v.to(device) for k, v in collate_cache_batch([dataset[i] for i in rows]).items()}
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=default_collate,
+                        pin_memory=torch.device(device).type == "cuda")
+    for batch in tqdm(loader, desc="teacher agreement", disable=not progress):
+        batch = {k: v.to(device) for k, v in batch.items()}
         targets = TeacherTargets.from_fields(batch, head=head)
         _score_batch(model, batch["input_ids"], totals, targets, pairs, layers)
     result.cache_nll, result.cache_perplexity = _perplexity(totals.ce, totals.ce_n)
@@ -183,8 +191,10 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
              split: str | None = None, text_field: str = "text", seq_len: int | None = None,
              heldout_share: float | None = None,
              max_sequences: int | None = 64, batch_size: int = 4, device: str = "auto",
-             gguf_file: str | None = None, progress: bool = True) -> Evaluation:
-    """Evaluate ``model`` (folder, hub id, GGUF or builtin) on ``data`` and/or a teacher ``cache``."""
+             gguf_file: str | None = None, progress: bool = True,
+             num_workers: int = DEFAULT_WORKERS) -> Evaluation:
+    """Evaluate ``model`` (folder, hub id, GGUF or builtin) on ``data`` and/or a teacher ``cache``
+    (read by ``num_workers`` DataLoader workers)."""
     from unidistill.models.loading import load_tokenizer_and_model, resolve_device, resolve_model_source
     from unidistill.text.data import (
         check_data_split,
@@ -199,6 +209,9 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
                           "(a teacher cache of held-out text)")
     if batch_size < 1:
         raise ConfigError(f"batch size is {batch_size}; it must be >= 1")
+    if num_workers < 0:
+        raise ConfigError(f"num_workers is {num_workers}; it must be >= 0 (0 reads the cache in "
+                          "this process)")
     if max_sequences is not None and max_sequences < 1:
         raise ConfigError(f"max sequences is {max_sequences}; it must be >= 1 (or None for all)")
     if data is not None:
@@ -225,7 +238,8 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
         result.cache_fingerprint = reader.manifest["fingerprint"]
         local_dir = source.path if Path(source.path).is_dir() else None
         evaluate_on_cache(net, reader, result, model_dir=local_dir, batch_size=batch_size,
-                          device=dev, max_sequences=max_sequences, progress=progress)
+                          device=dev, max_sequences=max_sequences, progress=progress,
+                          num_workers=num_workers)
     return result
 
 

@@ -2,8 +2,9 @@
 can read the cache (same vocabulary, same tokenizer).
 
 Map-style, so the Trainer's samplers, shuffling, resumption and distributed sharding just work.
-The Zarr store is opened lazily in each DataLoader worker (the reader drops its handle when
-pickled).
+Items are flat dicts of equal-shape tensors, so batches are torch's ``default_collate`` (which
+puts a worker's output in shared memory). The Zarr store is opened lazily in each DataLoader
+worker (the reader drops its handle when pickled).
 """
 
 from __future__ import annotations
@@ -81,8 +82,3 @@ class CacheDataset(Dataset):
                 targets.kl_offset = torch.from_numpy(seq["teacher_kl_offset"])
         return {"input_ids": torch.from_numpy(seq["input_ids"].astype(np.int64)),
                 **targets.to_fields()}
-
-
-def collate_cache_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack equal-length items (every cached sequence has length L, so no padding)."""
-    return {key: torch.stack([it[key] for it in items]) for key in items[0]}
