@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 from machine import machine  # benchmarks/machine.py, beside this script
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,11 +53,11 @@ def reader_tps(root: str, n: int) -> float:
 
 def loader_tps(root: str, workers: int, batch_size: int = 4) -> float:
     from unidistill.storage import CacheReader
-    from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
+    from unidistill.trainer.dataset import CacheDataset
 
     dataset = CacheDataset(root, layers=list(CacheReader(root).layout.layers))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_cache_batch)
+                                         collate_fn=default_collate)
     t0 = time.perf_counter()
     n = sum(batch["input_ids"].numel() for batch in loader)
     return n / (time.perf_counter() - t0)

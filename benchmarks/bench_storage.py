@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 from machine import machine  # benchmarks/machine.py, beside this script
 
 from bench_cache_build import bare_forward_tps  # noqa: E402
@@ -49,12 +50,13 @@ from unidistill.cache_builder.capture import TeacherRunner
 from unidistill.cache_builder.config import BuildConfig
 from unidistill.model_logits import head_logits
 from unidistill.models.loading import load_model, load_tokenizer, resolve_device, resolve_model_source
+from unidistill.models.targets import TeacherTargets
 from unidistill.pruning.depth import keep_blocks
 from unidistill.storage import CacheReader, decode_hidden
 from unidistill.storage.info import cache_info
 from unidistill.text.data import iter_documents, pack_documents
-from unidistill.trainer.dataset import CacheDataset, collate_cache_batch
-from unidistill.trainer.losses import logit_losses_from_logits
+from unidistill.trainer.dataset import CacheDataset
+from unidistill.trainer.losses import sums_from_logits
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPRESENTATIONS = {"topk-64": dict(logits="topk", top_k=64), "topk-q8-64": dict(logits="topk-q8", top_k=64),
@@ -89,9 +91,10 @@ def kd_grad(student_logits: torch.Tensor, temperature: float = 1.0, **teacher) -
     z = student_logits.clone().requires_grad_(True)                                # (1, L, V)
     labels = torch.full(z.shape[:2], -100)
     mask = torch.ones(z.shape[:2], dtype=torch.bool)
-    _, _, kl, _ = logit_losses_from_logits(z, labels, mask, teacher.get("teacher_ids"),
-                                           teacher.get("teacher_logp"), teacher.get("teacher_log_tail"),
-                                           temperature, "forward", False, True, teacher.get("teacher_logits"))
+    teacher_logits = teacher.pop("teacher_logits", None)  # exact: the full logits
+    targets = None if teacher_logits is not None else TeacherTargets.from_fields(teacher)
+    kl = sums_from_logits(z, labels, targets, temperature, "forward", mask=mask, compute_ce=False,
+                          teacher_logits=teacher_logits)[2]
     kl.backward()
     return z.grad[0]                                                               # (L, V)
 
@@ -157,7 +160,7 @@ def hidden_error(reader: CacheReader, runner, n_seq: int) -> dict:
 def read_tps(root: Path, layers: list[int], workers: int, batch_size: int = 4) -> float:
     dataset = CacheDataset(root, layers=layers)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         num_workers=workers, collate_fn=collate_cache_batch,
+                                         num_workers=workers, collate_fn=default_collate,
                                          generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     n = sum(batch["input_ids"].numel() for batch in loader)

@@ -126,6 +126,27 @@ def test_cli_human_output(tiny_teacher_dir, cache):
     assert "cache accuracy" in res.output and "uniform guess    nll" in res.output
 
 
+def test_reading_the_cache_in_workers_gives_the_same_evaluation(tmp_path, cache, student_dir,
+                                                                monkeypatch):
+    """evaluate reads a cache through a DataLoader: with 0 or 2 worker processes and a batch size
+    that does not divide the cache, every metric is the same, and the workers do the reading."""
+    import torch.utils.data
+
+    from unidistill import evaluate as evaluate_module
+
+    made = []
+    real = evaluate_module.DataLoader
+    monkeypatch.setattr(evaluate_module, "DataLoader",
+                        lambda *a, **kw: made.append(kw["num_workers"]) or real(*a, **kw))
+    results = [evaluate(str(student_dir), cache=str(cache), batch_size=3, device="cpu",
+                        progress=False, num_workers=w).to_json() for w in (0, 2)]
+    assert made == [0, 2]
+    assert results[0] == results[1]
+    with pytest.raises(ConfigError, match="num_workers is -1; it must be >= 0"):
+        evaluate(str(student_dir), cache=str(cache), device="cpu", num_workers=-1)
+    assert torch.utils.data.DataLoader is real
+
+
 def test_needs_data_or_cache(tiny_teacher_dir):
     with pytest.raises(ConfigError, match="pass --data .* and/or --cache"):
         evaluate(str(tiny_teacher_dir), device="cpu")

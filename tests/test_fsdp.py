@@ -32,7 +32,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
-from unidistill.trainer.losses import fused_logit_loss, hidden_state_loss, next_token_labels
+from unidistill.model_logits import OutputHead
+from unidistill.trainer.losses import LossConfig, hidden_state_loss, logit_loss, next_token_labels
 from unidistill.trainer.projectors import HiddenProjectors, save_projectors
 from unidistill.trainer.student import StudentWithProjectors
 student_dir, out = sys.argv[1], sys.argv[2]
@@ -45,10 +46,9 @@ def build():
 def loss_of(model, ids, targets):
     out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long),
                 project_layers=(1, 2))
-    head = model.student.get_output_embeddings()  # after the forward, as compute_loss takes it
-    ce, _, _ = fused_logit_loss(out.hidden_states[-1], head.weight, next_token_labels(ids),
-                                torch.ones_like(ids, dtype=torch.bool), None, None, None, 1.0,
-                                "forward", 8, ce_weight=1.0, kl_weight=0.0)
+    head = OutputHead.of(model.student)  # after the forward, as compute_loss takes it
+    ce, _, _ = logit_loss(out.hidden_states[-1], head, next_token_labels(ids), None,
+                          LossConfig(alpha=1.0, beta=0.0, chunk_size=8))
     hidden = [hidden_state_loss(out.projected[i].reshape(-1, 32), targets[i].reshape(-1, 32),
                                 torch.ones(ids.numel(), dtype=torch.bool), "cosine") for i in (1, 2)]
     return ce + torch.stack(hidden).mean()

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from unidistill.errors import ConfigError
+from unidistill.model_logits import OutputHead
+from unidistill.models.targets import TeacherTargets
 from unidistill.trainer.losses import (
-    HIDDEN_KINDS, KL_DIRECTIONS, LossTerms, bucket_log_probs, chunked_logit_losses, compound_loss,
-    cross_entropy_per_position, hidden_state_loss, hidden_state_loss_per_position,
-    kl_per_position, logit_losses_from_logits, masked_mean, validate_loss_weights,
+    HIDDEN_KINDS, KL_DIRECTIONS, LossConfig, LossTerms, bucket_log_probs, compound_loss,
+    cross_entropy_per_position, distillation_loss, hidden_state_loss,
+    hidden_state_loss_per_position, kl_per_position, logit_loss, logit_sums, masked_mean,
+    sums_from_logits, validate_loss_weights,
 )
 
 INF = float("inf")
@@ -250,269 +253,181 @@ def make_batch(b=2, seq=7, d=8, v=V, k=4, seed=0, bias=True):
     labels = torch.randint(0, v, (b, seq), generator=g)
     labels[0, :2] = -100
     labels[1, -1] = -100
-    kl_mask = torch.ones(b, seq, dtype=torch.bool)
-    kl_mask[1, 3:] = False
+    mask = torch.ones(b, seq, dtype=torch.bool)
+    mask[1, 3:] = False
     teacher_logits = torch.randn(b * seq, v, generator=g) * 2
     ids, logp, tail = teacher_from_logits(teacher_logits, k)
-    teacher = (ids.reshape(b, seq, k), logp.half().float().reshape(b, seq, k),
-               tail.reshape(b, seq))
-    return hidden, weight, lm_bias, labels, kl_mask, teacher
+    teacher = TeacherTargets(ids=ids.reshape(b, seq, k), logp=logp.half().float().reshape(b, seq, k),
+                             log_tail=tail.reshape(b, seq))
+    return hidden, weight, lm_bias, labels, mask, teacher
 
 
-def mean_loss(sums):
-    ce_sum, ce_count, kl_sum, kl_count = sums
-    return ce_sum / ce_count.clamp(min=1) + kl_sum / kl_count.clamp(min=1)
+def recipe(direction="forward", temperature=2.0, chunk_size=3, alpha=0.4, beta=0.4, **kw):
+    return LossConfig(alpha=alpha, beta=beta, temperature=temperature, kl_direction=direction,
+                      chunk_size=chunk_size, **kw)
 
 
-def unchunked(hidden, weight, lm_bias, labels, kl_mask, teacher, direction, temperature=2.0,
-              compute_ce=True, compute_kl=True):
-    logits = F.linear(hidden, weight, lm_bias)
-    return logit_losses_from_logits(logits, labels, kl_mask, *teacher, temperature, direction,
-                                    compute_ce, compute_kl)
-
-
-def chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, direction, chunk_size,
-            temperature=2.0, compute_ce=True, compute_kl=True):
-    return chunked_logit_losses(hidden, weight, labels, kl_mask, *teacher, temperature, direction,
-                                chunk_size, compute_ce, compute_kl, lm_head_bias=lm_bias)
+def reference(hidden, weight, lm_bias, labels, mask, teacher, direction, temperature=2.0,
+              teacher_logits=None):
+    """(ce mean, kl mean, ce count, kl count, correct, agree) from full logits, term by term:
+    F.cross_entropy over the masked positions with a next token, the bucketed (or full) KL over
+    the masked positions, argmax hits; nothing of the chunked code."""
+    logits = F.linear(hidden, weight, lm_bias)                                      # (B, L, V)
+    flat, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
+    keep = mask.reshape(-1)
+    has_next = keep & (flat_labels != -100)
+    ce = F.cross_entropy(flat[has_next], flat_labels[has_next], reduction="sum")
+    if teacher_logits is None:
+        k = teacher.ids.shape[-1]
+        s_logq, t_logp = bucket_log_probs(flat, teacher.ids.reshape(-1, k),
+                                          teacher.logp.reshape(-1, k),
+                                          teacher.log_tail.reshape(-1), temperature)
+        top1 = teacher.ids.reshape(-1, k)[:, 0]
+    else:
+        s_logq = torch.log_softmax(flat / temperature, -1)
+        t_logp = torch.log_softmax(teacher_logits.reshape(-1, V) / temperature, -1)
+        top1 = teacher_logits.reshape(-1, V).argmax(-1)
+    kl = kl_per_position(s_logq, t_logp, direction)[keep].sum()
+    predicted = flat.argmax(-1)
+    return dict(ce=ce / has_next.sum(), kl=kl / keep.sum(), ce_n=float(has_next.sum()),
+                kl_n=float(keep.sum()), correct=float((has_next & (predicted == flat_labels)).sum()),
+                agree=float((keep & (predicted == top1)).sum()))
 
 
 @pytest.mark.parametrize("direction", KL_DIRECTIONS)
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 64])  # 3 does not divide L=7; 64 > L
-def test_chunked_equals_unchunked_values_and_gradients(direction, chunk_size):
-    hidden, weight, lm_bias, labels, kl_mask, teacher = make_batch()
+def test_evaluation_sums_equal_the_reference(direction, chunk_size):
+    hidden, weight, lm_bias, labels, mask, teacher = make_batch()
+    ref = reference(hidden, weight, lm_bias, labels, mask, teacher, direction)
+    sums = logit_sums(hidden, OutputHead(weight, lm_bias), labels, teacher,
+                      recipe(direction, chunk_size=chunk_size), mask=mask)
+    ce, ce_n, kl, kl_n, correct, agree = sums.tolist()
+    assert (ce_n, kl_n) == (8.0, 10.0)  # 14 positions: 3 without a next token, 4 masked (1 both)
+    close(ce / ce_n, ref["ce"])
+    close(kl / kl_n, ref["kl"])
+    assert (correct, agree) == (ref["correct"], ref["agree"])
+    assert kl > 0 and not sums.requires_grad
+
+
+@pytest.mark.parametrize("direction", KL_DIRECTIONS)
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_the_training_loss_equals_the_reference_and_its_gradients(direction, chunk_size):
+    hidden, weight, lm_bias, labels, mask, teacher = make_batch()
     params = (hidden, weight, lm_bias)
-
-    ref = unchunked(hidden, weight, lm_bias, labels, kl_mask, teacher, direction)
-    ref_grads = torch.autograd.grad(mean_loss(ref), params)
-    got = chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, direction, chunk_size)
-    got_grads = torch.autograd.grad(mean_loss(got), params)
-
-    close(torch.stack(got), torch.stack(ref))
-    close(ref[1], 11.0)   # 14 positions, 3 labels are -100
-    close(ref[3], 10.0)   # 14 positions, 4 masked out of the KL
-    assert ref[2] > 0
-    for g_chunk, g_ref in zip(got_grads, ref_grads):
-        close(g_chunk, g_ref)
-        assert g_ref.abs().sum() > 0
-
-    with torch.no_grad():  # the no-checkpoint path gives the same numbers
-        close(torch.stack(chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, direction,
-                                  chunk_size)), torch.stack(ref))
+    ref = reference(hidden, weight, lm_bias, labels, mask, teacher, direction)
+    ref_loss = 0.4 * ref["ce"] + 0.4 * 4.0 * ref["kl"]
+    ref_grads = torch.autograd.grad(ref_loss * 0.5, params)  # 0.5: a gradient-accumulation scale
+    loss, ce, kl = logit_loss(hidden, OutputHead(weight, lm_bias), labels, teacher,
+                              recipe(direction, chunk_size=chunk_size), mask=mask)
+    close(loss, ref_loss)
+    close(ce, ref["ce"])
+    close(kl, ref["kl"])
+    assert not ce.requires_grad and not kl.requires_grad
+    for got, want in zip(torch.autograd.grad(loss * 0.5, params), ref_grads):
+        close(got, want)
+        assert want.abs().sum() > 0
 
 
-def test_chunks_are_checkpointed_only_when_gradients_flow(monkeypatch):
-    from unidistill.trainer import losses
-
-    calls = []
-    real = losses.checkpoint
-    monkeypatch.setattr(losses, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    hidden, weight, lm_bias, labels, kl_mask, teacher = make_batch()
-    chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, "forward", 3)
-    assert len(calls) == 3  # ceil(7 / 3) chunks
-    with torch.no_grad():
-        chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, "forward", 3)
-    assert len(calls) == 3
-    chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, "forward", 7)  # one chunk: no gain
-    assert len(calls) == 3
-
-
-def test_chunked_without_bias_and_terms_not_asked_for_are_zero():
-    hidden, weight, _, labels, kl_mask, teacher = make_batch(bias=False)
-    ce_only = chunked(hidden, weight, None, labels, kl_mask, teacher, "forward", 2,
-                      compute_kl=False)
-    kl_only = chunked(hidden, weight, None, labels, kl_mask, teacher, "forward", 2,
-                      compute_ce=False)
-    ref = unchunked(hidden, weight, None, labels, kl_mask, teacher, "forward")
-    close(torch.stack(ce_only), torch.stack([ref[0], ref[1], torch.tensor(0.0),
-                                             torch.tensor(0.0)]))
-    close(torch.stack(kl_only), torch.stack([torch.tensor(0.0), torch.tensor(0.0), ref[2],
-                                             ref[3]]))
-    # without teacher tensors the CE-only path still works
-    ce_no_teacher = chunked_logit_losses(hidden, weight, labels, kl_mask, None, None, None, 1.0,
-                                         "forward", 4, True, False)
-    close(torch.stack(ce_no_teacher), torch.stack(ce_only))
+def test_a_term_whose_weight_is_zero_is_not_computed():
+    hidden, weight, _, labels, mask, teacher = make_batch(bias=False)
+    head = OutputHead(weight)
+    ref = reference(hidden, weight, None, labels, mask, teacher, "forward")
+    loss, ce, kl = logit_loss(hidden, head, labels, None, recipe(beta=0.0, alpha=1.0), mask=mask)
+    close(loss, ref["ce"])
+    close(kl, 0.0)
+    loss, ce, kl = logit_loss(hidden, head, labels, teacher, recipe(alpha=0.0, beta=1.0), mask=mask)
+    close(loss, 4.0 * ref["kl"])
+    close(ce, 0.0)
 
 
 @pytest.mark.parametrize("direction", KL_DIRECTIONS)
 def test_all_masked_batch_gives_zero_logit_losses_and_finite_gradients(direction):
-    hidden, weight, lm_bias, labels, kl_mask, teacher = make_batch(k=V)  # K == V: tail is -inf
+    hidden, weight, lm_bias, labels, mask, teacher = make_batch(k=V)  # K == V: tail is -inf
     labels = torch.full_like(labels, -100)
-    kl_mask = torch.zeros_like(kl_mask)
-    sums = chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, direction, 3)
-    close(torch.stack(sums), torch.zeros(4))
-    loss = mean_loss(sums)
-    close(loss, 0.0)
-    grads = torch.autograd.grad(loss, (hidden, weight, lm_bias))
-    for g in grads:
+    mask = torch.zeros_like(mask)
+    head = OutputHead(weight, lm_bias)
+    close(logit_sums(hidden, head, labels, teacher, recipe(direction), mask=mask), torch.zeros(6))
+    loss, ce, kl = logit_loss(hidden, head, labels, teacher, recipe(direction), mask=mask)
+    close(torch.stack([loss, ce, kl]), torch.zeros(3))
+    for g in torch.autograd.grad(loss, (hidden, weight, lm_bias)):
         close(g, torch.zeros_like(g))  # finite and zero
 
 
 @pytest.mark.parametrize("direction", KL_DIRECTIONS)
 def test_k_equals_v_gradients_are_finite(direction):
     # the student's empty tail bucket (-inf) must not poison the gradient with NaN
-    hidden, weight, lm_bias, labels, kl_mask, teacher = make_batch(k=V)
-    loss = mean_loss(chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, direction, 3))
+    hidden, weight, lm_bias, labels, mask, teacher = make_batch(k=V)
+    loss, _, _ = logit_loss(hidden, OutputHead(weight, lm_bias), labels, teacher, recipe(direction))
     grads = torch.autograd.grad(loss, (hidden, weight, lm_bias))
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("kind", HIDDEN_KINDS)
-def test_all_masked_hidden_loss_is_zero_with_finite_gradients(kind):
-    s = torch.randn(5, 4, requires_grad=True)
-    t = torch.randn(5, 4)
-    none = torch.zeros(5, dtype=torch.bool)
-    garbage = t.clone()
-    garbage[2] = math.nan  # NaN padding at a masked position must not leak into the value
-    close(hidden_state_loss(s.detach(), garbage, none, kind), 0.0)
-    loss = hidden_state_loss(s, t, none, kind)
-    close(loss, 0.0)
-    (grad,) = torch.autograd.grad(loss, s)
-    close(grad, torch.zeros_like(grad))
+def test_a_sampled_offset_shifts_the_logged_kl_and_leaves_the_gradient():
+    hidden, weight, lm_bias, labels, mask, teacher = make_batch()
+    head, cfg = OutputHead(weight, lm_bias), recipe(alpha=0.0, beta=1.0, temperature=1.0)
+    plain, _, kl_plain = logit_loss(hidden, head, labels, teacher, cfg, mask=mask)
+    offset = torch.arange(14, dtype=torch.float32).reshape(2, 7) / 10
+    shifted_targets = TeacherTargets(ids=teacher.ids, logp=teacher.logp, log_tail=teacher.log_tail,
+                                     kl_offset=offset)
+    shifted, _, kl_shifted = logit_loss(hidden, head, labels, shifted_targets, cfg, mask=mask)
+    close(kl_plain - kl_shifted, offset[mask].sum() / 10)  # the mean offset over KL's positions
+    for a, b in zip(torch.autograd.grad(plain, (hidden, weight)),
+                    torch.autograd.grad(shifted, (hidden, weight))):
+        close(a, b)
+    sums = logit_sums(hidden, head, labels, shifted_targets, cfg, mask=mask)
+    close(sums[2] / sums[3], kl_shifted)
 
 
-@pytest.mark.parametrize("kind", HIDDEN_KINDS)
-def test_hidden_loss_is_zero_for_identical_states_and_positive_otherwise(kind):
-    t = torch.randn(6, 5)
-    mask = torch.tensor([True, True, False, True, True, True])
-    close(hidden_state_loss(t.clone(), t, mask, kind), 0.0)
-    assert hidden_state_loss(t + 0.1 * torch.randn(6, 5), t, mask, kind) > 1e-4
-
-
-@pytest.mark.parametrize("scale", [1e-3, 7.0, 1e3])
-def test_nmse_is_invariant_to_scaling_both_and_cosine_to_scaling_student(scale):
-    g = torch.Generator().manual_seed(9)
-    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
-    mask = torch.tensor([True, False, True, True, True, True])
-    close(hidden_state_loss(scale * s, scale * t, mask, "nmse"),
-          hidden_state_loss(s, t, mask, "nmse"))
-    close(hidden_state_loss_per_position(scale * s, t, "cosine"),
-          hidden_state_loss_per_position(s, t, "cosine"))
-    # mse is not scale-invariant: it grows with scale^2
-    close(hidden_state_loss(scale * s, scale * t, mask, "mse"),
-          scale ** 2 * hidden_state_loss(s, t, mask, "mse"), rtol=1e-4, atol=0)
-
-
-def test_cnmse_weighs_every_channel_alike_where_nmse_follows_the_outlier():
-    g = torch.Generator().manual_seed(3)
-    t = torch.randn(16, 6, generator=g)
-    mask = torch.ones(16, dtype=torch.bool)
-    s = t.clone()
-    s[:, 1] += 0.5 * torch.randn(16, generator=g)  # the student errs in channel 1 only
-    calm = {k: hidden_state_loss(s, t, mask, k) for k in ("nmse", "cnmse")}
-    scaled_t, scaled_s = t.clone(), s.clone()
-    scaled_t[:, 0] *= 1000.0  # a massive-activation channel the student matches exactly
-    scaled_s[:, 0] *= 1000.0
-    loud = {k: hidden_state_loss(scaled_s, scaled_t, mask, k) for k in ("nmse", "cnmse")}
-    close(loud["cnmse"], calm["cnmse"])  # scaling one channel of both changes nothing
-    assert loud["nmse"] < calm["nmse"] * 1e-3  # nmse: the outlier's energy hides channel 1's error
-    # by hand: only channel 1 errs, so cnmse = its relative error / D
-    err1 = (s[:, 1] - t[:, 1]).square().sum() / t[:, 1].square().sum()
-    close(calm["cnmse"], err1 / 6)
-
-
-def test_cnmse_floors_a_silent_teacher_channel():
-    t = torch.ones(4, 3)
-    t[:, 2] = 0.0  # a channel the teacher never uses
-    s = t.clone()
-    s[:, 2] = 1e-3
-    mask = torch.ones(4, dtype=torch.bool)
-    loss = hidden_state_loss(s, t, mask, "cnmse")
-    assert torch.isfinite(loss)
-    # floor = 1e-6 * mean channel energy = 1e-6 * (4 + 4 + 0) / 3
-    close(loss, (4 * 1e-6 / (1e-6 * 8 / 3)) / 3)
-
-
-def test_outlier_channel_blows_up_mse_but_nmse_stays_relative():
-    # teacher states with one huge outlier channel; the student is off by 10% everywhere
-    t = torch.ones(4, 8)
-    mask = torch.ones(4, dtype=torch.bool)
-    losses = {}
-    for outlier in (10.0, 1000.0):
-        t[:, 0] = outlier
-        losses[outlier] = {k: hidden_state_loss(1.1 * t, t, mask, k) for k in ("mse", "nmse")}
-    # nmse = sum (0.1 t)^2 / sum t^2 = 0.01 regardless of the outlier
-    close(losses[10.0]["nmse"], 0.01)
-    close(losses[1000.0]["nmse"], 0.01)
-    # mse = 0.01 * mean(t^2) = 0.01 * (outlier^2 + 7) / 8: grows with the outlier squared
-    close(losses[10.0]["mse"], 0.01 * (100 + 7) / 8)
-    close(losses[1000.0]["mse"], 0.01 * (1e6 + 7) / 8)
-
-
-# --- configuration errors -----------------------------------------------------------------------
-
-@pytest.mark.parametrize("alpha, beta, gamma, temperature, match", [
-    (-0.1, 1.0, 0.0, 1.0, r"alpha.*-0\.1"),
-    (1.0, -2.0, 0.0, 1.0, r"beta.*-2\.0"),
-    (1.0, 1.0, -1.0, 1.0, r"gamma.*-1\.0"),
-    (0.0, 0.0, 0.0, 1.0, "all 0"),
-    (1.0, 1.0, 0.0, 0.0, r"temperature is 0\.0"),
-    (1.0, 1.0, 0.0, -1.5, r"temperature is -1\.5"),
-])
-def test_validate_loss_weights_rejects(alpha, beta, gamma, temperature, match):
-    with pytest.raises(ConfigError, match=match):
-        validate_loss_weights(alpha, beta, gamma, temperature)
-
-
-def test_validate_loss_weights_accepts_a_single_positive_weight():
-    assert validate_loss_weights(0.0, 0.0, 0.5, 2.0) is None
-
-
-def test_unknown_direction_is_named_in_the_error():
-    s_logq, t_logp = bucket_log_probs(HAND_STUDENT, HAND_IDS, HAND_T_LOGP, HAND_T_TAIL, 1.0)
-    with pytest.raises(ConfigError, match=r"'backward'.*forward, reverse, jsd"):
-        kl_per_position(s_logq, t_logp, "backward")
-    hidden, weight, lm_bias, labels, kl_mask, teacher = make_batch()
-    with pytest.raises(ConfigError, match="'kl'"):
-        chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, "kl", 4)
-
-
-@pytest.mark.parametrize("call", [hidden_state_loss_per_position,
-                                  lambda s, t, kind: hidden_state_loss(s, t, torch.ones(3), kind)])
-def test_unknown_hidden_kind_is_named_in_the_error(call):
-    with pytest.raises(ConfigError, match=r"'l2'.*mse, nmse, cnmse, cosine"):
-        call(HAND_S, HAND_T, "l2")
-
-
-@pytest.mark.parametrize("kind", ["nmse", "cnmse"])
-def test_batch_normalised_kinds_have_no_per_position_form(kind):
-    with pytest.raises(ConfigError, match="hidden_state_loss"):
-        hidden_state_loss_per_position(HAND_S, HAND_T, kind)
-
-
-def test_chunk_size_and_missing_teacher_are_config_errors():
-    hidden, weight, lm_bias, labels, kl_mask, teacher = make_batch()
+def test_the_loss_refuses_what_it_cannot_compute():
+    hidden, weight, lm_bias, labels, mask, teacher = make_batch()
+    head = OutputHead(weight, lm_bias)
     with pytest.raises(ConfigError, match="chunk_size.*0"):
-        chunked(hidden, weight, lm_bias, labels, kl_mask, teacher, "forward", 0)
-    with pytest.raises(ConfigError, match="teacher_ids"):
-        chunked(hidden, weight, lm_bias, labels, kl_mask, (None, None, None), "forward", 4)
+        recipe(chunk_size=0)
+    with pytest.raises(ConfigError, match="'kl'.*forward, reverse, jsd"):
+        recipe("kl")
+    with pytest.raises(ConfigError, match="beta > 0.*none"):
+        logit_loss(hidden, head, labels, None, recipe())
+    with pytest.raises(ConfigError, match="ids, logp and log_tail together; got ids"):
+        TeacherTargets(ids=teacher.ids)
+    with pytest.raises(ConfigError, match="needs the teacher's logit targets"):
+        logit_sums(hidden, head, labels, TeacherTargets(), recipe())
+    with pytest.raises(ConfigError, match="head"):
+        logit_loss(hidden, head, labels, TeacherTargets(final_hidden=hidden.detach()), recipe())
+    with pytest.raises(ConfigError, match=r"loss mask has shape \(2, 6\)"):
+        logit_loss(hidden, head, labels, teacher, recipe(), mask=mask[:, :6])
 
 
 # -- full-vocabulary teacher (the online baseline, or exact logits rebuilt from a head) ---------
 
-@pytest.mark.parametrize("direction", KL_DIRECTIONS)
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_full_vocab_teacher_equals_top_k_with_k_equal_to_vocab(direction, temperature):
-    hidden, weight, lm_bias, labels, kl_mask, _ = make_batch()
-    g = torch.Generator().manual_seed(5)
+def exact_teacher(seed=5):
+    g = torch.Generator().manual_seed(seed)
     t_hidden = torch.randn(2, 7, 5, generator=g)
     t_weight, t_bias = torch.randn(V, 5, generator=g), torch.randn(V, generator=g)
-    t_logits = F.linear(t_hidden, t_weight, t_bias)                                # (B, L, V)
-    ids, logp, tail = teacher_from_logits(t_logits.reshape(-1, V), V)               # K == V
-    top_v = (ids.reshape(2, 7, V), logp.reshape(2, 7, V), tail.reshape(2, 7))
+    return t_hidden, OutputHead(t_weight, t_bias)
 
-    ref = unchunked(hidden, weight, lm_bias, labels, kl_mask, top_v, direction, temperature)
-    full = logit_losses_from_logits(F.linear(hidden, weight, lm_bias), labels, kl_mask,
-                                    None, None, None, temperature, direction, True, True,
-                                    teacher_logits=t_logits)
-    exact = chunked_logit_losses(hidden, weight, labels, kl_mask, None, None, None, temperature,
-                                 direction, 3, True, True, lm_head_bias=lm_bias,
-                                 teacher_exact=(t_hidden, t_weight, t_bias))
-    close(torch.stack(full), torch.stack(ref))
-    close(torch.stack(exact), torch.stack(ref))
-    grads = torch.autograd.grad(mean_loss(exact), (hidden, weight))
-    ref_grads = torch.autograd.grad(mean_loss(ref), (hidden, weight))
-    for got, want in zip(grads, ref_grads):
+
+@pytest.mark.parametrize("direction", KL_DIRECTIONS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_an_exact_teacher_equals_the_full_reference_and_top_v(direction, temperature):
+    hidden, weight, lm_bias, labels, mask, _ = make_batch()
+    t_hidden, t_head = exact_teacher()
+    t_logits = t_head.logits(t_hidden)                                              # (B, L, V)
+    ids, logp, tail = teacher_from_logits(t_logits.reshape(-1, V), V, temperature)  # K == V
+    top_v = TeacherTargets(ids=ids.reshape(2, 7, V), logp=logp.reshape(2, 7, V),
+                           log_tail=tail.reshape(2, 7))
+    ref = reference(hidden, weight, lm_bias, labels, mask, None, direction, temperature, t_logits)
+    ref_top_v = reference(hidden, weight, lm_bias, labels, mask, top_v, direction, temperature)
+    close(ref["kl"], ref_top_v["kl"])
+    exact = TeacherTargets(final_hidden=t_hidden, head=t_head)
+    cfg, head = recipe(direction, temperature, alpha=1.0, beta=1.0), OutputHead(weight, lm_bias)
+    sums = logit_sums(hidden, head, labels, exact, cfg, mask=mask)
+    close(sums[2] / sums[3], ref["kl"])
+    assert float(sums[5]) == ref["agree"]
+    loss, _, kl = logit_loss(hidden, head, labels, exact, cfg, mask=mask)
+    close(kl, ref["kl"])
+    ref_loss = ref["ce"] + temperature ** 2 * ref["kl"]
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight)),
+                         torch.autograd.grad(ref_loss, (hidden, weight))):
         close(got, want)
 
 
@@ -520,60 +435,58 @@ def test_full_vocab_kl_is_zero_for_the_teacher_itself():
     g = torch.Generator().manual_seed(2)
     hidden, weight = torch.randn(2, 5, 6, generator=g), torch.randn(V, 6, generator=g)
     labels = torch.randint(0, V, (2, 5), generator=g)
-    sums = chunked_logit_losses(hidden, weight, labels, torch.ones(2, 5, dtype=torch.bool), None,
-                                None, None, 3.0, "forward", 2, False, True,
-                                teacher_exact=(hidden, weight, None))
+    itself = TeacherTargets(final_hidden=hidden, head=OutputHead(weight))
+    sums = logit_sums(hidden, OutputHead(weight), labels, itself, recipe(temperature=3.0, chunk_size=2))
     close(sums[2], 0.0, atol=1e-6)
     close(sums[3], 10.0)
+    assert float(sums[5]) == 10.0  # top-1 agreement with itself everywhere
 
 
 def test_full_vocab_teacher_of_another_vocabulary_is_refused():
-    from unidistill.errors import ConfigError
     from unidistill.trainer.losses import full_vocab_log_probs
 
     with pytest.raises(ConfigError, match=r"teacher logits have shape \(3, 12\), the student's \(3, 11\)"):
         full_vocab_log_probs(torch.zeros(3, 11), torch.zeros(3, 12), 1.0)
 
 
-# -- fused training path: gradients taken per chunk in forward ----------------------------------
+# -- the whole loss of a step --------------------------------------------------------------------
 
-@pytest.mark.parametrize("direction", KL_DIRECTIONS)
-@pytest.mark.parametrize("chunk_size", [1, 3, 64])
-def test_fused_loss_equals_weighted_chunked_loss_and_its_gradients(direction, chunk_size):
-    from unidistill.trainer.losses import fused_logit_loss
-
-    hidden, weight, lm_bias, labels, kl_mask, teacher = make_batch()
-    params = (hidden, weight, lm_bias)
-    ce_sum, ce_n, kl_sum, kl_n = unchunked(hidden, weight, lm_bias, labels, kl_mask, teacher, direction)
-    ref = 0.4 * ce_sum / ce_n + 0.4 * 4.0 * kl_sum / kl_n
-    ref_grads = torch.autograd.grad(ref * 0.5, params)  # 0.5: the Trainer's gradient-accumulation scale
-    loss, ce, kl = fused_logit_loss(hidden, weight, labels, kl_mask, *teacher, 2.0, direction, chunk_size,
-                                    ce_weight=0.4, kl_weight=0.4 * 4.0, lm_head_bias=lm_bias)
-    close(loss, ref)
-    close(ce, ce_sum / ce_n)
-    close(kl, kl_sum / kl_n)
-    assert not ce.requires_grad and not kl.requires_grad
-    for got, want in zip(torch.autograd.grad(loss * 0.5, params), ref_grads):
+@pytest.mark.parametrize("kind", HIDDEN_KINDS)
+def test_the_step_loss_is_alpha_ce_plus_beta_t2_kl_plus_gamma_hidden(kind):
+    hidden, weight, lm_bias, labels, mask, teacher = make_batch()
+    g = torch.Generator().manual_seed(4)
+    projected = {2: torch.randn(2, 7, 5, generator=g, requires_grad=True),
+                 4: torch.randn(2, 7, 5, generator=g, requires_grad=True)}
+    teacher.hidden = {6: torch.randn(2, 7, 5, generator=g), 9: torch.randn(2, 7, 5, generator=g)}
+    pairs = {2: 6, 4: 9}
+    cfg = LossConfig(alpha=0.3, beta=0.5, gamma=0.7, temperature=2.0, hidden_loss=kind, chunk_size=3)
+    loss, terms = distillation_loss(hidden, OutputHead(weight, lm_bias), labels, teacher, cfg,
+                                    projected=projected, hidden_pairs=pairs, mask=mask)
+    ref = reference(hidden, weight, lm_bias, labels, mask, teacher, "forward")
+    flat_mask = mask.reshape(-1)
+    ref_hidden = torch.stack([hidden_state_loss(projected[i].reshape(-1, 5),
+                                                teacher.hidden[j].reshape(-1, 5), flat_mask, kind)
+                              for i, j in pairs.items()]).mean()
+    ref_loss = 0.3 * ref["ce"] + 0.5 * 4.0 * ref["kl"] + 0.7 * ref_hidden
+    close(loss, ref_loss)
+    close(torch.stack([terms.ce, terms.kl, terms.hidden]),
+          torch.stack([ref["ce"], ref["kl"], ref_hidden]))
+    close(loss, compound_loss(terms, 0.3, 0.5, 0.7, 2.0))
+    params = (hidden, weight, lm_bias, projected[2], projected[4])
+    for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref_loss, params)):
         close(got, want)
 
 
-def test_fused_loss_with_exact_teacher_and_a_term_off():
-    from unidistill.trainer.losses import fused_logit_loss
-
-    hidden, weight, _, labels, kl_mask, _ = make_batch(bias=False)
-    g = torch.Generator().manual_seed(9)
-    t_hidden, t_weight = torch.randn(2, 7, 5, generator=g), torch.randn(V, 5, generator=g)
-    exact = (t_hidden, t_weight, None)
-    _, _, kl_sum, kl_n = chunked_logit_losses(hidden, weight, labels, kl_mask, None, None, None, 1.0,
-                                              "forward", 3, False, True, teacher_exact=exact)
-    ref = kl_sum / kl_n
-    loss, ce, kl = fused_logit_loss(hidden, weight, labels, kl_mask, None, None, None, 1.0, "forward",
-                                    2, ce_weight=0.0, kl_weight=1.0, teacher_exact=exact)
-    close(loss, ref)
-    close(ce, 0.0)
-    for got, want in zip(torch.autograd.grad(loss, (hidden, weight)),
-                         torch.autograd.grad(ref, (hidden, weight))):
-        close(got, want)
+def test_masked_positions_do_not_reach_the_hidden_loss():
+    hidden, weight, lm_bias, labels, mask, teacher = make_batch()
+    projected = {1: torch.zeros(2, 7, 3)}
+    teacher.hidden = {5: torch.ones(2, 7, 3)}
+    teacher.hidden[5][~mask] = 1e6  # a huge error where the mask is off
+    cfg = LossConfig(alpha=0.0, beta=0.0, gamma=1.0, hidden_loss="mse")
+    _, terms = distillation_loss(hidden, OutputHead(weight, lm_bias), labels, teacher, cfg,
+                                 projected=projected, hidden_pairs={1: 5}, mask=mask)
+    close(terms.hidden, 1.0)
+    close(torch.stack([terms.ce, terms.kl]), torch.zeros(2))
 
 
 # --- tempering the tail: exact at every temperature ---------------------------------------------

@@ -1,6 +1,6 @@
 """Families whose logits are not ``head(final hidden)``: Gemma-2 softcaps them, Cohere multiplies
 them by ``logit_scale``, Granite divides them by ``logits_scaling``. Every path that builds logits
-from a hidden state (cache builder, exact cache, fused and chunked losses, online teacher,
+from a hidden state (cache builder, exact cache, the training and evaluation losses, online teacher,
 evaluate) must give ``model(ids).logits``; a post-processing unidistill does not know is refused.
 
 The models are tiny and random, built from their config classes (nothing downloaded). Their heads
@@ -26,14 +26,16 @@ from unidistill.errors import CacheMismatchError
 from unidistill.evaluate import evaluate
 from unidistill.model_logits import (
     LogitTransform,
+    OutputHead,
     LogitTransformError,
     check_logit_transform,
     head_logits,
 )
+from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader
 from unidistill.storage.head import read_logit_transform
 from unidistill.storage.manifest import MANIFEST_KEY
-from unidistill.trainer.losses import chunked_logit_losses, fused_logit_loss, next_token_labels
+from unidistill.trainer.losses import LossConfig, logit_loss, logit_sums, next_token_labels
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.run import distill_from_cache
 
@@ -225,40 +227,31 @@ def _reference_losses(student, teacher, ids):
     return ce, kl
 
 
-@pytest.mark.parametrize("path", ["fused", "chunked"])
 @pytest.mark.parametrize("kind", ["gemma2", "granite"])
-def test_the_logit_loss_of_a_family_student_matches_autograd_through_the_model(kind, path):
+def test_the_logit_loss_of_a_family_student_matches_autograd_through_the_model(kind):
     """CE and KL to an exact teacher of the same family, and their gradients w.r.t. every student
-    parameter, equal those of the models' own logits (through tanh for the softcap)."""
+    parameter, equal those of the models' own logits (through tanh for the softcap); the
+    evaluation sums agree."""
     student, teacher = make_model(kind, 160, seed=0), make_model(kind, 160, seed=1)
     reference = make_model(kind, 160, seed=0)
     ids = random_ids(length=13)
-    labels, kl_mask = next_token_labels(ids), torch.ones_like(ids, dtype=torch.bool)
+    labels = next_token_labels(ids)
     with torch.no_grad():
         t_final = teacher(ids, output_hidden_states=True).hidden_states[-1]
-    t_head = teacher.get_output_embeddings()
-    exact = (t_final, t_head.weight, t_head.bias)
-    transforms = dict(logit_transform=LogitTransform.from_config(student.config),
-                      teacher_logit_transform=LogitTransform.from_config(teacher.config))
+    exact = TeacherTargets(final_hidden=t_final, head=OutputHead.of(teacher))
+    cfg = LossConfig(alpha=0.7, beta=0.3, temperature=1.0, chunk_size=5)
 
     hidden = student(ids, output_hidden_states=True).hidden_states[-1]
-    head = student.get_output_embeddings()
-    if path == "fused":
-        loss, ce, kl = fused_logit_loss(hidden, head.weight, labels, kl_mask, None, None, None, 1.0,
-                                        "forward", 5, ce_weight=0.7, kl_weight=0.3,
-                                        teacher_exact=exact, **transforms)
-    else:
-        ce_sum, ce_n, kl_sum, kl_n = chunked_logit_losses(
-            hidden, head.weight, labels, kl_mask, None, None, None, 1.0, "forward", 5, True, True,
-            teacher_exact=exact, **transforms)
-        ce, kl = ce_sum / ce_n, kl_sum / kl_n
-        loss = 0.7 * ce + 0.3 * kl
+    loss, ce, kl = logit_loss(hidden, OutputHead.of(student), labels, exact, cfg)
+    sums = logit_sums(hidden, OutputHead.of(student), labels, exact, cfg)
     loss.backward()
     ref_ce, ref_kl = _reference_losses(reference, teacher, ids)
     (0.7 * ref_ce + 0.3 * ref_kl).backward()
 
     torch.testing.assert_close(ce.detach(), ref_ce.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kl.detach(), ref_kl.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sums[0] / sums[1], ref_ce.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sums[2] / sums[3], ref_kl.detach(), atol=1e-5, rtol=1e-5)
     ref_params = dict(reference.named_parameters())
     for name, p in student.named_parameters():
         torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -288,11 +281,10 @@ def test_the_online_teacher_gives_its_own_logits(family_dirs, kind):
     model = AutoModelForCausalLM.from_pretrained(family_dirs[kind]).eval()
     ids = random_ids()
     log_p = torch.log_softmax(own_logits(model, ids), -1)                              # (B, L, V)
-    fields = OnlineTeacher(model, kd_top_k=8)(ids)
-    torch.testing.assert_close(fields["teacher_logp"], log_p.topk(8, -1).values, atol=1e-5, rtol=0)
+    targets = OnlineTeacher(model, kd_top_k=8)(ids)
+    torch.testing.assert_close(targets.logp, log_p.topk(8, -1).values, atol=1e-5, rtol=0)
     full = OnlineTeacher(model, kd_top_k=None)(ids)
-    rebuilt = head_logits(full["teacher_final_hidden"], full["teacher_head_weight"],
-                          full["teacher_head_bias"], full["teacher_logit_transform"])
+    rebuilt = full.head.logits(full.final_hidden)
     torch.testing.assert_close(torch.log_softmax(rebuilt, -1), log_p, atol=1e-5, rtol=0)
 
 

@@ -28,13 +28,14 @@ def test_online_top_k_matches_what_the_cache_stored(cache, teacher):
     online = OnlineTeacher(teacher, layers=[2, 4], kd_top_k=reader.layout.stored_k)
     got = online(torch.from_numpy(seq["input_ids"].astype(np.int64))[None])
     # the cache stores fp16 log-probs; the online teacher keeps fp32
-    torch.testing.assert_close(got["teacher_logp"][0], torch.from_numpy(seq["teacher_logp"]).float(),
+    torch.testing.assert_close(got.logp[0], torch.from_numpy(seq["teacher_logp"]).float(),
                                atol=2e-3, rtol=1e-3)
-    torch.testing.assert_close(got["teacher_log_tail"][0],
+    torch.testing.assert_close(got.log_tail[0],
                                torch.from_numpy(seq["teacher_log_tail"]).float(), atol=2e-3, rtol=1e-3)
-    assert torch.equal(got["teacher_ids"][0, :, 0], torch.from_numpy(seq["teacher_ids"][:, 0]).long())
+    assert torch.equal(got.ids[0, :, 0], torch.from_numpy(seq["teacher_ids"][:, 0]).long())
+    assert got.is_sparse and not got.is_exact
     for j in (2, 4):
-        torch.testing.assert_close(got[f"teacher_hidden_{j}"][0],
+        torch.testing.assert_close(got.hidden[j][0],
                                    decode_hidden(seq["hidden"][j], reader.layout.hidden_dtype).float(),
                                    atol=2e-3, rtol=1e-3)
     online.close()
@@ -44,11 +45,11 @@ def test_online_full_vocab_gives_the_head_and_final_state(teacher):
     online = OnlineTeacher(teacher, kd_top_k=None)
     ids = torch.randint(0, teacher.config.vocab_size, (2, 9))
     got = online(ids)
-    assert got["teacher_head_weight"] is teacher.get_output_embeddings().weight
-    logits = torch.nn.functional.linear(got["teacher_final_hidden"], got["teacher_head_weight"])
+    assert got.head.weight is teacher.get_output_embeddings().weight
+    logits = got.head.logits(got.final_hidden)
     with torch.no_grad():
         torch.testing.assert_close(logits, teacher(ids).logits, atol=1e-5, rtol=1e-5)
-    assert "teacher_ids" not in got
+    assert got.is_exact and got.ids is None
 
 
 def test_online_top_k_above_the_vocabulary_is_refused(teacher):

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import default_collate
 import torch.nn.functional as F
 
 import unidistill.cache_builder.build as build_module
 from unidistill.cache_builder.config import BuildConfig
+from unidistill.model_logits import OutputHead
+from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader
-from unidistill.trainer.dataset import TEACHER_FIELDS, CacheDataset, collate_cache_batch
-from unidistill.trainer.losses import logit_losses_from_logits, next_token_labels
+from unidistill.trainer.dataset import CacheDataset
+from unidistill.trainer.losses import next_token_labels, sums_from_logits
 from unidistill.trainer.run import distill_from_cache
 
 from .conftest import args_for, train_losses
@@ -53,7 +56,7 @@ def _kl_of_teacher_as_student(model, cache, temperature, tail_approximation=None
     """Mean and max |KL(cached teacher || the teacher itself)| per position at T, through the
     loss the trainer uses on each chunk of positions."""
     reader = CacheReader(cache)
-    data = collate_cache_batch(list(CacheDataset(reader, temperature=temperature,
+    data = default_collate(list(CacheDataset(reader, temperature=temperature,
                                                  tail_approximation=tail_approximation)))
     ids = data["input_ids"]
     labels = next_token_labels(ids)
@@ -63,16 +66,15 @@ def _kl_of_teacher_as_student(model, cache, temperature, tail_approximation=None
         if reader.logits_mode == "exact":
             w, b, transform = reader.head()
             teacher_logits = transform.apply(F.linear(data["teacher_final_hidden"].float(), w.float(), b))
+        targets = TeacherTargets.from_fields(data, head=OutputHead(w, b, transform)
+                                             if reader.logits_mode == "exact" else None)
         kls = []
         for p in range(ids.shape[1]):  # one position at a time: per-position KLs, not one mean
-            at = slice(p, p + 1)
-            fields = [data[k][:, at] if k in data else None for k in TEACHER_FIELDS]
-            _, _, kl_sum, _ = logit_losses_from_logits(
-                logits[:, at], labels[:, at], torch.ones_like(ids[:, at], dtype=torch.bool),
-                *fields, temperature, "forward", compute_ce=False, compute_kl=True,
-                teacher_logits=None if teacher_logits is None else teacher_logits[:, at])
-            offset = data["teacher_kl_offset"][:, p].sum() if "teacher_kl_offset" in data else 0.0
-            kls.append(float(kl_sum - offset) / ids.shape[0])
+            sums = sums_from_logits(  # the KL term of the loss that trains (sampled: offset applied)
+                logits[:, p:p + 1], labels[:, p:p + 1], targets.positions(p, 1), temperature,
+                "forward", compute_ce=False, compute_kl=True,
+                teacher_logits=None if teacher_logits is None else teacher_logits[:, p:p + 1])
+            kls.append(float(sums[2]) / ids.shape[0])
     return sum(kls) / len(kls), max(abs(k) for k in kls)
 
 

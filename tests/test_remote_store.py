@@ -14,6 +14,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import default_collate
 from click.testing import CliRunner
 
 pytest.importorskip("s3fs", reason="s3fs is not installed (pip install 'unidistill[s3]')")
@@ -25,7 +26,7 @@ from unidistill.storage import CacheReader  # noqa: E402
 from unidistill.storage.layout import hidden_key  # noqa: E402
 from unidistill.storage.location import CacheLocation  # noqa: E402
 from unidistill.storage.manifest import MANIFEST_KEY, read_unit_marker, unit_marker_key  # noqa: E402
-from unidistill.trainer.dataset import CacheDataset, collate_cache_batch  # noqa: E402
+from unidistill.trainer.dataset import CacheDataset  # noqa: E402
 from unidistill.trainer.run import distill_from_cache  # noqa: E402
 from unidistill.trainer.run_record import RUN_RECORD  # noqa: E402
 
@@ -185,9 +186,9 @@ def test_dataloader_workers_read_the_remote_cache(built):
     assert torch.equal(clone[3]["teacher_logp"], local[3]["teacher_logp"])
 
     loader = torch.utils.data.DataLoader(remote, batch_size=4, num_workers=2,
-                                         collate_fn=collate_cache_batch)
+                                         collate_fn=default_collate)
     batches = list(loader)
-    want = collate_cache_batch([local[i] for i in range(len(local))])
+    want = default_collate([local[i] for i in range(len(local))])
     for key, value in want.items():
         assert torch.equal(torch.cat([b[key] for b in batches]), value), key
 

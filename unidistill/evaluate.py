@@ -27,19 +27,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset, default_collate
 from tqdm.auto import tqdm
 
 from unidistill.errors import ConfigError
-from unidistill.model_logits import LogitTransform, check_logit_transform, head_logits
+from unidistill.model_logits import OutputHead, check_logit_transform
+from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader
-from unidistill.trainer.dataset import TEACHER_FIELDS, CacheDataset, collate_cache_batch, hidden_field, sample_input_ids
-from unidistill.trainer.losses import logit_losses_from_logits, next_token_labels
+from unidistill.trainer.dataset import CacheDataset, sample_input_ids
+from unidistill.trainer.losses import LogitSums, LossConfig, logit_sums, next_token_labels
 
 DEFAULT_SEQ_LEN = 256
 # Bumped whenever a metric is added or computed differently: an evaluation recorded under another
 # version is stale (``unidistill ablate`` redoes it).
 METRICS_VERSION = 2
 _CHUNK = 128  # positions per logits chunk
+DEFAULT_WORKERS = 1  # DataLoader workers reading a cache ahead of the scoring
 
 
 @dataclass
@@ -70,12 +73,11 @@ class Evaluation:
         return json.dumps(asdict(self), indent=2)
 
 
-class _Totals:
-    """Running sums over positions: CE, KL, top-1 hits (agreement with the teacher), correct
-    next-token predictions, and cosine per (student, teacher) pair."""
+class _Totals(LogitSums):
+    """:class:`LogitSums` over the batches, and the cosine sums per (student, teacher) pair."""
 
     def __init__(self, n_student: int, n_teacher: int):
-        self.ce = self.ce_n = self.kl = self.kl_n = self.hits = self.correct = 0.0
+        super().__init__()
         self.cos = np.zeros((n_student, n_teacher))
         self.cos_n = 0
 
@@ -85,52 +87,29 @@ def _batches(n: int, batch_size: int):
         yield range(start, min(start + batch_size, n))
 
 
-@torch.no_grad()
-def _score_batch(model, input_ids, totals: _Totals, teacher: dict | None,
-                 pairs: dict[int, object] | None, teacher_layers: list[int],
-                 teacher_head: tuple | None = None) -> None:
-    """Add one batch's CE (and teacher metrics) to ``totals``. input_ids (B, L) int64.
+# CE and next-token accuracy alone; with a teacher, also the forward KL at T = 1 and the agreement
+_CE_ONLY = LossConfig(alpha=1.0, beta=0.0, chunk_size=_CHUNK)
+_WITH_TEACHER = LossConfig(alpha=1.0, beta=1.0, temperature=1.0, kl_direction="forward",
+                           chunk_size=_CHUNK)
 
-    ``teacher_head`` = (weight, bias, logit transform) of an exact-logits cache: the teacher's
-    logits are rebuilt from its cached final state, and the KL is over the whole vocabulary."""
+
+@torch.no_grad()
+def _score_batch(model, input_ids, totals: _Totals, targets: TeacherTargets | None,
+                 pairs: dict[int, object] | None, teacher_layers: list[int]) -> None:
+    """Add one batch's CE and accuracy (and teacher metrics) to ``totals``. input_ids (B, L)
+    int64; ``targets`` the teacher's (an exact cache's carry its head: the KL is then over the
+    whole vocabulary), through the same chunked loss that trains."""
     out = model(input_ids=input_ids, output_hidden_states=True,
                 logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
-    final = out.hidden_states[-1]                                          # (B, L, D)
-    head = model.get_output_embeddings()
-    transform = LogitTransform.from_config(model.config)
-    labels = next_token_labels(input_ids)
-    kl_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    for s in range(0, input_ids.shape[1], _CHUNK):
-        logits = head_logits(final[:, s:s + _CHUNK], head.weight, head.bias, transform)  # (B, C, V)
-        part = {k: teacher[k][:, s:s + _CHUNK] for k in TEACHER_FIELDS if k in teacher} \
-            if teacher else {}
-        teacher_logits = None
-        if teacher is not None and teacher_head is not None:
-            t_final = teacher["teacher_final_hidden"][:, s:s + _CHUNK]     # (B, C, D_t)
-            teacher_logits = head_logits(t_final, *teacher_head)           # (B, C, V)
-        ce, ce_n, kl, kl_n = logit_losses_from_logits(
-            logits, labels[:, s:s + _CHUNK], kl_mask[:, s:s + _CHUNK], part.get("teacher_ids"),
-            part.get("teacher_logp"), part.get("teacher_log_tail"), 1.0, "forward",
-            compute_ce=True, compute_kl=teacher is not None, teacher_logits=teacher_logits)
-        totals.ce, totals.ce_n = totals.ce + float(ce), totals.ce_n + float(ce_n)
-        predicted = logits.argmax(-1)                                      # (B, C)
-        totals.correct += float((predicted == labels[:, s:s + _CHUNK]).sum())  # -100 never matches
-        if teacher is not None:
-            if "teacher_kl_offset" in teacher:  # sampled cache: the unbiased KL estimate
-                kl = kl - teacher["teacher_kl_offset"][:, s:s + _CHUNK].sum()
-            totals.kl, totals.kl_n = totals.kl + float(kl), totals.kl_n + float(kl_n)
-            if teacher_logits is not None:
-                top1 = teacher_logits.argmax(-1)                           # (B, C)
-            else:  # the most likely cached id (top-k: the first; sampled: the most drawn)
-                best = part["teacher_logp"].argmax(-1, keepdim=True)       # (B, C, 1)
-                top1 = part["teacher_ids"].long().gather(-1, best).squeeze(-1)
-            totals.hits += float((predicted == top1).sum())
+    cfg = _CE_ONLY if targets is None or not targets.has_logits else _WITH_TEACHER
+    totals.add(logit_sums(out.hidden_states[-1], OutputHead.of(model), next_token_labels(input_ids),
+                          targets, cfg))
     if pairs:
         for i, project in pairs.items():
             h_s = out.hidden_states[i]                                     # (B, L, D_s)
             h_s = (project(h_s) if project is not None else h_s).float()   # (B, L, D_t)
             for col, j in enumerate(teacher_layers):
-                h_t = teacher[hidden_field(j)].float()                     # (B, L, D_t)
+                h_t = targets.hidden[j].float()                            # (B, L, D_t)
                 totals.cos[i, col] += float(F.cosine_similarity(h_s, h_t, dim=-1).sum())
         totals.cos_n += input_ids.numel()
 
@@ -162,10 +141,6 @@ def _perplexity(total: float, count: float) -> tuple[float | None, float | None]
     return nll, math.exp(nll)
 
 
-def _accuracy(totals: _Totals) -> float | None:
-    return totals.correct / totals.ce_n if totals.ce_n else None
-
-
 def evaluate_on_ids(model, ids: np.ndarray, *, batch_size: int, device, progress: bool = True
                     ) -> tuple[float | None, float | None, float | None]:
     """(mean NLL, perplexity, next-token accuracy) of ``model`` on packed sequences ``ids`` (N, L)."""
@@ -174,13 +149,16 @@ def evaluate_on_ids(model, ids: np.ndarray, *, batch_size: int, device, progress
     for rows in tqdm(list(_batches(len(ids), batch_size)), desc="perplexity", disable=not progress):
         batch = torch.from_numpy(ids[rows.start:rows.stop].astype(np.int64)).to(device)
         _score_batch(model, batch, totals, None, None, [])
-    return (*_perplexity(totals.ce, totals.ce_n), _accuracy(totals))
+    return (*_perplexity(totals.ce, totals.ce_n), totals.mean("correct"))
 
 
 def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_dir: str | None,
-                      batch_size: int, device, max_sequences: int | None, progress: bool = True
-                      ) -> None:
-    """Fill the cache metrics of ``result`` from the model's agreement with the cached teacher."""
+                      batch_size: int, device, max_sequences: int | None, progress: bool = True,
+                      num_workers: int = DEFAULT_WORKERS) -> None:
+    """Fill the cache metrics of ``result`` from the model's agreement with the cached teacher.
+
+    The cache is read through a DataLoader with ``num_workers`` worker processes (0: in this
+    process), so reading the next batches overlaps scoring this one."""
     cfg = model.config
     teacher_layers = list(reader.layers)
     d_teacher = reader.manifest["settings"]["teacher"]["hidden_size"]
@@ -190,15 +168,19 @@ def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_d
     totals = _Totals(cfg.num_hidden_layers + 1, len(teacher_layers))
     layers = teacher_layers if pairs else []
     dataset = CacheDataset(reader, layers=layers)
-    head = reader.head(device) if reader.logits_mode == "exact" else None
+    head = OutputHead(*reader.head(device)) if reader.logits_mode == "exact" else None
     check_logit_transform(model, sample_input_ids(reader), role="evaluated model")
-    for rows in tqdm(list(_batches(n, batch_size)), desc="teacher agreement", disable=not progress):
-        batch = {k: v.to(device) for k, v in collate_cache_batch([dataset[i] for i in rows]).items()}
-        _score_batch(model, batch.pop("input_ids"), totals, batch, pairs, layers, head)
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=default_collate,
+                        pin_memory=torch.device(device).type == "cuda")
+    for batch in tqdm(loader, desc="teacher agreement", disable=not progress):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        targets = TeacherTargets.from_fields(batch, head=head)
+        _score_batch(model, batch["input_ids"], totals, targets, pairs, layers)
     result.cache_nll, result.cache_perplexity = _perplexity(totals.ce, totals.ce_n)
-    result.cache_accuracy = _accuracy(totals)
-    result.kl_to_teacher = totals.kl / totals.kl_n if totals.kl_n else None
-    result.top1_agreement = totals.hits / totals.kl_n if totals.kl_n else None
+    result.cache_accuracy = totals.mean("correct")
+    result.kl_to_teacher = totals.mean("kl")
+    result.top1_agreement = totals.mean("agree")
     result.student_layers = list(range(cfg.num_hidden_layers + 1))
     result.teacher_layers = teacher_layers
     result.layer_cosine = [[float(totals.cos[i, c] / totals.cos_n) if (i in pairs and totals.cos_n) else None
@@ -209,8 +191,10 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
              split: str | None = None, text_field: str = "text", seq_len: int | None = None,
              heldout_share: float | None = None,
              max_sequences: int | None = 64, batch_size: int = 4, device: str = "auto",
-             gguf_file: str | None = None, progress: bool = True) -> Evaluation:
-    """Evaluate ``model`` (folder, hub id, GGUF or builtin) on ``data`` and/or a teacher ``cache``."""
+             gguf_file: str | None = None, progress: bool = True,
+             num_workers: int = DEFAULT_WORKERS) -> Evaluation:
+    """Evaluate ``model`` (folder, hub id, GGUF or builtin) on ``data`` and/or a teacher ``cache``
+    (read by ``num_workers`` DataLoader workers)."""
     from unidistill.models.loading import load_tokenizer_and_model, resolve_device, resolve_model_source
     from unidistill.text.data import (
         check_data_split,
@@ -225,6 +209,9 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
                           "(a teacher cache of held-out text)")
     if batch_size < 1:
         raise ConfigError(f"batch size is {batch_size}; it must be >= 1")
+    if num_workers < 0:
+        raise ConfigError(f"num_workers is {num_workers}; it must be >= 0 (0 reads the cache in "
+                          "this process)")
     if max_sequences is not None and max_sequences < 1:
         raise ConfigError(f"max sequences is {max_sequences}; it must be >= 1 (or None for all)")
     if data is not None:
@@ -251,7 +238,8 @@ def evaluate(model: str, *, data: str | None = None, cache: str | None = None,
         result.cache_fingerprint = reader.manifest["fingerprint"]
         local_dir = source.path if Path(source.path).is_dir() else None
         evaluate_on_cache(net, reader, result, model_dir=local_dir, batch_size=batch_size,
-                          device=dev, max_sequences=max_sequences, progress=progress)
+                          device=dev, max_sequences=max_sequences, progress=progress,
+                          num_workers=num_workers)
     return result
 
 

@@ -140,6 +140,25 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return logits if transform is None else transform.apply(logits)
 
 
+@dataclass(frozen=True)
+class OutputHead:
+    """A model's output head as the losses use it: ``transform(hidden @ weight.T + bias)``."""
+
+    weight: torch.Tensor                 # (V, D)
+    bias: torch.Tensor | None = None     # (V,)
+    transform: LogitTransform | None = None
+
+    @classmethod
+    def of(cls, model) -> OutputHead:
+        """The head of a causal LM, with the transform its config implies."""
+        head = model.get_output_embeddings()
+        return cls(head.weight, head.bias, LogitTransform.from_config(model.config))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (.., V) of hidden (.., D); see :func:`head_logits`."""
+        return head_logits(hidden, self.weight, self.bias, self.transform)
+
+
 def logit_tolerance(dtype: torch.dtype) -> tuple[float, float]:
     """(atol, rtol) for ``transform(head(h))`` against the model's own logits in ``dtype``.
 

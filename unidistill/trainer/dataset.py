@@ -2,8 +2,9 @@
 can read the cache (same vocabulary, same tokenizer).
 
 Map-style, so the Trainer's samplers, shuffling, resumption and distributed sharding just work.
-The Zarr store is opened lazily in each DataLoader worker (the reader drops its handle when
-pickled).
+Items are flat dicts of equal-shape tensors, so batches are torch's ``default_collate`` (which
+puts a worker's output in shared memory). The Zarr store is opened lazily in each DataLoader
+worker (the reader drops its handle when pickled).
 """
 
 from __future__ import annotations
@@ -15,14 +16,8 @@ from torch.utils.data import Dataset
 from unidistill.errors import CacheMismatchError
 from unidistill.fingerprint import tokenizer_fingerprint
 from unidistill.model_logits import CHECK_SEQUENCES
+from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader, decode_hidden
-
-
-TEACHER_FIELDS = ("teacher_ids", "teacher_logp", "teacher_log_tail")  # the cached logit fields
-
-
-def hidden_field(layer: int) -> str:
-    return f"teacher_hidden_{layer}"
 
 
 def check_student_matches_cache(reader: CacheReader, tokenizer, student_config) -> None:
@@ -47,11 +42,11 @@ def sample_input_ids(reader: CacheReader, n: int = CHECK_SEQUENCES) -> np.ndarra
 
 
 class CacheDataset(Dataset):
-    """Items: ``input_ids (L,)``, ``teacher_ids/teacher_logp (L, k)``, ``teacher_log_tail (L,)``
-    (the tail statistic at the KD ``temperature``, see ``CacheReader.read``)
-    (top-k and sampled caches) or ``teacher_final_hidden (L, D)`` (exact caches, whose head the
-    trainer takes from ``reader.head()``), and ``teacher_hidden_<j> (L, D)`` for each requested
-    teacher layer j.
+    """Items: ``input_ids (L,)`` and the teacher's targets for the sequence as the flat fields of
+    :meth:`TeacherTargets.to_fields <unidistill.models.targets.TeacherTargets.to_fields>`: the
+    sparse ids, log-probs and tail at the KD ``temperature`` (see ``CacheReader.read``) of top-k
+    and sampled caches, or the final teacher state of exact caches (whose head the trainer takes
+    from ``reader.head()``), and the hidden states of each requested teacher layer.
 
     Low-precision tensors stay as stored (fp16 / bf16) to keep host memory and copies small;
     the losses upcast to fp32.
@@ -75,21 +70,15 @@ class CacheDataset(Dataset):
         seq = self.reader.read(int(index), layers=self.layers, kd_top_k=self.kd_top_k, logits=self.logits,
                                temperature=self.temperature,
                                tail_approximation=self.tail_approximation)
-        item = {"input_ids": torch.from_numpy(seq["input_ids"].astype(np.int64))}
         dtype = self.reader.layout.hidden_dtype
+        targets = TeacherTargets(hidden={j: decode_hidden(h, dtype) for j, h in seq["hidden"].items()})
         if self.logits and "teacher_final_hidden" in seq:
-            item["teacher_final_hidden"] = decode_hidden(seq["teacher_final_hidden"], dtype)
+            targets.final_hidden = decode_hidden(seq["teacher_final_hidden"], dtype)
         elif self.logits:
-            item["teacher_ids"] = torch.from_numpy(seq["teacher_ids"].astype(np.int32))
-            item["teacher_logp"] = torch.from_numpy(seq["teacher_logp"])
-            item["teacher_log_tail"] = torch.from_numpy(seq["teacher_log_tail"])
+            targets.ids = torch.from_numpy(seq["teacher_ids"].astype(np.int32))
+            targets.logp = torch.from_numpy(seq["teacher_logp"])
+            targets.log_tail = torch.from_numpy(seq["teacher_log_tail"])
             if "teacher_kl_offset" in seq:  # sampled caches: turns the logged KL unbiased
-                item["teacher_kl_offset"] = torch.from_numpy(seq["teacher_kl_offset"])
-        for j, h in seq["hidden"].items():
-            item[hidden_field(j)] = decode_hidden(h, dtype)
-        return item
-
-
-def collate_cache_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack equal-length items (every cached sequence has length L, so no padding)."""
-    return {key: torch.stack([it[key] for it in items]) for key in items[0]}
+                targets.kl_offset = torch.from_numpy(seq["teacher_kl_offset"])
+        return {"input_ids": torch.from_numpy(seq["input_ids"].astype(np.int64)),
+                **targets.to_fields()}

@@ -17,26 +17,17 @@ import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from unidistill.model_logits import LogitTransform
-from unidistill.trainer.dataset import hidden_field
+from unidistill.model_logits import OutputHead
+from unidistill.models.targets import TeacherTargets
 from unidistill.trainer.losses import (
-    LossTerms,
-    fused_logit_loss,
-    hidden_state_loss,
-    masked_mean,
+    LossConfig,
+    distillation_loss,
+    hidden_alignment_loss,
     next_token_labels,
 )
 from unidistill.trainer.projectors import load_projectors, save_projectors
 from unidistill.trainer.run_record import write_run_record
 from unidistill.trainer.student import StudentWithProjectors
-
-
-def _exact_teacher(batch: dict):
-    """(final hidden, head weight, head bias) from an online full-vocabulary teacher or an
-    exact-logits cache."""
-    if "teacher_final_hidden" not in batch:
-        return None
-    return batch["teacher_final_hidden"], batch["teacher_head_weight"], batch.get("teacher_head_bias")
 
 
 class UniversalDistillationTrainer(Trainer):
@@ -47,8 +38,9 @@ class UniversalDistillationTrainer(Trainer):
     student block to its teacher layer (hidden_states indices). ``online_teacher``, if given,
     is a callable ``input_ids -> dict of teacher fields`` that replaces the cached targets (the
     baseline with the teacher in memory). ``teacher_head`` = (weight, bias, logit transform) of an
-    exact-logits cache (``CacheReader.head``), through which the cached final teacher state gives
-    the full-vocabulary logits. The student's logits are its head followed by its own
+    exact-logits cache (an :class:`~unidistill.model_logits.OutputHead` built from
+    ``CacheReader.head``), through which the cached final teacher state gives the
+    full-vocabulary logits. The student's logits are its head followed by its own
     :class:`~unidistill.model_logits.LogitTransform` (read from its config).
     """
 
@@ -57,8 +49,8 @@ class UniversalDistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.hidden_pairs = dict(sorted(hidden_pairs.items()))
         self.online_teacher = online_teacher
-        self.teacher_head = teacher_head  # exact-logits caches: (weight, bias, transform) on the device
-        self.student_logit_transform = LogitTransform.from_config(self.model.config)
+        self.teacher_head = teacher_head  # exact-logits caches: an OutputHead on the device
+        self.loss_config = LossConfig.from_args(self.args)
         self.run_record = run_record  # unidistill_run.json: copied beside every checkpoint
         # compute_loss returns a per-micro-batch mean, so the Trainer must divide by the
         # gradient-accumulation steps itself.
@@ -89,70 +81,37 @@ class UniversalDistillationTrainer(Trainer):
         return optimizer
 
     # -- loss -----------------------------------------------------------------------------------
-    def _targets(self, inputs: dict) -> dict:
+    def _targets(self, inputs: dict) -> TeacherTargets:
+        """The batch's teacher targets: from the live teacher, or from the cached fields."""
         if self.online_teacher is not None:
-            return {**inputs, **self.online_teacher(inputs["input_ids"])}
-        if self.teacher_head is not None and "teacher_final_hidden" in inputs:
-            weight, bias, transform = self.teacher_head
-            return {**inputs, "teacher_head_weight": weight, "teacher_head_bias": bias,
-                    "teacher_logit_transform": transform}
-        return inputs
+            return self.online_teacher(inputs["input_ids"])
+        return TeacherTargets.from_fields(inputs, head=self.teacher_head)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        args = self.args
-        batch = self._targets(inputs)
-        input_ids = batch["input_ids"]                                      # (B, L)
-        want_hidden = args.gamma > 0 and bool(self.hidden_pairs)
+        cfg = self.loss_config
+        targets = self._targets(inputs)
+        input_ids = inputs["input_ids"]                                     # (B, L)
+        want_hidden = cfg.gamma > 0 and bool(self.hidden_pairs)
         out = model(input_ids=input_ids, output_hidden_states=True,
                     logits_to_keep=self._no_logits.to(input_ids.device),
                     project_layers=tuple(self.hidden_pairs) if want_hidden else ())
-        states = out.hidden_states                                          # n_s + 1 x (B, L, D_s)
-        kl_mask = torch.ones_like(input_ids, dtype=torch.bool)
         if want_hidden and self.in_hidden_warmup():
             # the warm-up: hidden alignment alone, no head and no logit terms
-            hidden = self._hidden_loss(out.projected, batch, kl_mask)
-            if model.training:
-                self._add_terms(hidden=hidden)
-            return (hidden, out) if return_outputs else hidden
-        head = self._wrapper(model).student.get_output_embeddings()
-        t2 = args.kd_temperature ** 2
-        logit_loss, ce, kl = fused_logit_loss(
-            states[-1], head.weight, next_token_labels(input_ids), kl_mask,
-            batch.get("teacher_ids"), batch.get("teacher_logp"), batch.get("teacher_log_tail"),
-            args.kd_temperature, args.kl_direction, args.logits_chunk_size,
-            ce_weight=args.alpha, kl_weight=args.beta * t2, lm_head_bias=head.bias,
-            teacher_exact=_exact_teacher(batch), logit_transform=self.student_logit_transform,
-            teacher_logit_transform=batch.get("teacher_logit_transform"))
-        if "teacher_kl_offset" in batch and args.beta > 0:
-            # a sampled cache: KL against the sample minus a per-position constant is the unbiased
-            # KL estimate (0 for a student equal to the teacher); the gradient is unchanged
-            offset = masked_mean(batch["teacher_kl_offset"].to(kl.device), kl_mask)
-            kl = kl - offset
-            logit_loss = logit_loss - args.beta * t2 * offset
-        hidden = self._hidden_loss(out.projected, batch, kl_mask) if want_hidden else ce.new_zeros(())
-        terms = LossTerms(ce=ce, kl=kl, hidden=hidden)
-        # = compound_loss(terms, ...); the logit part arrives pre-weighted with its gradient
-        loss = logit_loss + args.gamma * hidden
+            loss = hidden_alignment_loss(out.projected, targets, self.hidden_pairs, cfg.hidden_loss)
+            terms = {"hidden": loss}
+        else:
+            loss, all_terms = distillation_loss(
+                out.hidden_states[-1], OutputHead.of(self._wrapper(model).student),
+                next_token_labels(input_ids), targets, cfg, projected=out.projected,
+                hidden_pairs=self.hidden_pairs)
+            terms = {name: getattr(all_terms, name) for name in self._term_sums}
         if model.training:
-            self._add_terms(**{name: getattr(terms, name) for name in self._term_sums})
+            self._add_terms(**terms)
         return (loss, out) if return_outputs else loss
 
     def in_hidden_warmup(self) -> bool:
         """True while the optimizer step being taken is one of the first ``hidden_warmup_steps``."""
         return self.state.global_step < self.args.hidden_warmup_steps
-
-    def _hidden_loss(self, projected: dict, batch: dict, mask: torch.Tensor) -> torch.Tensor:
-        """Mean over the aligned pairs of the hidden-state loss, the student states the model's
-        forward projected (``StudentOutput.projected``) against the teacher's cached (or online)
-        states."""
-        flat_mask = mask.reshape(-1)
-        per_pair = []
-        for i, j in self.hidden_pairs.items():
-            s = projected[i]                                                # (B, L, D_t)
-            t = batch[hidden_field(j)].to(s.device)                         # (B, L, D_t)
-            per_pair.append(hidden_state_loss(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]),
-                                              flat_mask, self.args.hidden_loss))
-        return torch.stack(per_pair).mean()
 
     def _add_terms(self, **terms: torch.Tensor) -> None:
         """Add a training micro-batch's loss terms to the sums the next log averages; a term

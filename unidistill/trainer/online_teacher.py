@@ -13,7 +13,8 @@ Logits are the teacher's own (its head, then its softcap or scale: ``HookedTeach
 checked against ``model(ids).logits`` on the first batch.
 
 Hidden states of the requested teacher layers (``hidden_states`` indices, as in the cache) are
-captured by forward hooks and returned under the same field names as the cache dataset's.
+captured by forward hooks. Everything comes back as :class:`~unidistill.models.targets.TeacherTargets`,
+as the cache's targets do.
 """
 
 from __future__ import annotations
@@ -21,17 +22,15 @@ from __future__ import annotations
 import torch
 
 from unidistill.errors import ConfigError
+from unidistill.model_logits import OutputHead
+from unidistill.models.targets import TeacherTargets
 from unidistill.models.teacher import HookedTeacher
-from unidistill.trainer.dataset import hidden_field
 
 
 class OnlineTeacher:
-    """Callable ``input_ids (B, L) -> dict of teacher fields`` for ``UniversalDistillationTrainer``.
-
-    Returned fields: ``teacher_hidden_<j>`` for each layer j, and either ``teacher_ids``,
-    ``teacher_logp``, ``teacher_log_tail`` (top-k) or ``teacher_final_hidden`` plus the head as
-    ``teacher_head_weight`` / ``teacher_head_bias`` / ``teacher_logit_transform`` (full vocabulary).
-    """
+    """Callable ``input_ids (B, L) -> TeacherTargets`` for ``UniversalDistillationTrainer``:
+    the hidden states of each requested layer, and either sparse targets (top-k ids, log-probs
+    and the tempered tail) or exact ones (the final state and the teacher's head)."""
 
     def __init__(self, model, *, layers=(), kd_top_k: int | None = None, temperature: float = 1.0):
         vocab = model.config.vocab_size
@@ -57,21 +56,18 @@ class OnlineTeacher:
     def device(self) -> torch.device:
         return self.head_weight.device
 
-    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor) -> TeacherTargets:
         if not self.checked:
             self.check_logits(input_ids)
         final, captured = self.runner.forward(input_ids.to(self.device))
-        fields = {hidden_field(j): h for j, h in captured.items()}
         if self.kd_top_k is None:
-            fields.update(teacher_final_hidden=final, teacher_head_weight=self.head_weight,
-                          teacher_head_bias=self.head_bias,
-                          teacher_logit_transform=self.runner.transform)
-        else:
-            ids, logp, tail, tempered = self.runner.top_k_tail(final)
-            if self.temperature != 1.0:
-                tail = tempered[..., 0]                                   # log Σ_tail p^(1/T)
-            fields.update(teacher_ids=ids, teacher_logp=logp, teacher_log_tail=tail)
-        return fields
+            return TeacherTargets(final_hidden=final, hidden=captured,
+                                  head=OutputHead(self.head_weight, self.head_bias,
+                                                  self.runner.transform))
+        ids, logp, tail, tempered = self.runner.top_k_tail(final)
+        if self.temperature != 1.0:
+            tail = tempered[..., 0]                                       # log Σ_tail p^(1/T)
+        return TeacherTargets(ids=ids, logp=logp, log_tail=tail, hidden=captured)
 
     def close(self) -> None:
         self.runner.close()

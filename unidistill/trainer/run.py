@@ -15,9 +15,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch.utils.data import default_collate
+
 from unidistill import __version__
 from unidistill.errors import CacheMismatchError, ConfigError
-from unidistill.model_logits import check_logit_transform
+from unidistill.model_logits import OutputHead, check_logit_transform
 from unidistill.models.layer_map import (
     PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
 )
@@ -26,7 +28,7 @@ from unidistill.storage.files import utc_timestamp
 from unidistill.storage.head import read_logit_transform
 from unidistill.trainer.arguments import DistillationArguments
 from unidistill.trainer.dataset import (
-    CacheDataset, check_student_matches_cache, collate_cache_batch, sample_input_ids,
+    CacheDataset, check_student_matches_cache, sample_input_ids,
 )
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.projectors import HiddenProjectors
@@ -198,10 +200,10 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
         write_run_record(args.output_dir, record)
     teacher_head = None
     if online_teacher is None and plan.reader.logits_mode == "exact" and args.beta > 0:
-        teacher_head = plan.reader.head(args.device)
+        teacher_head = OutputHead(*plan.reader.head(args.device))
     trainer = UniversalDistillationTrainer(
         model=StudentWithProjectors(model, projectors), args=args, train_dataset=dataset,
-        data_collator=collate_cache_batch, processing_class=tokenizer, hidden_pairs=plan.hidden_pairs,
+        data_collator=default_collate, processing_class=tokenizer, hidden_pairs=plan.hidden_pairs,
         online_teacher=online_teacher, teacher_head=teacher_head, callbacks=callbacks,
         run_record=record)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
