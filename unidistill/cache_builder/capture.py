@@ -36,9 +36,9 @@ class TeacherRunner(HookedTeacher):
         self.hidden_codec = hidden_codec(hidden_dtype)
         super().__init__(model, layers, stored_k, rows_per_chunk=rows_per_chunk,
                          tail_temperatures=tail_temperatures)
-        # new caches always store the draws' teacher log-prob (layout.sample_logp)
+        # new sampled caches always store the draws' teacher log-prob (layout.sample_logp)
         self.logit_codec = codec(stored_k, int(self.head.weight.shape[0]), self.tail_temperatures,
-                                 sample_logp=True, index_dtype=self.index_dtype)
+                                 sample_logp=codec.draws, index_dtype=self.index_dtype)
 
     @torch.inference_mode()
     def __call__(self, input_ids: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:

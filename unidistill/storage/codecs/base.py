@@ -52,6 +52,7 @@ class LogitCodec(ABC):
     mode: ClassVar[str]  # the --logits name, the layout's logits_mode
     summary: ClassVar[str]  # what it stores, in a few words (the --logits refusal lists them)
     has_top_k: ClassVar[bool] = False  # holds the teacher's most likely ids: --top-k, tempered tails
+    draws: ClassVar[bool] = False  # its ids are draws from the teacher (sample_logp, sampling settings)
     needs_final_layer: ClassVar[bool] = False  # the last hidden layer is always cached
     has_head: ClassVar[bool] = False  # the teacher's head is stored beside the arrays
     # why --temperatures does not apply to a cache without top-k ids
@@ -92,7 +93,7 @@ class LogitCodec(ABC):
                               f"store tail temperatures {list(self.tail_temperatures)}")
 
     def _check_sample_logp(self) -> None:
-        if self.sample_logp:
+        if self.sample_logp and not self.draws:
             raise ConfigError(f"sample_logp belongs to sampled caches, not {self.mode}")
 
     @abstractmethod

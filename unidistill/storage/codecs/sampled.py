@@ -54,13 +54,11 @@ class Sampled(LogitCodec):
     mode = "sampled"
     summary = "--samples draws per position"
     temperatures_served = "serves T = 1 only (its ids are draws at T = 1)"
+    draws = True
 
     @classmethod
     def stored_k_for(cls, *, top_k: int, samples: int) -> int:
         return samples
-
-    def _check_sample_logp(self) -> None:
-        pass  # this representation's own array
 
     def array_specs(self, grid: Grid) -> dict[str, dict]:
         specs = {LOGIT_INDICES: self._ids_spec(grid),
