@@ -10,7 +10,7 @@ import torch
 from unidistill.cache_builder.build import build_cache
 from unidistill.cache_builder.config import BuildConfig
 from unidistill.storage import CacheReader
-from unidistill.storage.hidden_q8 import dequantize, quantize
+from unidistill.storage.codecs.hidden import dequantize, quantize
 from unidistill.storage.info import cache_info
 from unidistill.storage.verify import verify_cache
 from unidistill.trainer.run import distill_from_cache

@@ -200,7 +200,7 @@ def test_bad_representation_settings_are_refused(tmp_path, tiny_teacher_dir, tex
 
 # -- compact top-k ---------------------------------------------------------------------------------
 def test_compact_top_k_round_trip():
-    from unidistill.storage.quantize import decode_top_k, encode_top_k
+    from unidistill.storage.codecs.topk import decode_top_k, encode_top_k
 
     torch.manual_seed(0)
     logits = torch.randn(5, 7, 300) * 3

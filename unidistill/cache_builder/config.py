@@ -8,7 +8,10 @@ from pathlib import Path
 
 from unidistill.errors import ConfigError
 from unidistill.models.layer_map import check_layer_range, teacher_layers_for_students
-from unidistill.storage.layout import HIDDEN_DTYPES, LOGITS_MODES, MAX_SAMPLES
+from unidistill.storage.codecs import (
+    HIDDEN_CODECS, LOGIT_CODECS, LOGITS_MODES, hidden_codec, logit_codec_class, modes_with_top_k,
+)
+from unidistill.storage.layout import MAX_SAMPLES
 from unidistill.storage.location import CacheLocation, is_url
 from unidistill.text.data import check_data_split
 
@@ -49,10 +52,10 @@ class BuildConfig:
             raise ConfigError(f"seq_len must be >= 2 (one input and one next token), got {self.seq_len}")
         if self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
-        if self.logits not in LOGITS_MODES:
+        if self.logits not in LOGIT_CODECS:
+            listed = [f"{mode} ({codec.summary})" for mode, codec in LOGIT_CODECS.items()]
             raise ConfigError(f"logits representation {self.logits!r} is not one of {LOGITS_MODES}: "
-                              "topk (top-k ids + tail), topk-q8 (the same, compact), sampled (--samples draws per position) or "
-                              "exact (final hidden state + the head, full vocabulary offline)")
+                              f"{', '.join(listed[:-1])} or {listed[-1]}")
         self.tail_temperatures  # parsed and checked here, before anything loads
         if not 1 <= self.samples <= MAX_SAMPLES:
             raise ConfigError(f"samples must be between 1 and {MAX_SAMPLES} draws per position, got "
@@ -64,13 +67,9 @@ class BuildConfig:
             raise ConfigError(f"max_sequences must be >= 1 (or unset for all data), got {self.max_sequences}")
         if self.dtype not in TEACHER_DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {TEACHER_DTYPES}")
-        if self.hidden_dtype not in HIDDEN_DTYPES:
-            raise ConfigError(f"hidden_dtype {self.hidden_dtype!r} is not one of {sorted(HIDDEN_DTYPES)}")
-        if self.logits == "exact" and self.hidden_dtype != "float16":
-            raise ConfigError(f"--logits exact rebuilds the teacher's logits from its cached final "
-                              f"hidden state, which --hidden-dtype {self.hidden_dtype} would round "
-                              "(the logits would no longer be exact); use --hidden-dtype float16 "
-                              "with exact logits, or --logits topk-q8 to keep the cache small")
+        if self.hidden_dtype not in HIDDEN_CODECS:
+            raise ConfigError(f"hidden_dtype {self.hidden_dtype!r} is not one of {sorted(HIDDEN_CODECS)}")
+        logit_codec_class(self.logits).check_hidden_codec(hidden_codec(self.hidden_dtype))
         if self.student_layers is not None and self.student_layers < 1:
             raise ConfigError(f"student_layers must be >= 1, got {self.student_layers}")
         check_data_split(self.data, self.split, self.heldout_share)
@@ -91,12 +90,12 @@ class BuildConfig:
         Default ``1,2`` for topk and topk-q8. A sampled cache serves T = 1 only and an exact one
         every temperature, so ``--temperatures`` is refused for them rather than ignored.
         """
-        if self.logits not in ("topk", "topk-q8"):
+        codec = logit_codec_class(self.logits)
+        if not codec.has_top_k:
             if self.temperatures is not None:
-                what = ("serves every temperature exactly (it rebuilds the full logits)"
-                        if self.logits == "exact" else "serves T = 1 only (its ids are draws at T = 1)")
-                raise ConfigError(f"--temperatures {self.temperatures} is for topk and topk-q8 "
-                                  f"caches; a {self.logits} cache {what}. Leave --temperatures out.")
+                raise ConfigError(f"--temperatures {self.temperatures} is for "
+                                  f"{' and '.join(modes_with_top_k())} caches; a {self.logits} "
+                                  f"cache {codec.temperatures_served}. Leave --temperatures out.")
             return ()
         spec = DEFAULT_TEMPERATURES if self.temperatures is None else self.temperatures
         try:
@@ -112,7 +111,7 @@ class BuildConfig:
     def stored_k(self) -> int:
         """Ids the cache holds per position (``CacheLayout.stored_k``): K ids (``top_k``), S draws
         (``samples``), or 0 for exact logits."""
-        return {"topk": self.top_k, "topk-q8": self.top_k, "sampled": self.samples, "exact": 0}[self.logits]
+        return logit_codec_class(self.logits).stored_k_for(top_k=self.top_k, samples=self.samples)
 
     def resolve_layers(self, n_layers: int) -> list[int]:
         """Teacher ``hidden_states`` indices to cache, checked against the teacher's depth.
@@ -122,7 +121,7 @@ class BuildConfig:
         always add the last layer n (the final normed state the logits are rebuilt from).
         """
         layers = self._listed_layers(n_layers)
-        if self.logits == "exact" and n_layers not in layers:
+        if logit_codec_class(self.logits).needs_final_layer and n_layers not in layers:
             layers = sorted([*layers, n_layers])
         return layers
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from unidistill.storage.layout import HEAD_FILE, HIDDEN_PREFIX, STORED_K_KEY
+from unidistill.storage.layout import HEAD_FILE, STORED_K_KEY
 from unidistill.storage.reader import CacheReader
 from unidistill.storage.manifest import read_unit_markers
 
@@ -32,8 +32,11 @@ def cache_info(root) -> dict:
         return sum(a[key] for n, a in arrays.items() if pred(n)) / n_tokens
 
     head_bytes = sizes.get(HEAD_FILE, 0)  # exact logits: stored once
-    is_logits = lambda n: n.startswith("logits/")  # noqa: E731
-    is_hidden = lambda n: n.startswith(HIDDEN_PREFIX)  # noqa: E731
+    logit_names = set(layout.logit_codec.array_specs(layout.grid))  # each codec's own arrays
+    hidden_names = {n for j in layout.layers
+                    for n in layout.hidden_codec.array_specs(j, layout.grid, layout.hidden_size)}
+    is_logits = logit_names.__contains__
+    is_hidden = hidden_names.__contains__
     return {
         "path": str(reader.root),
         "status": manifest.get("status"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 
 import numpy as np
@@ -17,96 +16,20 @@ from unidistill.errors import (
     CacheNotFoundError,
     ConfigError,
 )
-from unidistill.storage.layout import (
-    FORMAT_VERSION,
-    INPUT_IDS,
-    LOGIT_COUNTS,
-    LOGIT_INDICES,
-    LOGIT_QUANT,
-    LOGIT_RANGE,
-    LOGIT_SAMPLE_LOGP,
-    LOGIT_TAIL,
-    LOGIT_TAIL_TEMPERED,
-    LOGIT_VALUES,
-    TOPK_MODES,
-    CacheLayout,
-    hidden_key,
-    hidden_outlier_pos_key,
-    hidden_outliers_key,
-    hidden_scale_key,
+from unidistill.storage.codecs.registry import hidden_codec
+from unidistill.storage.codecs.sampled import counts_to_buckets, sample_kl_offset  # noqa: F401  (re-exported)
+from unidistill.storage.codecs.topk import (  # noqa: F401  (re-exported: tests and benchmarks import them here)
+    TAIL_APPROXIMATIONS, truncate_top_k, uniform_tail,
 )
-from unidistill.storage import hidden_q8
+from unidistill.storage.layout import FORMAT_VERSION, INPUT_IDS, CacheLayout
 from unidistill.storage.location import as_location
-from unidistill.storage.manifest import STATUS_COMPLETE
-from unidistill.storage.quantize import decode_top_k
-from unidistill.storage.manifest import read_manifest
+from unidistill.storage.manifest import STATUS_COMPLETE, read_manifest
 
 
 def decode_hidden(a: np.ndarray, logical_dtype: str) -> torch.Tensor:
     """Hidden states from :meth:`CacheReader.read` as a torch tensor: bf16 from its raw bits,
-    fp16 as stored, int8 already dequantized to fp32 by the reader."""
-    if logical_dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
-TAIL_APPROXIMATIONS = ("uniform",)
-
-
-def uniform_tail(log_tail: np.ndarray, temperature: float, n_tail: int) -> np.ndarray:
-    """Approximate ``log Σ_tail p_i^(1/T)`` from the tail's mass alone, as if it were spread
-    evenly over its ``n_tail`` ids: ``log_tail / T + (1 - 1/T) · log n_tail``.
-
-    For T > 1 this over-estimates (a real tail is concentrated on a few ids, and the sum of
-    p^(1/T) at a fixed mass is largest when spread evenly); for T < 1 it under-estimates. Use it
-    only for a temperature the cache has no exact tempered tail for; its error on a real teacher
-    is measured in benchmarks/results/tempered_tail_cpu.md.
-    """
-    lt = log_tail.astype(np.float32)  # -inf when the top-k hold the whole vocabulary (n_tail 0)
-    return lt / temperature + (1.0 - 1.0 / temperature) * np.float32(math.log(max(n_tail, 1)))
-
-
-def truncate_top_k(values: np.ndarray, log_tail: np.ndarray, k: int,
-                   temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the k most likely of the stored ids and fold the rest into the tail bucket.
-
-    values (..., K) are log-probs at T = 1 sorted in descending order; ``log_tail`` (...) is the
-    tempered tail ``log Σ_tail p^(1/T)`` at ``temperature`` (at T = 1 the log of the tail mass).
-    The new tail is ``log(exp(tail) + Σ_dropped p^(1/T))``, computed in fp32 with logsumexp, so
-    it stays the exact tempered tail of the k kept ids.
-    """
-    if k == values.shape[-1]:
-        return values, log_tail
-    dropped = torch.from_numpy(values[..., k:].astype(np.float32)) / temperature  # (..., K-k)
-    tail = torch.from_numpy(log_tail.astype(np.float32)).unsqueeze(-1)   # (..., 1)
-    new_tail = torch.logsumexp(torch.cat([dropped, tail], dim=-1), dim=-1)
-    return values[..., :k], new_tail.numpy().astype(log_tail.dtype)
-
-
-def counts_to_buckets(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Counts (.., S) of a sampled cache -> log(count / S) (.., S) and a log-tail of -inf (..).
-
-    The empirical distribution of the draws as top-k style buckets: unused slots (count 0) get
-    -inf, and nothing lies outside the drawn ids, so the forward KL against it is the sparse
-    soft cross-entropy minus the constant entropy of the sample.
-    """
-    n = counts.shape[-1]
-    with np.errstate(divide="ignore"):
-        logp = np.log(counts.astype(np.float32) / n)
-    return logp, np.full(counts.shape[:-1], -np.inf, dtype=np.float32)
-
-
-def sample_kl_offset(sample_logp: np.ndarray, teacher_logp_mean: np.ndarray) -> np.ndarray:
-    """What to subtract from KL(sample || q) to get the unbiased estimate of KL(teacher || q).
-
-    sample_logp (.., S) = log(count / S) per slot (-inf for unused ones), teacher_logp_mean (..)
-    = Σ (count / S) log p(id). KL(sample || q) = Σ w (log w - log q), the estimate is
-    Σ w (log p - log q), so the offset is Σ w log w - Σ w log p: a constant per position, so
-    the gradient is unchanged, but the logged KL is 0 for a student equal to the teacher.
-    """
-    w = np.exp(sample_logp)
-    neg_entropy = (w * np.where(w > 0, sample_logp, 0.0)).sum(-1)  # unused slots: 0, not 0 * -inf
-    return (neg_entropy - teacher_logp_mean).astype(np.float32)
+    fp16 as stored, int8 already dequantized to fp32 by the reader (the codec's ``to_torch``)."""
+    return hidden_codec(logical_dtype).to_torch(a)
 
 
 def _async_array(array: zarr.Array):
@@ -185,7 +108,7 @@ class CacheReader:
         ``transform(final_hidden @ weight.T + bias)`` (see :func:`~unidistill.storage.head.read_logit_transform`)."""
         from unidistill.storage.head import read_head, read_logit_transform
 
-        if self.logits_mode != "exact":
+        if not self.layout.logit_codec.has_head:
             raise CacheMismatchError(f"cache {self.root} stores {self.logits_mode} logits, not the "
                                      "teacher's head; only an exact-logits cache has one")
         transform = read_logit_transform(self.manifest, self.root)
@@ -205,17 +128,8 @@ class CacheReader:
     def check_kd_top_k(self, kd_top_k: int | None) -> None:
         """The one check of a training top-k (``kd_top_k``, ``--top-k`` of distill-from-cache)
         against what the cache holds: a top-k cache, and 1 <= kd_top_k <= its ``stored_k``."""
-        if kd_top_k is None:
-            return
-        if self.logits_mode not in TOPK_MODES:
-            raise CacheMismatchError(f"top_k={kd_top_k} asked, but cache {self.root} stores "
-                                     f"{self.logits_mode} logits, which have no top-k to cut; "
-                                     "leave --top-k unset")
-        stored_k = self.layout.stored_k
-        if not 1 <= kd_top_k <= stored_k:
-            raise CacheMismatchError(f"top_k={kd_top_k} asked, but cache {self.root} stores "
-                                     f"k={stored_k}; use 1 <= top_k <= {stored_k} "
-                                     "or rebuild the cache with a larger --top-k")
+        if kd_top_k is not None:
+            self.layout.logit_codec.check_kd_top_k(kd_top_k, self.root)
 
     def check_temperature(self, temperature: float, tail_approximation: str | None = None) -> bool:
         """Refuse a KD temperature whose teacher distribution this cache cannot give exactly,
@@ -223,23 +137,9 @@ class CacheReader:
         if tail_approximation is not None and tail_approximation not in TAIL_APPROXIMATIONS:
             raise ConfigError(f"tail approximation {tail_approximation!r} is not one of "
                               f"{TAIL_APPROXIMATIONS}")
-        if temperature == 1.0 or self.logits_mode == "exact":
+        if temperature == 1.0:
             return False
-        if self.logits_mode == "sampled":
-            raise CacheMismatchError(f"cache {self.root} holds ids sampled from the teacher at "
-                                     f"T = 1, an estimate at that temperature only; got T = "
-                                     f"{temperature:g}. Use T = 1, or a topk or exact cache")
-        if temperature in self.layout.tail_temperatures:
-            return False
-        if tail_approximation is not None:
-            return True
-        stored = [1.0, *self.layout.tail_temperatures]
-        raise CacheMismatchError(
-            f"cache {self.root} has the exact tempered tail for T in {stored} only, not for "
-            f"T = {temperature:g}. Rebuild it with `cache-build --temperatures "
-            f"{','.join(f'{t:g}' for t in sorted({*stored, temperature}))}`, train at one of "
-            f"{stored}, or accept the uniform-tail approximation with --tail-approximation "
-            "uniform (its error on a real teacher: README, 'Temperatures')")
+        return self.layout.logit_codec.check_temperature(temperature, tail_approximation, self.root)
 
     def read(self, index: int, *, layers=None, kd_top_k: int | None = None,
              logits: bool = True, temperature: float = 1.0,
@@ -249,59 +149,32 @@ class CacheReader:
 
         Logit targets: ``teacher_ids/teacher_logp (L, k)`` and ``teacher_log_tail (L,)`` for top-k
         and sampled caches (sampled: the empirical distribution of the draws, see
-        :func:`counts_to_buckets`); ``teacher_final_hidden (L, D)`` for exact caches, to go
+        :func:`counts_to_buckets`, and ``teacher_kl_offset (L,)`` when its draws' teacher
+        log-prob is stored); ``teacher_final_hidden (L, D)`` for exact caches, to go
         through :meth:`head`. ``teacher_log_tail`` is the tail statistic at ``temperature``:
         ``log Σ_tail p^(1/T)`` (the log tail mass at T = 1), exact where the cache stores it,
         else from ``tail_approximation`` (see :meth:`check_temperature`). The log-probs stay
-        at T = 1; the loss divides them by T.
+        at T = 1; the loss divides them by T. What is fetched and how it is decoded is the
+        layout's codecs' (:mod:`unidistill.storage.codecs`).
         """
         layers = list(self.layout.layers if layers is None else layers)
         self.check_request(layers, kd_top_k, temperature if logits else 1.0, tail_approximation)
         if not 0 <= index < self.layout.n_sequences:
             raise IndexError(f"sequence {index} out of range 0..{self.layout.n_sequences - 1}")
-        mode = self.logits_mode
+        codec, hidden = self.layout.logit_codec, self.layout.hidden_codec
         names = [INPUT_IDS]
+        extra = codec.hidden_layers(self.final_layer) if logits else []
         if logits:
-            names += {"topk": [LOGIT_INDICES, LOGIT_VALUES, LOGIT_TAIL],
-                      "topk-q8": [LOGIT_INDICES, LOGIT_QUANT, LOGIT_RANGE, LOGIT_TAIL],
-                      "sampled": [LOGIT_INDICES, LOGIT_COUNTS]}.get(mode, [])
-            if mode == "sampled" and self.layout.sample_logp:
-                names.append(LOGIT_SAMPLE_LOGP)
-            if temperature in self.layout.tail_temperatures:
-                names.append(LOGIT_TAIL_TEMPERED)
-        hidden_layers = layers + ([self.final_layer] if logits and mode == "exact" else [])
-        for j in dict.fromkeys(hidden_layers):
-            names += self._hidden_names(j)
+            names += codec.read_names(temperature)
+        for j in dict.fromkeys(layers + extra):
+            names += hidden.names(j)
         got = self.fetch(names, index)
         out = {"input_ids": got[INPUT_IDS]}
-        k = kd_top_k or self.layout.stored_k
-        if logits and mode in TOPK_MODES:
-            if mode == "topk":
-                ids, values = got[LOGIT_INDICES], got[LOGIT_VALUES]
-            else:
-                ids, values = decode_top_k(got[LOGIT_INDICES], got[LOGIT_QUANT], got[LOGIT_RANGE])
-            tail = self._tempered_tail(got, temperature)
-            values, tail = truncate_top_k(values, tail, k, temperature)
-            out.update(teacher_ids=ids[:, :k], teacher_logp=values, teacher_log_tail=tail)
-        elif logits and mode == "sampled":
-            logp, tail = counts_to_buckets(got[LOGIT_COUNTS])
-            out.update(teacher_ids=got[LOGIT_INDICES], teacher_logp=logp, teacher_log_tail=tail)
-            if self.layout.sample_logp:
-                out["teacher_kl_offset"] = sample_kl_offset(logp, got[LOGIT_SAMPLE_LOGP])
-        elif logits:
-            out["teacher_final_hidden"] = self._decode_hidden(self.final_layer, got)
-        out["hidden"] = {j: self._decode_hidden(j, got) for j in layers}
+        if logits:
+            out.update(codec.decode(got, kd_top_k=kd_top_k, temperature=temperature,
+                                    hidden={j: hidden.decode(j, got) for j in extra}))
+        out["hidden"] = {j: hidden.decode(j, got) for j in layers}
         return out
-
-    def _tempered_tail(self, got: dict, temperature: float) -> np.ndarray:
-        """fp32 ``log Σ_tail p^(1/T)`` of the stored K ids' tail (checked in ``read``)."""
-        tail = got[LOGIT_TAIL].astype(np.float32)
-        if temperature == 1.0:
-            return tail
-        if temperature in self.layout.tail_temperatures:
-            m = self.layout.tail_temperatures.index(temperature)
-            return got[LOGIT_TAIL_TEMPERED][..., m].astype(np.float32)
-        return uniform_tail(tail, temperature, self.layout.vocab_size - self.layout.stored_k)
 
     def fetch(self, names, index) -> dict[str, np.ndarray]:
         """``{name: array[index]}`` for several arrays, read concurrently: one sequence spans
@@ -323,18 +196,6 @@ class CacheReader:
         if self._opened is None:
             self._opened = {name: group[name] for name in self.layout.array_specs()}
         return self._opened
-
-    def _hidden_names(self, layer: int) -> list[str]:
-        if self.layout.hidden_dtype != "int8":
-            return [hidden_key(layer)]
-        return [hidden_key(layer), hidden_scale_key(layer), hidden_outliers_key(layer),
-                hidden_outlier_pos_key(layer)]
-
-    def _decode_hidden(self, layer: int, got: dict) -> np.ndarray:
-        """One sequence of a hidden layer as stored (fp16, bf16 bits), int8 dequantized."""
-        if self.layout.hidden_dtype != "int8":
-            return got[hidden_key(layer)]
-        return hidden_q8.dequantize(*(got[n] for n in self._hidden_names(layer)))
 
     def read_array_unit(self, name: str, unit: int) -> np.ndarray:
         start, stop = self.layout.unit_range(unit)

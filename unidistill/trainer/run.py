@@ -25,7 +25,6 @@ from unidistill.models.layer_map import (
 )
 from unidistill.storage import CacheReader
 from unidistill.storage.files import utc_timestamp
-from unidistill.storage.head import read_logit_transform
 from unidistill.trainer.arguments import DistillationArguments
 from unidistill.trainer.dataset import (
     CacheDataset, check_student_matches_cache, sample_input_ids,
@@ -75,27 +74,13 @@ def select_hidden_pairs(layer_map: dict[int, int], align: str, cached_layers) ->
 
 
 def check_logit_settings(reader: CacheReader, args: DistillationArguments) -> None:
-    """A sampled cache estimates the teacher at the temperature it was sampled at, forward KL only;
-    an exact cache must say how its teacher's logits follow from the head (refused up front)."""
-    if reader.logits_mode == "exact" and args.beta > 0:
-        read_logit_transform(reader.manifest, reader.root)
-    if reader.logits_mode != "sampled" or args.beta == 0:
-        return
-    sampled_t = reader.manifest["settings"]["sampling"]["temperature"]
-    if args.kd_temperature != sampled_t:
-        raise ConfigError(f"cache {reader.root} holds ids sampled from the teacher at T = "
-                          f"{sampled_t:g}, so its KL is an estimate at that temperature only; got "
-                          f"--temperature {args.kd_temperature:g}. Pass --temperature {sampled_t:g}, "
-                          "or build a topk or exact cache for other temperatures")
-    if not reader.layout.sample_logp:
-        logger.warning("cache %s was built before sampled caches stored the draws' teacher "
-                       "log-probs: training is the same, but the logged KL is against the sample "
-                       "(higher by the sample's entropy), not an estimate of KL(teacher || student)",
-                       reader.root)
-    if args.kl_direction != "forward":
-        raise ConfigError(f"kl_direction {args.kl_direction!r} needs the teacher's probability of "
-                          f"every id the student puts mass on, which a sampled cache ({reader.root}) "
-                          "does not have; use --kl-direction forward, or a topk or exact cache")
+    """Refuse a logit loss the cache's representation cannot feed, up front (its codec's
+    ``check_training``): a sampled cache estimates the teacher at the temperature it was sampled
+    at, forward KL only; an exact cache must say how its teacher's logits follow from the head."""
+    if args.beta > 0:
+        reader.layout.logit_codec.check_training(reader.manifest, reader.root,
+                                                 temperature=args.kd_temperature,
+                                                 kl_direction=args.kl_direction)
 
 
 def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> DistillPlan:
