@@ -168,7 +168,7 @@ def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_d
     totals = _Totals(cfg.num_hidden_layers + 1, len(teacher_layers))
     layers = teacher_layers if pairs else []
     dataset = CacheDataset(reader, layers=layers)
-    head = OutputHead(*reader.head(device)) if reader.logits_mode == "exact" else None
+    head = OutputHead(*reader.head(device)) if reader.layout.logit_codec.has_head else None
     check_logit_transform(model, sample_input_ids(reader), role="evaluated model")
     loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=default_collate,

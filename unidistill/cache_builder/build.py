@@ -32,6 +32,7 @@ from unidistill.models.loading import (
     resolve_device,
     resolve_model_source,
 )
+from unidistill.storage.codecs.registry import logit_codec_class
 from unidistill.storage.head import head_digest, write_head
 from unidistill.storage.layout import HEAD_FILE, CacheLayout, index_dtype_for
 from unidistill.storage.writer import CacheWriter
@@ -110,7 +111,7 @@ def prepare(cfg: BuildConfig, log=print) -> PreparedBuild:
     n_layers = model_config.num_hidden_layers
     vocab = model_config.vocab_size
     layers = cfg.resolve_layers(n_layers)
-    if cfg.logits in ("topk", "topk-q8") and cfg.top_k > vocab:
+    if logit_codec_class(cfg.logits).has_top_k and cfg.top_k > vocab:
         raise ConfigError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({vocab}); "
                           f"use 1 <= --top-k <= {vocab}")
     tokenizer = load_tokenizer(source)
@@ -184,7 +185,7 @@ def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
         vocab_size=int(head.weight.shape[0]), hidden_size=int(model_config.hidden_size),
         layers=tuple(prepared.layers), hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size,
         logits_mode=cfg.logits, tail_temperatures=cfg.tail_temperatures,
-        sample_logp=cfg.logits == "sampled")
+        sample_logp=logit_codec_class(cfg.logits).draws)
     runner = TeacherRunner(model, prepared.layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
                            hidden_dtype=cfg.hidden_dtype, mode=cfg.logits,
                            tail_temperatures=layout.tail_temperatures)
@@ -214,7 +215,7 @@ def _settings(cfg: BuildConfig, prepared: PreparedBuild, model, runner: TeacherR
                  "packing": "documents joined with EOS, remainder dropped",
                  "ids_fingerprint": ids_fingerprint(prepared.ids)},
     }
-    if cfg.logits == "sampled":
+    if logit_codec_class(cfg.logits).draws:
         settings["sampling"] = {"temperature": 1.0, "seed": cfg.sample_seed}
     return settings
 
@@ -226,7 +227,7 @@ def _open_cache(cfg: BuildConfig, build: _Build, log) -> list[int]:
     done_units = build.layout.n_units - len(pending)
     if done_units:
         log(f"resuming {cfg.out}: {done_units}/{build.layout.n_units} units already committed")
-    if cfg.logits == "exact":
+    if build.layout.logit_codec.has_head:
         write_head(cfg.out, build.head.weight, build.head.bias)
     return pending
 
@@ -305,7 +306,7 @@ def _finish(cfg: BuildConfig, group: ProcessGroup, build: _Build, stats: list[di
                       "unidistill_version": __version__,
                       "config": {k: v for k, v in asdict(cfg).items() if k != "overwrite"}}
             extra = {"build": record}
-            if cfg.logits == "exact":
+            if build.layout.logit_codec.has_head:
                 extra["head"] = {"file": HEAD_FILE, "sha256": head_digest(cfg.out)}
             manifest = build.writer.finalize(extra)
             log(f"cache complete: {cfg.out} ({build.layout.n_sequences * cfg.seq_len} tokens, "

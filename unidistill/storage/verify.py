@@ -76,7 +76,7 @@ def verify_cache(root, progress=None) -> VerifyReport:
                 report.problems.append(Problem(
                     unit, name, f"content differs from its committed digest (sequences {start}..{stop - 1})"))
     expected_head = reader.manifest.get("head")
-    if reader.logits_mode == "exact" and expected_head is not None:
+    if reader.layout.logit_codec.has_head and expected_head is not None:
         data = loc.read_bytes(expected_head["file"])
         if data is None:
             report.problems.append(Problem(-1, expected_head["file"], "missing: rebuild the cache"))

@@ -184,7 +184,7 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     if args.should_save:  # the main process of a multi-process run (the one the Trainer saves from)
         write_run_record(args.output_dir, record)
     teacher_head = None
-    if online_teacher is None and plan.reader.logits_mode == "exact" and args.beta > 0:
+    if online_teacher is None and plan.reader.layout.logit_codec.has_head and args.beta > 0:
         teacher_head = OutputHead(*plan.reader.head(args.device))
     trainer = UniversalDistillationTrainer(
         model=StudentWithProjectors(model, projectors), args=args, train_dataset=dataset,
