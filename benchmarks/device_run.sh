@@ -17,7 +17,8 @@
 #   bash benchmarks/device_run.sh
 # Here, the same steps at tiny sizes on the CPU (no wheels, the local venv, float32):
 #   DRY=1 bash benchmarks/device_run.sh
-# Environment: DRY (1 = CPU dry run), OUT (results; DRY default /tmp/unidistill-dry/out), PY
+# Environment: STEPS (default "cache_build trainer_large_vocab trainer"; a rerun may name fewer),
+# DRY (1 = CPU dry run), OUT (results; DRY default /tmp/unidistill-dry/out), PY
 # (python; DRY default the main checkout's .venv), DEADLINE (seconds for the whole script; 360 on
 # the GPU), UNIDISTILL_COMMIT (the commit measured, recorded in the results when .git is absent).
 #
@@ -54,10 +55,18 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
        DO_NOT_TRACK=1 MPLBACKEND=Agg
 [ "$DRY" = 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
+STEPS=${STEPS:-cache_build trainer_large_vocab trainer}
 STATUS=()
 FAILED=0
 
 elapsed() { echo $(( $(date +%s) - START )); }
+
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+
+needs() {  # needs TEACHER_FOLDER STEP: false (and the step marked skipped) if the teacher is missing
+    [ -f "$1/config.json" ] && return 0
+    echo "=== SKIP $2: no teacher at $1"; STATUS+=("$2: SKIPPED (no teacher)"); FAILED=1; return 1
+}
 
 collect() {  # results so far, flat, into $OUT (at most 8 files there with log.txt)
     local f
@@ -140,31 +149,32 @@ for d in ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "n
     except md.PackageNotFoundError:
         vers[d] = None
 print("versions:", vers)
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
-      *([torch.cuda.get_device_name(0)] if torch.cuda.is_available() else []))
-if os.environ.get("DRY") != "1" and not torch.cuda.is_available():
-    bad.append("torch sees no CUDA GPU")
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+          *([torch.cuda.get_device_name(0)] if torch.cuda.is_available() else []))
+    if os.environ.get("DRY") != "1" and not torch.cuda.is_available():
+        bad.append("torch sees no CUDA GPU")
+except Exception as e:
+    bad.append(f"torch/CUDA: {type(e).__name__}: {e}")
 for b in bad:
     print("MISSING/BROKEN:", b)
 sys.exit(1 if bad else 0)
 EOF
 
     local T135=$WORK/teacher-135m T262=$WORK/teacher-262k TAG BIG
-    local A_ARGS B_ARGS C_ARGS
+    local A_ARGS B_ARGS C_ARGS M135 M262
     if [ "$DRY" = 1 ]; then
         TAG=dry; BIG=$TAG-vocab70k
-        step teachers 300 bash -c "'$PY' benchmarks/random_model.py --preset tiny --out '$T135' && \
-            '$PY' benchmarks/random_model.py --preset tiny --vocab-size 70000 --out '$T262'"
+        M135=(--preset tiny); M262=(--preset tiny --vocab-size 70000)
         A_ARGS=(--device cpu --dtype float32 --seq-len 128 --batch-size 4 --n-sequences 16 --layers 2,4
                 --bare-repeats 2)
         C_ARGS=(--device cpu --seq-len 128 --batch-size 2 --warmup-steps 1 --steps 2 --student-drop-blocks 2)
         B_ARGS=(--device cpu --seq-len 128 --batch-size 2 --warmup-steps 1 --steps 2 --student-drop-blocks 2)
     else
         TAG=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from machine import gpu_tag; print(gpu_tag())")
-        BIG=$TAG-vocab262k
-        step teachers 150 bash -c "'$PY' benchmarks/random_model.py --preset smollm2-135m --out '$T135' \
-            --init-device cuda && '$PY' benchmarks/random_model.py --preset vocab262k --out '$T262' --init-device cuda"
+        TAG=${TAG:-gpu}; BIG=$TAG-vocab262k
+        M135=(--preset smollm2-135m --init-device cuda); M262=(--preset vocab262k --init-device cuda)
         A_ARGS=(--device cuda --dtype bfloat16 --seq-len 1024 --batch-size 16 --n-sequences 512
                 --layers 6,12,18,24,30 --bare-repeats 3)
         C_ARGS=(--device cuda --bf16 --seq-len 1024 --batch-size 8 --warmup-steps 3 --steps 20
@@ -172,19 +182,34 @@ EOF
         B_ARGS=(--device cuda --bf16 --seq-len 1024 --batch-size 8 --warmup-steps 5 --steps 40
                 --student-drop-blocks 10)
     fi
-    echo "=== result tags: $TAG (cache_build, trainer), $BIG (large vocabulary)"
+    echo "=== steps: $STEPS; result tags: $TAG (cache_build, trainer), $BIG (trainer_large_vocab)"
+    local NOTE135="Random-weight teacher of SmolLM2-135M's shape (the GGUF does not travel); benchmarks/device_run.sh."
 
-    step cache_build 150 "$PY" benchmarks/bench_cache_build.py --teacher "$T135" --data builtin:stdlib_docs \
-        --split all --top-k 64 "${A_ARGS[@]}" --tag "$TAG" --results "$RES" \
-        --note "Random-weight teacher of SmolLM2-135M's shape (the GGUF does not travel); benchmarks/device_run.sh."
+    if wanted cache_build || wanted trainer; then
+        step teacher_135m 90 "$PY" benchmarks/random_model.py "${M135[@]}" --out "$T135"
+    fi
+    if wanted trainer_large_vocab; then
+        step teacher_262k 90 "$PY" benchmarks/random_model.py "${M262[@]}" --out "$T262"
+    fi
 
-    step trainer_large_vocab 150 "$PY" benchmarks/bench_trainer.py --teacher "$T262" --data builtin:stdlib_docs \
-        "${C_ARGS[@]}" --modes plain,plain_chunked,cache --repeats 1 --tag "$BIG" --results "$RES" \
-        --note "Large-vocabulary row (issue 15 item 2): random-weight teacher with a Gemma-3-sized vocabulary; benchmarks/device_run.sh."
-
-    step trainer 240 "$PY" benchmarks/bench_trainer.py --teacher "$T135" --data builtin:stdlib_docs \
-        "${B_ARGS[@]}" --modes plain,cache,online,plain_chunked --repeats 2 --tag "$TAG" --results "$RES" \
-        --note "Random-weight teacher of SmolLM2-135M's shape (the GGUF does not travel); benchmarks/device_run.sh."
+    if wanted cache_build; then
+        needs "$T135" cache_build && \
+        step cache_build 150 "$PY" benchmarks/bench_cache_build.py --teacher "$T135" --data builtin:stdlib_docs \
+            --split all --top-k 64 "${A_ARGS[@]}" --tag "$TAG" --results "$RES" --note "$NOTE135"
+    fi
+    if wanted trainer_large_vocab; then
+        needs "$T262" trainer_large_vocab && \
+        step trainer_large_vocab 150 "$PY" benchmarks/bench_trainer.py --teacher "$T262" \
+            --data builtin:stdlib_docs "${C_ARGS[@]}" --modes plain,plain_chunked,cache --repeats 1 \
+            --tag "$BIG" --results "$RES" --note "Large-vocabulary row (issue 15 item 2): random-weight \
+teacher with a Gemma-3-sized vocabulary; benchmarks/device_run.sh."
+    fi
+    if wanted trainer; then  # last: it keeps every finished mode if the deadline cuts it short
+        needs "$T135" trainer && \
+        step trainer 240 "$PY" benchmarks/bench_trainer.py --teacher "$T135" --data builtin:stdlib_docs \
+            "${B_ARGS[@]}" --modes plain,cache,online,plain_chunked --repeats 2 --tag "$TAG" \
+            --results "$RES" --note "$NOTE135"
+    fi
 
     collect
     echo "=== summary after $(elapsed)s:"
