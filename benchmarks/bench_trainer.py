@@ -2,13 +2,23 @@
 
 Usage (CPU, the real SmolLM2-135M teacher, a 30 -> 20 block student, CPython reference text):
     python benchmarks/bench_trainer.py --device cpu --tag cpu
-GPU:
-    python benchmarks/bench_trainer.py --device cuda --bf16 --seq-len 1024 --batch-size 8 \
-        --n-sequences 256 --tag h100
+GPU (the tag defaults to the GPU's name, h100 / h200; a cpu tag is refused on CUDA), e.g. on a
+random-weight teacher of SmolLM2-135M's shape (benchmarks/random_model.py):
+    python benchmarks/bench_trainer.py --teacher /tmp/teacher-135m --data builtin:stdlib_docs \
+        --device cuda --bf16 --seq-len 1024 --batch-size 8 --steps 40 --repeats 2
+and the large-vocabulary row (a 262 K vocabulary, 8 -> 4 blocks):
+    python benchmarks/bench_trainer.py --teacher /tmp/teacher-262k --student-drop-blocks 4 \
+        --modes plain,plain_chunked,cache --device cuda --bf16 --tag h100-vocab262k
+
+The student is the teacher minus its last ``--student-drop-blocks`` blocks; ``--align-layers
+auto`` (the default) puts the hidden loss on min(5, n) evenly spaced student blocks (4,8,12,16,20
+for 20 blocks).
 
 Modes, each in a fresh process so its peak memory is its own, on the same token ids:
   a) plain: the stock Hugging Face Trainer, next-token cross-entropy (what users run without
      a teacher);
+  a') plain_chunked: plain fine-tuning through ``distill_from_cache`` with alpha=1, beta=gamma=0,
+     i.e. the same chunked CE as (b) and nothing read from the cache but the ids;
   b) cache: ``distill_from_cache``, alpha*CE + beta*T^2*KL (cached top-k + tail) + gamma*cosine
      on 5 aligned layers read from the cache;
   c) online: the same loss with the teacher in memory, full-vocabulary KL;
@@ -17,7 +27,9 @@ Throughput is tokens/s over the steps after ``--warmup-steps`` (with ``--repeats
 run N times round-robin and the medians are reported, which a noisy machine needs); peak memory
 is the process's
 peak RSS (CPU) and ``torch.cuda.max_memory_allocated`` (GPU). Results go to
-benchmarks/results/trainer_<tag>.{json,md}.
+benchmarks/results/trainer_<tag>.{json,md}, rewritten after every mode's process (a run stopped
+part-way keeps what it finished, marked incomplete), with the machine, the command, the date and the
+teacher's shape.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,14 +46,27 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("plain", "cache", "online", "online_topk")
+MODES = ("plain", "plain_chunked", "cache", "online", "online_topk")
+# issue 15: (ratio, op, target)
+TARGETS = {"throughput_cache_over_plain": (">=", 0.95), "throughput_cache_over_plain_chunked": (">=", 0.95),
+           "throughput_cache_over_online": (">=", 1.6),
+           "peak_rss_cache_over_plain": ("<=", 1.0), "peak_rss_cache_over_plain_chunked": ("<=", 1.0),
+           "peak_cuda_cache_over_plain": ("<=", 1.0), "peak_cuda_cache_over_plain_chunked": ("<=", 1.0)}
 
 
 def _timing_callback(warmup: int, record: dict):
     from transformers import TrainerCallback
 
+    import torch
+
+    def sync():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the step's kernels are done, not only queued
+
     class StepTimer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= warmup:
+                sync()
             if state.global_step == warmup:
                 record["t0"] = time.perf_counter()
             if state.global_step > warmup:
@@ -65,7 +91,7 @@ def run_mode(opts) -> dict:
     common = dict(output_dir=opts.run_dir, max_steps=steps, per_device_train_batch_size=opts.batch_size,
                   learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to=[],
                   use_cpu=opts.device == "cpu", bf16=opts.bf16, seed=0, disable_tqdm=True,
-                  dataloader_num_workers=0)
+                  dataloader_num_workers=opts.dataloader_workers)
     timer = _timing_callback(opts.warmup_steps, record)
     if opts.device != "cpu":
         torch.cuda.reset_peak_memory_stats()
@@ -80,6 +106,10 @@ def run_mode(opts) -> dict:
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=ids,
                           data_collator=collate, callbacks=[timer])
         trainer.train()
+    elif opts.mode == "plain_chunked":  # the same chunked CE as distill-from-cache, no teacher
+        args = DistillationArguments(**common, alpha=1.0, beta=0.0, gamma=0.0, layer_map="uniform",
+                                     logits_chunk_size=opts.logits_chunk_size)
+        trainer = distill_from_cache(opts.cache, opts.student, args, callbacks=[timer])
     else:
         args = DistillationArguments(**common, alpha=0.4, beta=0.4, gamma=0.2, kd_temperature=2.0,
                                      layer_map="uniform", hidden_loss="cosine",
@@ -115,6 +145,8 @@ def prepare(opts, work: Path) -> tuple[str, str]:
     source = resolve_model_source(opts.teacher)
     teacher = load_model(source, "float32", "cpu")
     n_t = teacher.config.num_hidden_layers
+    if not 0 < opts.drop_blocks < n_t:
+        raise SystemExit(f"--student-drop-blocks {opts.drop_blocks}: the teacher has {n_t} blocks")
     student = keep_blocks(teacher, last_blocks_dropped(n_t, opts.drop_blocks))
     student_dir = work / "student"
     student.save_pretrained(student_dir)
@@ -124,62 +156,98 @@ def prepare(opts, work: Path) -> tuple[str, str]:
     n_s = student.config.num_hidden_layers
     del teacher, student
     layer_map = create_layer_map(n_s, n_t, "uniform")
-    aligned = [int(i) for i in opts.align_layers.split(",")]
+    aligned = [int(i) for i in resolve_align_layers(opts.align_layers, n_s).split(",")]
     layers = ",".join(str(layer_map[i]) for i in aligned)
     cache = work / "cache"
     n_seq = (opts.warmup_steps + opts.steps) * opts.batch_size
     build_cache(BuildConfig(teacher=opts.teacher, data=opts.data, split="train", out=str(cache),
                             seq_len=opts.seq_len, top_k=opts.top_k, layers=layers,
                             max_sequences=n_seq, batch_size=8, shard_size=16,
-                            dtype="float32", device=opts.device), progress=False,
+                            dtype=opts.cache_dtype, device=opts.device), progress=False,
                 log=lambda m: print(m, file=sys.stderr))
     return str(cache), str(student_dir)
 
 
-def write_results(opts, results: dict) -> None:
-    from machine import machine  # benchmarks/machine.py, beside this script
+def resolve_align_layers(align: str, n_student: int) -> str:
+    """``auto``: min(5, n) evenly spaced student blocks ending at the last (4,8,12,16,20 of 20)."""
+    if align != "auto":
+        return align
+    m = min(5, n_student)
+    return ",".join(str(round(n_student * i / m)) for i in range(1, m + 1))
 
-    a, b, c = results["plain"], results["cache"], results["online"]
-    ratios = {"throughput_cache_over_plain": b["tokens_per_s"] / a["tokens_per_s"],
-              "throughput_cache_over_online": b["tokens_per_s"] / c["tokens_per_s"],
-              "peak_rss_cache_over_plain": b["peak_rss_mib"] / a["peak_rss_mib"],
-              "peak_rss_cache_over_online": b["peak_rss_mib"] / c["peak_rss_mib"]}
-    if "peak_cuda_mib" in b:
-        ratios["peak_cuda_cache_over_plain"] = b["peak_cuda_mib"] / a["peak_cuda_mib"]
-        ratios["peak_cuda_cache_over_online"] = b["peak_cuda_mib"] / c["peak_cuda_mib"]
-    if "online_topk" in results:
-        ratios["throughput_cache_over_online_topk"] = b["tokens_per_s"] / results["online_topk"]["tokens_per_s"]
-    targets = {"throughput_cache_over_plain": (">=", 0.85), "throughput_cache_over_online": (">=", 1.5),
-               "peak_rss_cache_over_plain": ("<=", 1.15), "peak_cuda_cache_over_plain": ("<=", 1.15)}
-    command = "python " + " ".join(sys.argv)
-    out = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine(opts.device),
-           "settings": {k: v for k, v in vars(opts).items() if k not in ("results", "mode", "run_dir")},
-           "modes": results, "ratios": {k: round(v, 3) for k, v in ratios.items()}}
+
+def ratios_of(results: dict) -> dict:
+    """Cache over each other mode measured: throughput and peak memory (RSS; CUDA on a GPU)."""
+    b = results.get("cache")
+    ratios = {}
+    if b is None:
+        return ratios
+    for other in ("plain", "plain_chunked", "online", "online_topk"):
+        if other not in results:
+            continue
+        o = results[other]
+        ratios[f"throughput_cache_over_{other}"] = b["tokens_per_s"] / o["tokens_per_s"]
+        if other == "online_topk":
+            continue  # the same process as online but for the targets: throughput only
+        ratios[f"peak_rss_cache_over_{other}"] = b["peak_rss_mib"] / o["peak_rss_mib"]
+        if "peak_cuda_mib" in b and "peak_cuda_mib" in o:
+            ratios[f"peak_cuda_cache_over_{other}"] = b["peak_cuda_mib"] / o["peak_cuda_mib"]
+    return ratios
+
+
+def write_results(opts, results: dict) -> None:
+    from machine import describe_model, machine, short  # benchmarks/machine.py, beside this script
+
+    ratios = ratios_of(results)
+    command = "python " + shlex.join(sys.argv)
+    runs = {mode: len(r["repeats"]) for mode, r in results.items()}
+    complete = all(n == opts.repeats for n in runs.values()) and set(runs) == set(opts.modes.split(","))
+    out = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(opts.device),
+           "settings": {k: v for k, v in vars(opts).items()
+                        if k not in ("results", "mode", "run_dir", "cache", "student", "teacher_info",
+                                      "student_blocks")},
+           "teacher": opts.teacher_info, "student_blocks": opts.student_blocks,
+           "runs_per_mode": runs, "complete": complete, "note": opts.note,
+           "modes": results, "ratios": {k: round(v, 3) for k, v in ratios.items()},
+           "targets": {k: list(v) for k, v in TARGETS.items() if k in ratios}}
     results_dir = Path(opts.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"trainer_{opts.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
-    labels = {"plain": "a) plain fine-tuning (HF Trainer, CE)", "cache": "b) distill-from-cache",
+    labels = {"plain": "a) plain fine-tuning (HF Trainer, CE)",
+              "plain_chunked": "a') plain fine-tuning, unidistill's chunked CE",
+              "cache": "b) distill-from-cache",
               "online": "c) online KD, full vocabulary", "online_topk": f"c') online KD, top-{opts.top_k}"}
+    cuda = any("peak_cuda_mib" in r for r in results.values())
+    n_t = opts.teacher_info.get("num_hidden_layers")
     md = [f"# Trainer throughput and memory ({opts.tag})", "",
-          f"`{command}` on {out['date']}, {json.dumps(out['machine'])}", "",
-          f"Student: SmolLM2-135M with its last {opts.drop_blocks} blocks dropped; batch "
-          f"{opts.batch_size} x {opts.seq_len} tokens; {opts.steps} timed steps after "
-          f"{opts.warmup_steps} warm-up; median of {opts.repeats} round-robin repeat(s) per mode, each "
-          f"in its own process; bf16={opts.bf16}; loss 0.4 CE + 0.4 T^2 KL + 0.2 cosine on "
-          f"student blocks {opts.align_layers}; cache top-{opts.top_k}.", "",
-          "| mode | tokens/s | peak RSS MiB |" + (" peak CUDA MiB |" if "peak_cuda_mib" in b else ""),
-          "|---|---|---|" + ("---|" if "peak_cuda_mib" in b else "")]
+          f"`{command}` on {out['date']}", "", f"Machine: {short(out['machine'])}", "",
+          f"Teacher: {describe_model(opts.teacher_info)}. Student: the teacher's first "
+          f"{opts.student_blocks} blocks ({n_t} minus the last {opts.drop_blocks}). Batch "
+          f"{opts.batch_size} x {opts.seq_len} tokens of {opts.data}; {opts.steps} timed steps after "
+          f"{opts.warmup_steps} warm-up; median of {opts.repeats} round-robin repeat(s) per mode"
+          + ("" if complete else f" asked, INCOMPLETE: runs done {runs}")
+          + f", each in its own process; bf16={opts.bf16}; loss 0.4 CE + 0.4 T^2 KL + 0.2 cosine on "
+          f"student blocks {opts.align_layers}; cache top-{opts.top_k}; logits chunk "
+          f"{opts.logits_chunk_size} positions; data-loader workers {opts.dataloader_workers}.", "",
+          *([opts.note, ""] if opts.note else []),
+          *(["Random weights: speed and memory are the shape's; the losses mean nothing.", ""]
+            if opts.teacher_info.get("random_weights") else []),
+          "| mode | tokens/s | peak RSS MiB |" + (" peak CUDA MiB |" if cuda else ""),
+          "|---|---|---|" + ("---|" if cuda else "")]
     for mode, r in results.items():
         row = f"| {labels[mode]} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} |"
-        if "peak_cuda_mib" in r:
-            row += f" {r['peak_cuda_mib']:.0f} |"
+        if cuda:
+            row += f" {r['peak_cuda_mib']:.0f} |" if "peak_cuda_mib" in r else " |"
         md.append(row)
     md += ["", "| ratio (medians of this run) | value | target |", "|---|---|---|"]
     for k, v in ratios.items():
-        op, t = targets.get(k, ("", None))
+        op, t = TARGETS.get(k, ("", None))
         md.append(f"| {k} | {v:.3f} | {op} {t} |" if t is not None else f"| {k} | {v:.3f} | |")
     (results_dir / f"trainer_{opts.tag}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    if complete:
+        print("\n".join(md))
+    else:
+        print(f"[bench] partial results ({runs}) in {results_dir}/trainer_{opts.tag}.md", file=sys.stderr)
 
 
 def main(argv=None):
@@ -192,15 +260,23 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--drop-blocks", type=int, default=10)
-    p.add_argument("--align-layers", default="4,8,12,16,20", help="student blocks with a hidden loss")
+    p.add_argument("--student-drop-blocks", "--drop-blocks", dest="drop_blocks", type=int, default=10,
+                   help="the student is the teacher minus its last N blocks")
+    p.add_argument("--align-layers", default="auto",
+                   help="student blocks with a hidden loss, or auto: min(5, n) evenly spaced "
+                        "(4,8,12,16,20 of 20)")
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--logits-chunk-size", type=int, default=None,
                    help="positions per logits chunk [default: the trainer's]")
+    p.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="teacher dtype of the cache build that prepares the run")
+    p.add_argument("--dataloader-workers", type=int, default=0)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--repeats", type=int, default=1,
                    help="run the modes this many times, round-robin, and report medians")
-    p.add_argument("--tag", default="cpu")
+    p.add_argument("--tag", default=None,
+                   help="results name: trainer_<tag> [default: cpu on the CPU, the GPU's name on CUDA]")
+    p.add_argument("--note", default="", help="a line for the markdown (what this run is for)")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--work", default=None, help="reuse this folder's cache and student")
     # internal: one mode in a child process
@@ -208,6 +284,7 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     p.add_argument("--student", default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prepare-in", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
 
     if opts.logits_chunk_size is None:
@@ -217,27 +294,68 @@ def main(argv=None):
     if opts.mode:
         print(json.dumps(run_mode(opts)))
         return
+    if opts.prepare_in:
+        cache, student = prepare(opts, Path(opts.prepare_in))
+        print(json.dumps({"cache": cache, "student": student}))
+        return
+    modes = opts.modes.split(",")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise SystemExit(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
+    from machine import model_info, resolve_tag  # benchmarks/machine.py, beside this script
+
+    from unidistill.models.loading import resolve_device, resolve_model_source
+
+    opts.tag = resolve_tag(opts.tag, resolve_device(opts.device).type)
+    source = resolve_model_source(opts.teacher)
+    opts.teacher_info = model_info(source.path) if not source.gguf_file else {
+        "path": opts.teacher, **{k: v for k, v in model_info(source.path, _gguf_config(source)).items()
+                                 if k != "path"}}
     work = Path(opts.work or tempfile.mkdtemp(prefix="bench-trainer-"))
     if (work / "cache").exists() and (work / "student").exists():
         cache, student = str(work / "cache"), str(work / "student")
     else:
-        cache, student = prepare(opts, work)
-    runs: dict[str, list[dict]] = {}
-    for mode in [m for _ in range(opts.repeats) for m in opts.modes.split(",")]:  # round-robin
-        child = [sys.executable, __file__, "--mode", mode, "--cache", cache, "--student", student,
-                 "--run-dir", str(work / f"run-{mode}"), "--teacher", opts.teacher,
-                 "--device", opts.device, "--seq-len", str(opts.seq_len),
-                 "--batch-size", str(opts.batch_size), "--warmup-steps", str(opts.warmup_steps),
-                 "--steps", str(opts.steps), "--align-layers", opts.align_layers,
-                 "--top-k", str(opts.top_k)] + (["--bf16"] if opts.bf16 else []) + (
-                     ["--logits-chunk-size", str(opts.logits_chunk_size)] if opts.logits_chunk_size else [])
-        print(f"[bench] mode {mode}", file=sys.stderr)
-        done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True,
+        # in a child too: on Linux a child's peak RSS starts at its parent's (fork keeps the
+        # high-water mark, exec folds it in), and a GPU build would keep its cached memory here
+        prep = [sys.executable, __file__, "--prepare-in", str(work), "--teacher", opts.teacher,
+                "--data", opts.data, "--device", opts.device, "--seq-len", str(opts.seq_len),
+                "--batch-size", str(opts.batch_size), "--warmup-steps", str(opts.warmup_steps),
+                "--steps", str(opts.steps), "--student-drop-blocks", str(opts.drop_blocks),
+                "--align-layers", opts.align_layers, "--top-k", str(opts.top_k),
+                "--cache-dtype", opts.cache_dtype]
+        print("[bench] preparing the student and the cache", file=sys.stderr, flush=True)
+        done = subprocess.run(prep, check=True, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        runs.setdefault(mode, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"[bench] {runs[mode][-1]}", file=sys.stderr)
-    results = {mode: _summary(rs) for mode, rs in runs.items()}
-    write_results(opts, results)
+        made = json.loads(done.stdout.strip().splitlines()[-1])
+        cache, student = made["cache"], made["student"]
+    opts.student_blocks = json.loads((Path(student) / "config.json").read_text())["num_hidden_layers"]
+    opts.align_layers = resolve_align_layers(opts.align_layers, opts.student_blocks)
+    runs: dict[str, list[dict]] = {}
+    for round_ in range(1, opts.repeats + 1):  # round-robin: drift hits every mode alike
+        for mode in modes:
+            child = [sys.executable, __file__, "--mode", mode, "--cache", cache, "--student", student,
+                     "--run-dir", str(work / f"run-{mode}"), "--teacher", opts.teacher,
+                     "--device", opts.device, "--seq-len", str(opts.seq_len),
+                     "--batch-size", str(opts.batch_size), "--warmup-steps", str(opts.warmup_steps),
+                     "--steps", str(opts.steps), "--align-layers", opts.align_layers,
+                     "--top-k", str(opts.top_k), "--dataloader-workers", str(opts.dataloader_workers),
+                     ] + (["--bf16"] if opts.bf16 else []) + (
+                         ["--logits-chunk-size", str(opts.logits_chunk_size)] if opts.logits_chunk_size else [])
+            print(f"[bench] round {round_}/{opts.repeats}, mode {mode}", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            runs.setdefault(mode, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs[mode][-1]["process_seconds"] = round(time.perf_counter() - t0, 1)
+            print(f"[bench] {runs[mode][-1]}", file=sys.stderr, flush=True)
+            # rewritten after every mode: a run stopped part-way keeps what it finished
+            write_results(opts, {mode: _summary(rs) for mode, rs in runs.items()})
+
+
+def _gguf_config(source):
+    from unidistill.models.loading import load_config
+
+    return load_config(source)
 
 
 def _summary(repeats: list[dict]) -> dict:
