@@ -328,6 +328,62 @@ def test_the_training_loss_equals_the_reference_and_its_gradients(direction, chu
         assert want.abs().sum() > 0
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_the_closed_form_gradient_equals_autograd(temperature, softcap):
+    """The fused step's closed-form CE + forward-KL gradient (fused_grad) against autograd over
+    the same chunk, with a softcap and at T != 1, where a wrong 1/T or tail term would show."""
+    from unidistill.model_logits import LogitTransform
+    from unidistill.trainer.losses.logit_loss import _analytic_chunk, _autograd_chunk
+
+    hidden, weight, lm_bias, labels, mask, teacher = make_batch()
+    transform = LogitTransform(softcap=softcap)
+    cfg = recipe(temperature=temperature, alpha=0.3, beta=0.9)
+    spec = dict(w_ce=0.3 / 8, w_kl=cfg.kl_weight / 10)
+    args = (hidden.detach().requires_grad_(), weight.detach().requires_grad_(),
+            lm_bias.detach().requires_grad_(), transform, labels, teacher, cfg, mask, spec)
+    closed_sums, closed = _analytic_chunk(*args)
+    auto_sums, auto = _autograd_chunk(*args)
+    close(closed_sums, auto_sums)
+    for got, want in zip(closed, auto):
+        close(got, want, atol=1e-6, rtol=1e-4)
+        assert want.abs().sum() > 0
+
+
+def test_sampled_targets_with_unused_slots_train_like_the_reference():
+    """A sampled cache's rows: distinct ids with counts, unused slots as id 0 with weight 0 (so
+    id 0 can appear twice), no tail. The closed form sums a duplicated id's slots."""
+    hidden, weight, lm_bias, labels, mask, _ = make_batch()
+    g = torch.Generator().manual_seed(7)
+    ids = torch.stack([torch.randperm(V - 1, generator=g)[:4] + 1 for _ in range(14)])  # (14, 4)
+    counts = torch.randint(1, 5, (14, 4), generator=g).float()
+    ids[::3, 2:] = 0          # unused slots: id 0, count 0 ...
+    counts[::3, 2:] = 0.0
+    ids[::6, 1] = 0           # ... and in some rows id 0 was also drawn
+    logp = (counts / counts.sum(-1, keepdim=True)).log()
+    sampled = TeacherTargets(ids=ids.reshape(2, 7, 4), logp=logp.reshape(2, 7, 4),
+                             log_tail=torch.full((2, 7), -INF))
+    ref = reference(hidden, weight, lm_bias, labels, mask, sampled, "forward", 1.0)
+    ref_loss = ref["ce"] + ref["kl"]
+    loss, _, kl = logit_loss(hidden, OutputHead(weight, lm_bias), labels, sampled,
+                             recipe(alpha=1.0, beta=1.0, temperature=1.0), mask=mask)
+    close(kl, ref["kl"])
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight, lm_bias)),
+                         torch.autograd.grad(ref_loss, (hidden, weight, lm_bias))):
+        close(got, want)
+
+
+def test_the_fused_loss_hands_its_gradients_over_once():
+    """Backward scales the saved gradients in place and gives them away (no second copy of the
+    head's gradient), so a second backward is refused with a clear error, not a wrong result."""
+    hidden, weight, lm_bias, labels, mask, teacher = make_batch()
+    loss, _, _ = logit_loss(hidden, OutputHead(weight, lm_bias), labels, teacher, recipe(), mask=mask)
+    (loss * 0.5).backward(retain_graph=True)
+    assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="second backward through it"):
+        loss.backward()
+
+
 def test_a_term_whose_weight_is_zero_is_not_computed():
     hidden, weight, _, labels, mask, teacher = make_batch(bias=False)
     head = OutputHead(weight)

@@ -89,6 +89,13 @@ class LogitTransform:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def derivative(self, logits: torch.Tensor) -> torch.Tensor | float:
+        """d apply(z) / dz, from the transformed logits ``apply(z)`` themselves: ``scale`` without
+        a softcap, ``scale * (1 - (apply(z) / softcap)^2)`` with one (tanh' = 1 - tanh^2)."""
+        if self.softcap is None:
+            return self.scale
+        return self.scale * (1.0 - (logits / self.softcap).square())
+
     def to_dict(self) -> dict:
         return {"scale": self.scale, "softcap": self.softcap}
 

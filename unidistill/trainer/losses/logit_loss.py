@@ -22,11 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from unidistill.errors import ConfigError
 from unidistill.model_logits import OutputHead
 from unidistill.models.targets import TeacherTargets
 from unidistill.trainer.losses.config import LossConfig
+from unidistill.trainer.losses.fused_grad import ce_and_forward_kl
 from unidistill.trainer.losses.divergences import (
     IGNORE_INDEX,
     bucket_log_probs,
@@ -158,48 +160,97 @@ def logit_sums(hidden: torch.Tensor, head: OutputHead, labels: torch.Tensor,
     return total
 
 
+def _analytic_chunk(h, weight, bias, transform, labels, targets, cfg: LossConfig, mask, spec):
+    """The chunk's sums and its gradients w.r.t. (h, weight, bias) from the closed form of
+    :mod:`.fused_grad` (CE and the forward KL): no autograd graph over (positions x V)."""
+    raw = F.linear(h.to(weight.dtype), weight, bias).float()               # (B, C, V)
+    teacher_logits = None
+    if cfg.beta > 0 and targets is not None and targets.is_exact:
+        with torch.no_grad():
+            teacher_logits = targets.head.logits(targets.final_hidden)     # (B, C, V)
+    sums, g = ce_and_forward_kl(raw.reshape(-1, raw.shape[-1]), transform, labels, targets,
+                                cfg.temperature, mask, ce_weight=spec["w_ce"],
+                                kl_weight=spec["w_kl"], teacher_logits=teacher_logits)
+    del raw, teacher_logits
+    if g is None:
+        return sums, (None, None, None)
+    g = g.to(weight.dtype)                                                  # (N, V)
+    flat_h = h.reshape(-1, h.shape[-1]).to(weight.dtype)                    # (N, D)
+    grad_h = (g @ weight).reshape(h.shape) if h.requires_grad else None    # (B, C, D)
+    grad_w = g.t() @ flat_h if weight.requires_grad else None               # (V, D)
+    grad_b = g.sum(0) if bias is not None and bias.requires_grad else None
+    return sums, (grad_h, grad_w, grad_b)
+
+
+def _autograd_chunk(h, weight, bias, transform, labels, targets, cfg: LossConfig, mask, spec):
+    """The chunk's sums and gradients by autograd over the chunk's graph (reverse KL, JSD)."""
+    h = h.detach().requires_grad_(h.requires_grad)                          # (B, C, D)
+    w = weight.detach().requires_grad_(weight.requires_grad)
+    b = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
+    with torch.enable_grad():
+        sums = _chunk_sums(h, OutputHead(w, b, transform), labels, targets, cfg, mask,
+                           stats=False)                                     # (6,)
+        objective = spec["w_ce"] * sums[0] + spec["w_kl"] * sums[2]
+        leaves = [x for x in (h, w, b) if x is not None and x.requires_grad]
+        grads = iter(torch.autograd.grad(objective, leaves) if objective.requires_grad else ())
+    return sums.detach(), tuple(next(grads, None) if x is not None and x.requires_grad else None
+                                for x in (h, w, b))
+
+
 class _FusedLogitLoss(torch.autograd.Function):
     """w_ce * ce_sum + w_kl * kl_sum, whose gradients are computed chunk by chunk in forward.
 
-    Each chunk's logits are built, differentiated locally (autograd on that chunk only) and turned
-    at once into the chunk's share of the hidden-state and head gradients (the two matmuls a
-    backward pass would do anyway), then dropped. Backward only scales the stored gradients.
+    Each chunk's logits are built and turned at once into the chunk's share of the hidden-state
+    and head gradients (the two matmuls a backward pass would do anyway), then dropped; for CE
+    and the forward KL from the closed form (:mod:`.fused_grad`), for the other directions by
+    autograd over that chunk. Nothing of size (.., V) outlives its chunk and nothing is
+    recomputed. The head's gradient is accumulated in the head's own dtype (the dtype of the
+    gradient the optimizer gets) and backward scales it in place, so no second copy is made.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, spec):
-        leaves = [x for x in (hidden, weight, bias) if x is not None and x.requires_grad]
-        grads = [torch.zeros_like(x, dtype=torch.float32) for x in leaves]
+        params = (hidden, weight, bias)
+        needs = tuple(x is not None and x.requires_grad for x in params)
+        grads = [torch.zeros_like(x, dtype=torch.float32 if x is hidden else x.dtype) if need
+                 else None for x, need in zip(params, needs)]
         totals = hidden.new_zeros(len(SUMS), dtype=torch.float32)
         head, cfg = spec["head"], spec["cfg"]
+        step = _analytic_chunk if cfg.kl_direction == "forward" else _autograd_chunk
         for start, h, labels, targets, mask in _chunks(hidden, spec["labels"], spec["targets"],
                                                        spec["mask"], cfg.chunk_size):
-            h = h.detach().requires_grad_(hidden.requires_grad)                    # (B, C, D)
-            w = weight.detach().requires_grad_(weight.requires_grad)
-            b = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
-            with torch.enable_grad():
-                sums = _chunk_sums(h, OutputHead(w, b, head.transform), labels, targets, cfg,
-                                   mask, stats=False)                              # (6,)
-                objective = spec["w_ce"] * sums[0] + spec["w_kl"] * sums[2]
-                chunk_leaves = [x for x in (h, w, b) if x is not None and x.requires_grad]
-                if objective.requires_grad:  # the chunk's logits die with this graph
-                    for acc, leaf, g in zip(grads, leaves,
-                                            torch.autograd.grad(objective, chunk_leaves)):
-                        if leaf is hidden:
-                            acc[:, start:start + cfg.chunk_size] = g
-                        else:
-                            acc += g
-            totals += sums.detach()
-        ctx.save_for_backward(*grads)
-        ctx.dtypes = [x.dtype for x in leaves]
-        ctx.needs = tuple(x is not None and x.requires_grad for x in (hidden, weight, bias))
+            with torch.no_grad():
+                sums, chunk_grads = step(h.detach().requires_grad_(needs[0]), weight.detach()
+                                         .requires_grad_(needs[1]), None if bias is None else
+                                         bias.detach().requires_grad_(needs[2]), head.transform,
+                                         labels, targets, cfg, mask, spec)
+            for i, g in enumerate(chunk_grads):
+                if g is None:
+                    continue
+                if i == 0:
+                    grads[0][:, start:start + cfg.chunk_size] = g
+                else:
+                    grads[i] += g
+            totals += sums
+        # intermediate results, kept on ctx (not save_for_backward) so backward may reuse them
+        ctx.grads = [g for g in grads if g is not None]
+        ctx.dtypes = [x.dtype for x, need in zip(params, needs) if need]
+        ctx.needs = needs
         weighted = spec["w_ce"] * totals[0] + spec["w_kl"] * totals[2]
         ctx.mark_non_differentiable(totals)
         return weighted, totals
 
     @staticmethod
     def backward(ctx, grad_weighted, _grad_totals):
-        scaled = iter((g * grad_weighted).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        # The saved gradients are scaled in place and handed over: the buffer becomes the
+        # gradient (autograd takes it without a copy), so it cannot serve a second backward.
+        if ctx.grads is None:
+            raise RuntimeError("the fused logit loss hands its gradients over at the first "
+                               "backward; a second backward through it (retain_graph=True) is "
+                               "not supported. Run the forward again for another backward")
+        grads, ctx.grads = ctx.grads, None
+        scaled = iter(g.mul_(grad_weighted).to(dtype) if not bool(grad_weighted == 1)
+                      else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
         return (*(next(scaled) if need else None for need in ctx.needs), None)
 
 
