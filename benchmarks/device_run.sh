@@ -181,6 +181,8 @@ EOF
                 --student-drop-blocks 4)
         B_ARGS=(--device cuda --bf16 --seq-len 1024 --batch-size 8 --warmup-steps 5 --steps 40
                 --student-drop-blocks 10)
+        # TRAINER_EXTRA: more bench_trainer flags for both trainer rows (e.g. a larger logits chunk)
+        C_ARGS+=(${TRAINER_EXTRA:-}); B_ARGS+=(${TRAINER_EXTRA:-})
     fi
     echo "=== steps: $STEPS; result tags: $TAG (cache_build, trainer), $BIG (trainer_large_vocab)"
     local NOTE135="Random-weight teacher of SmolLM2-135M's shape (the GGUF does not travel); benchmarks/device_run.sh."
@@ -200,14 +202,14 @@ EOF
     if wanted trainer_large_vocab; then
         needs "$T262" trainer_large_vocab && \
         step trainer_large_vocab 150 "$PY" benchmarks/bench_trainer.py --teacher "$T262" \
-            --data builtin:stdlib_docs "${C_ARGS[@]}" --modes plain,plain_chunked,cache --repeats 1 \
-            --tag "$BIG" --results "$RES" --note "Large-vocabulary row (issue 15 item 2): random-weight \
+            --data builtin:stdlib_docs "${C_ARGS[@]}" --modes ${BIG_MODES:-plain,plain_chunked,cache} --repeats 1 \
+            --tag "$BIG${TAG_SUFFIX:-}" --results "$RES" --note "Large-vocabulary row (issue 15 item 2): random-weight \
 teacher with a Gemma-3-sized vocabulary; benchmarks/device_run.sh."
     fi
     if wanted trainer; then  # last: it keeps every finished mode if the deadline cuts it short
         needs "$T135" trainer && \
         step trainer 240 "$PY" benchmarks/bench_trainer.py --teacher "$T135" --data builtin:stdlib_docs \
-            "${B_ARGS[@]}" --modes plain,cache,online,plain_chunked --repeats 2 --tag "$TAG" \
+            "${B_ARGS[@]}" --modes ${TRAINER_MODES:-plain,cache,online,plain_chunked} --repeats ${TRAINER_REPEATS:-2} --tag "$TAG${TAG_SUFFIX:-}" \
             --results "$RES" --note "$NOTE135"
     fi
 

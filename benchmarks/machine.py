@@ -29,7 +29,10 @@ def _versions() -> dict:
 
 
 def commit() -> str | None:
-    """The checkout's commit (``git rev-parse``), else ``$UNIDISTILL_COMMIT`` (a copied tree)."""
+    """``$UNIDISTILL_COMMIT`` when set (a copied tree, whose .git may be stale), else the
+    checkout's commit (``git rev-parse``, ``+dirty`` with uncommitted changes)."""
+    if os.environ.get("UNIDISTILL_COMMIT"):
+        return os.environ["UNIDISTILL_COMMIT"]
     try:
         done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=10)
@@ -39,7 +42,7 @@ def commit() -> str | None:
             return done.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("UNIDISTILL_COMMIT")
+    return None
 
 
 def machine(device: str = "auto") -> dict:
