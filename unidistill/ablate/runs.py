@@ -21,7 +21,14 @@ from unidistill.ablate.records import (
     training_settings,
 )
 from unidistill.ablate.table import ABLATION_JSON, ABLATION_MD, format_table, new_table, row
-from unidistill.ablate.variants import ONLINE, SHOWN, argument_defaults, check_variants, online_top_k, run_arguments
+from unidistill.ablate.variants import (
+    ONLINE,
+    SHOWN,
+    argument_defaults,
+    check_variants,
+    online_top_k,
+    run_arguments,
+)
 from unidistill.storage.files import atomic_write_bytes, atomic_write_json
 from unidistill.storage.manifest import read_manifest
 
