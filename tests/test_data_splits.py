@@ -247,7 +247,7 @@ def test_check_caches_apart(train, heldout, error):
 
 
 def test_ablate_refuses_held_out_data_that_shares_documents_with_the_cache(cache, text_file):
-    from unidistill.ablate import _heldout_apart
+    from unidistill.ablate import heldout_apart as _heldout_apart
 
     # the training cache (a local file's train split, default share) and its own held-out split
     assert _heldout_apart(cache, str(text_file), None) == {"heldout_share": 0.05}

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import click
 import yaml
 
 
+def config_keys(command: click.Command) -> dict[str, str]:
+    """Every key a config file may use -> the parameter it sets: the parameter's name and each of
+    its long option names, with - or _ (``kd_temperature``, ``temperature``, ``kd-temperature``
+    all set ``--temperature``)."""
+    keys = {}
+    for param in command.params:
+        if not isinstance(param, click.Option) or not param.expose_value:
+            continue  # --config, --help, --help-all, --version
+        for name in (param.name, *(o for o in param.opts if o.startswith("--"))):
+            keys[name.lstrip("-").replace("-", "_")] = param.name
+    return keys
+
+
 def load_config_option(ctx: click.Context, _param, value):
     """Eager click callback: the file's keys become the command's defaults.
 
-    Keys are option names with dashes or underscores (``learning_rate`` or ``learning-rate``).
-    Unknown keys are an error that lists the valid ones.
+    Keys are option names with dashes or underscores (``learning_rate`` or ``learning-rate``,
+    ``out`` or ``output_dir``). Unknown keys, and two keys for one option, are errors that say
+    which keys are valid.
     """
     if not value:
         return value
@@ -23,11 +38,23 @@ def load_config_option(ctx: click.Context, _param, value):
     if not isinstance(data, dict):
         raise click.BadParameter(f"{path} must hold a mapping of option: value, got "
                                  f"{type(data).__name__}", ctx=ctx, param=_param)
-    known = {p.name for p in ctx.command.params if p.name != "config"}
-    normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(normalised) - known)
+    keys = config_keys(ctx.command)
+    given = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(given) - set(keys))
     if unknown:
-        raise click.BadParameter(f"unknown keys in {path}: {unknown}; valid keys: {sorted(known)}",
-                                 ctx=ctx, param=_param)
-    ctx.default_map = {**(ctx.default_map or {}), **normalised}
+        close = {k: difflib.get_close_matches(k, list(keys), n=1) for k in unknown}
+        hints = "; ".join(f"{k}: did you mean {m[0]}?" for k, m in close.items() if m)
+        has_help_all = any(p.name == "help_all" for p in ctx.command.params)
+        everything = ("the options that `--help-all` lists" if has_help_all
+                      else str(sorted(set(keys.values()))))
+        raise click.BadParameter(f"unknown keys in {path}: {unknown}" + (f" ({hints})" if hints else "")
+                                 + f"; valid keys: {everything}, with - or _", ctx=ctx, param=_param)
+    by_param: dict[str, list[str]] = {}
+    for key in given:
+        by_param.setdefault(keys[key], []).append(key)
+    twice = {p: ks for p, ks in by_param.items() if len(ks) > 1}
+    if twice:
+        raise click.BadParameter(f"{path} sets one option under several keys: {twice}; keep one key "
+                                 "for each", ctx=ctx, param=_param)
+    ctx.default_map = {**(ctx.default_map or {}), **{keys[k]: v for k, v in given.items()}}
     return value

@@ -127,7 +127,7 @@ def plot_recovery(run_dir: Path) -> Path | None:
 
 def write_ablation_table(run_dir: Path) -> Path | None:
     """``ablation.md`` rendered from ``ablation.json`` (one renderer: :func:`format_table`)."""
-    from unidistill.ablate import ABLATION_JSON, ABLATION_MD, format_table
+    from unidistill.ablate.table import ABLATION_JSON, ABLATION_MD, format_table
     from unidistill.storage.files import atomic_write_bytes
 
     path = run_dir / ABLATION_JSON

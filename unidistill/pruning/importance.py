@@ -97,74 +97,86 @@ def _seq_stats(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return per_seq.square().sum(0).double().cpu(), a.sum((0, 1)).double().cpu()
 
 
+class _Accumulator:
+    """The running sums of one calibration pass, filled by forward hooks on ``model``."""
+
+    def __init__(self, model):
+        config = model.config
+        self.blocks, self.norms = decoder_blocks(model), norm_modules(model)
+        n, d, inter = len(self.blocks), config.hidden_size, config.intermediate_size
+        self.heads, self.head_dim = config.num_attention_heads, head_dim_of(config)
+        f64 = dict(dtype=torch.float64)
+        self.cos_sum = torch.zeros(n, **f64)
+        self.mlp_sq, self.mlp_abs = torch.zeros(n, inter, **f64), torch.zeros(n, inter, **f64)
+        self.head_sq, self.head_abs = torch.zeros(n, self.heads, **f64), torch.zeros(n, self.heads, **f64)
+        self.in_ms = {k: torch.zeros(d, **f64) for k in self.norms}
+        self.ch_sq, self.ch_abs = torch.zeros(d, **f64), torch.zeros(d, **f64)
+        self.ch_max = torch.zeros(d, **f64)
+
+    def _block_hook(self, i):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = _first(output)
+            self.cos_sum[i] += F.cosine_similarity(x.float(), y.float(), dim=-1).sum().double().cpu()
+        return hook
+
+    def _mlp_hook(self, i):
+        def hook(module, args):
+            sq, ab = _seq_stats(args[0])                     # (B, S, I) -> (I,)
+            self.mlp_sq[i] += sq
+            self.mlp_abs[i] += ab
+        return hook
+
+    def _head_hook(self, i):
+        def hook(module, args):
+            x = args[0]                                      # (B, S, H * head_dim)
+            per_head = x.float().unflatten(-1, (self.heads, self.head_dim)).norm(dim=-1)  # (B, S, H)
+            sq, ab = _seq_stats(per_head)
+            self.head_sq[i] += sq
+            self.head_abs[i] += ab
+        return hook
+
+    def _norm_hook(self, name):
+        def hook(module, args, output):
+            x = args[0].float()                              # (B, S, D)
+            self.in_ms[name] += x.square().sum((0, 1)).double().cpu()
+            torch.maximum(self.ch_max, x.abs().amax((0, 1)).double().cpu(), out=self.ch_max)
+            sq, ab = _seq_stats(output)
+            self.ch_sq.add_(sq)
+            self.ch_abs.add_(ab)
+        return hook
+
+    def register(self) -> list:
+        """Register every hook; returns their handles."""
+        hooks = []
+        for i, block in enumerate(self.blocks):
+            hooks.append(block.register_forward_hook(self._block_hook(i), with_kwargs=True))
+            hooks.append(block.mlp.down_proj.register_forward_pre_hook(self._mlp_hook(i)))
+            hooks.append(block.self_attn.o_proj.register_forward_pre_hook(self._head_hook(i)))
+        for name, module in self.norms.items():
+            hooks.append(module.register_forward_hook(self._norm_hook(name)))
+        return hooks
+
+    def stats(self, tokens: int, sequences: int) -> ActivationStats:
+        return ActivationStats(
+            block_cosine=(self.cos_sum / tokens).float(),
+            mlp_l2=self.mlp_sq.sqrt().float(), mlp_mean=(self.mlp_abs / tokens).float(),
+            head_l2=self.head_sq.sqrt().float(), head_mean=(self.head_abs / tokens).float(),
+            channel_l2=self.ch_sq.sqrt().float(), channel_mean=(self.ch_abs / tokens).float(),
+            channel_max=self.ch_max.float(),
+            norm_input_ms={k: (v / tokens).float() for k, v in self.in_ms.items()},
+            tokens=tokens, sequences=sequences)
+
+
 @torch.no_grad()
 def collect_stats(model, ids: np.ndarray, *, batch_size: int = 4, progress: bool = True) -> ActivationStats:
     """Run ``model`` over calibration ids (N, L) and return the activation statistics."""
     if ids is None or len(ids) == 0:
         raise ConfigError("activation statistics need at least one calibration sequence")
-    config = model.config
-    blocks = decoder_blocks(model)
-    n, d, inter = len(blocks), config.hidden_size, config.intermediate_size
-    heads, head_dim = config.num_attention_heads, head_dim_of(config)
     device = next(model.parameters()).device
-    f64 = dict(dtype=torch.float64)
-    cos_sum = torch.zeros(n, **f64)
-    mlp_sq, mlp_abs = torch.zeros(n, inter, **f64), torch.zeros(n, inter, **f64)
-    head_sq, head_abs = torch.zeros(n, heads, **f64), torch.zeros(n, heads, **f64)
-    norms = norm_modules(model)
-    in_ms = {k: torch.zeros(d, **f64) for k in norms}
-    ch_sq, ch_abs = torch.zeros(d, **f64), torch.zeros(d, **f64)
-    ch_max = torch.zeros(d, **f64)
-    hooks = []
-
-    def block_hook(i):
-        def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = _first(output)
-            cos_sum[i] += F.cosine_similarity(x.float(), y.float(), dim=-1).sum().double().cpu()
-        return hook
-
-    def mlp_hook(i):
-        def hook(module, args):
-            sq, ab = _seq_stats(args[0])                     # (B, S, I) -> (I,)
-            mlp_sq[i] += sq
-            mlp_abs[i] += ab
-        return hook
-
-    def head_hook(i):
-        def hook(module, args):
-            x = args[0]                                      # (B, S, H * head_dim)
-            per_head = x.float().unflatten(-1, (heads, head_dim)).norm(dim=-1)   # (B, S, H)
-            sq, ab = _seq_stats(per_head)
-            head_sq[i] += sq
-            head_abs[i] += ab
-        return hook
-
-    def norm_hook(name):
-        def hook(module, args, output):
-            x = args[0].float()                              # (B, S, D)
-            in_ms[name] += x.square().sum((0, 1)).double().cpu()
-            torch.maximum(ch_max, x.abs().amax((0, 1)).double().cpu(), out=ch_max)
-            sq, ab = _seq_stats(output)
-            ch_sq.add_(sq)
-            ch_abs.add_(ab)
-        return hook
-
-    for i, block in enumerate(blocks):
-        hooks.append(block.register_forward_hook(block_hook(i), with_kwargs=True))
-        hooks.append(block.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
-        hooks.append(block.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
-    for name, module in norms.items():
-        hooks.append(module.register_forward_hook(norm_hook(name)))
-    tokens = _run_hooked(model, ids, hooks, batch_size, device, progress, "calibration")
-    return ActivationStats(
-        block_cosine=(cos_sum / tokens).float(),
-        mlp_l2=mlp_sq.sqrt().float(), mlp_mean=(mlp_abs / tokens).float(),
-        head_l2=head_sq.sqrt().float(), head_mean=(head_abs / tokens).float(),
-        channel_l2=ch_sq.sqrt().float(), channel_mean=(ch_abs / tokens).float(),
-        channel_max=ch_max.float(),
-        norm_input_ms={k: (v / tokens).float() for k, v in in_ms.items()},
-        tokens=tokens, sequences=len(ids))
+    sums = _Accumulator(model)
+    tokens = _run_hooked(model, ids, sums.register(), batch_size, device, progress, "calibration")
+    return sums.stats(tokens, len(ids))
 
 
 def _run_hooked(model, ids: np.ndarray, hooks: list, batch_size: int, device, progress: bool,

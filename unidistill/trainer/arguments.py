@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 from unidistill.errors import ConfigError
 from unidistill.trainer.losses import HIDDEN_KINDS, KL_DIRECTIONS, validate_loss_weights
@@ -26,29 +27,71 @@ def _distributed_without_accelerator() -> bool:
     return world_size_from_env() > 1 and not _has_accelerator()
 
 
+# TrainingArguments fields that a distillation run cannot honour: set to anything but their
+# default they are refused with the reason (never ignored), from every entry point.
+_NO_EVALUATION_SET = ("a distillation run has no evaluation set: evaluate the student with "
+                      "`unidistill evaluate`, or compare runs with `unidistill ablate`")
+NOT_HONOURED = {
+    **dict.fromkeys(
+        ("do_eval", "do_predict", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start",
+         "per_device_eval_batch_size", "eval_accumulation_steps", "eval_do_concat_batches",
+         "eval_use_gather_object", "prediction_loss_only", "include_for_metrics", "batch_eval_metrics",
+         "bf16_full_eval", "fp16_full_eval", "load_best_model_at_end", "metric_for_best_model",
+         "greater_is_better"), _NO_EVALUATION_SET),
+    "do_train": "the Trainer does not read it (it is for training scripts); a distillation run always trains",
+    "label_names": "the distillation loss takes its next-token labels from the cached ids itself",
+    "resume_from_checkpoint": "the Trainer does not read it: give distill-from-cache "
+                              "--resume-from-checkpoint, or distill_from_cache(resume_from_checkpoint=...)",
+    "remove_unused_columns": "the teacher's targets ride in the batch beside the input ids and the "
+                             "student's forward does not take them, so the Trainer must keep them",
+}
+
+
 @dataclass
 class DistillationArguments(TrainingArguments):
     """Loss weights: L = alpha*CE + beta*T^2*KL_T + gamma*L_hidden.
 
-    The defaults (0.5 CE + 0.5 KL at T = 1, no hidden loss; the CLI's lr 3e-4 with a cosine
-    schedule) are the recipe that did best in the recovery experiment
-    (benchmarks/results/recovery_cpu.md, recovery_cpu-long.md): T = 2, the hidden losses and a
-    hidden-only warm-up gave no measurable gain, lr 1e-3 and 1e-4 did worse, and at 4x the
-    tokens CE + KD beat CE on text the student did not train on."""
+    The defaults are the recipe, the one default of every entry point (``distill-from-cache``'s
+    options are generated from these fields, ``--config`` files and ``ablate`` build this class):
+    0.5 CE + 0.5 KL at T = 1, no hidden loss, lr 3e-4 with a cosine schedule, one epoch over the
+    cache (runs of a fixed budget set ``max_steps``), a log line every 10 steps, no reporting
+    integration. It did best in the recovery experiment (benchmarks/results/recovery_cpu.md,
+    recovery_cpu-long.md): T = 2, the hidden losses and a hidden-only warm-up gave no measurable
+    gain, lr 1e-3 and 1e-4 did worse, and at 4x the tokens CE + KD beat CE on text the student
+    did not train on. The Trainer fields in :data:`NOT_HONOURED` are refused when set."""
 
-    # the measured best (see above), for every entry point: the CLI, --config and ablate alike
+    # the recipe (see above), for every entry point: the CLI, --config and ablate alike
     learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate"})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "learning-rate schedule"})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={
+        "help": "learning-rate schedule"})
+    num_train_epochs: float = field(default=1.0, metadata={
+        "help": "passes over the cache (max_steps > 0 overrides it)"})
+    logging_steps: float = field(default=10, metadata={
+        "help": "log the loss and its components every N optimizer steps (N < 1: a share of the run)"})
+    report_to: None | str | list[str] = field(default="none", metadata={
+        "help": "reporting integrations: none, all, or a comma-separated list (tensorboard, wandb, ...)"})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "must stay False: the batch carries the teacher's targets beside the input ids"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the next-token cross-entropy"})
     beta: float = field(default=0.5, metadata={"help": "weight of the T^2-scaled KL to the teacher"})
-    gamma: float = field(default=0.0, metadata={"help": "weight of the hidden-state loss"})
-    kd_temperature: float = field(default=1.0, metadata={"help": "KL temperature T (not a sampling temperature)"})
+    gamma: float = field(default=0.0, metadata={
+        "help": "weight of the hidden-state loss (no measurable gain in "
+                "benchmarks/results/recovery_cpu.md)"})
+    kd_temperature: float = field(default=1.0, metadata={
+        "help": "KL temperature T, not a sampling temperature (T = 2 was no better than 1 in the "
+                "recovery experiment)"})
     tail_approximation: str | None = field(default=None, metadata={
-        "help": "for a top-k cache without the exact tempered tail at --temperature: 'uniform' "
-                "spreads the tail mass evenly over the untaken ids (an approximation, see README); "
-                "unset = refuse such a temperature"})
-    kl_direction: str = field(default="forward", metadata={"help": f"one of {KL_DIRECTIONS}"})
-    hidden_loss: str = field(default="cosine", metadata={"help": f"one of {HIDDEN_KINDS}"})
+        "choices": ("uniform",),
+        "help": "a top-k cache serves exactly the temperatures it was built with (cache-build "
+                "--temperatures); 'uniform' accepts any other T with the tail mass spread evenly "
+                "over the untaken ids (an approximation, see README); unset = refuse such a T"})
+    kl_direction: str = field(default="forward", metadata={
+        "choices": KL_DIRECTIONS,
+        "help": "KL(teacher || student) (forward), KL(student || teacher) (reverse) or Jensen-Shannon"})
+    hidden_loss: str = field(default="cosine", metadata={
+        "choices": HIDDEN_KINDS,
+        "help": "nmse: the error over the teacher's energy; cnmse: the same per channel, averaged, "
+                "so massive-activation channels do not dominate"})
     layer_map: str = field(default="uniform", metadata={
         "help": "uniform | last | original | explicit JSON {student: teacher} or a .json file"})
     hidden_warmup_steps: int = field(default=0, metadata={
@@ -58,14 +101,17 @@ class DistillationArguments(TrainingArguments):
         "help": "which mapped student blocks get a hidden loss: 'cached' (those whose teacher layer "
                 "is in the cache), 'all' (every block; the cache must hold all), or a list 4,8,12"})
     projector_init: str = field(default="auto", metadata={
-        "help": f"auto or one of {PROJECTOR_INITS}; auto = channels for a student whose config "
-                f"records the teacher channels it kept (unidistill prune), else xavier"})
+        "choices": ("auto", *PROJECTOR_INITS),
+        "help": "auto = channels for a student whose config records the teacher channels it kept "
+                "(unidistill prune, width pruning), else xavier"})
     projector_learning_rate: float | None = field(default=None, metadata={
         "help": "learning rate of the projectors (default: learning_rate)"})
     force_projectors: bool = field(default=False, metadata={
         "help": "learnable projectors even when student and teacher widths match"})
-    kd_top_k: int | None = field(default=None, metadata={"help": "use the k most likely cached ids (<= stored k)"})
-    logits_chunk_size: int = field(default=64, metadata={"help": "positions per chunk of fp32 log-probs"})
+    kd_top_k: int | None = field(default=None, metadata={
+        "help": "use the k most likely cached ids (<= the cache's k; default: all of them)"})
+    logits_chunk_size: int = field(default=64, metadata={
+        "help": "positions per chunk of fp32 log-probs (memory: batch x chunk x vocabulary x 4 bytes)"})
 
     def __post_init__(self):
         if self.fsdp and (self.use_cpu or not _has_accelerator()):
@@ -76,6 +122,7 @@ class DistillationArguments(TrainingArguments):
                 "runs only on GPU launches (accelerate launch --config_file examples/fsdp.yaml). "
                 "On CPUs use data parallel instead: torchrun --nproc_per_node N -m unidistill.cli "
                 "distill-from-cache ...")
+        self._refuse_not_honoured()
         if not self.use_cpu and _distributed_without_accelerator():
             # `torchrun` / `accelerate launch --multi_gpu` on a machine without GPUs: accelerate
             # makes a gloo process group only when asked for the CPU, and would otherwise run
@@ -103,4 +150,13 @@ class DistillationArguments(TrainingArguments):
                 f"{self.max_steps}: the run would never train CE or KL; lower the warm-up")
         if self.kd_top_k is not None and self.kd_top_k < 1:
             raise ConfigError(f"kd_top_k must be >= 1, got {self.kd_top_k}")
-        self.remove_unused_columns = False  # teacher fields are not arguments of model.forward
+
+    def _refuse_not_honoured(self) -> None:
+        for f in fields(self):
+            if f.name not in NOT_HONOURED:
+                continue
+            default = f.default_factory() if f.default is MISSING else f.default
+            if getattr(self, f.name) != default:
+                raise ConfigError(
+                    f"{f.name}={getattr(self, f.name)!r} cannot be honoured: {NOT_HONOURED[f.name]}; "
+                    f"leave it at its default ({default!r})")

@@ -1,0 +1,168 @@
+"""``cache-build``, ``cache-info`` and ``cache-verify``: making a teacher cache and looking at one."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from unidistill.cli.common import friendly_errors, with_options
+
+_DEFAULT_BUILD_MAPS = "uniform,last"  # cache-build --layer-map
+
+
+BUILD_OPTIONS = [  # cache-build's options, in --help order
+    click.option("--teacher", required=True, help="Model folder, hub id, .gguf file, or builtin:smollm2."),
+    click.option("--gguf-file", default=None, help="GGUF file name inside the --teacher folder."),
+    click.option("--data", required=True,
+                 help="builtin:pydoc_topics, builtin:stdlib_docs (Python docs), builtin:kjv_bible "
+                      "(English prose, evaluation only), a .jsonl/.json/.parquet/.csv/.txt file, a "
+                      "folder of text files, or a hub data set id (streamed)."),
+    click.option("--data-config", default=None, help="Hub data set config, e.g. stories."),
+    click.option("--split", default="train", show_default=True,
+                 help="train | heldout | all for built-in text and local files and folders (a "
+                      "local document is held out by the hash of its text); a hub data set's own "
+                      "split names."),
+    click.option("--heldout-share", type=float, default=None,
+                 help="Local files and folders: share of documents held out [default: 0.05]. "
+                      "Build the held-out cache with the same value."),
+    click.option("--text-field", default="text", show_default=True),
+    click.option("--out", required=True,
+                 help="Cache folder or URL (s3://bucket/prefix) to create, or to resume."),
+    click.option("--seq-len", type=int, default=512, show_default=True),
+    click.option("--logits", default="topk", show_default=True,
+                 type=click.Choice(["topk", "topk-q8", "sampled", "exact"]),
+                 help="topk: the --top-k most likely ids + tail; topk-q8: the same with 8-bit "
+                      "log-probs and delta-coded ids (about half the bytes); sampled: --samples draws per position "
+                      "(distinct ids + counts); exact: the final hidden state + the teacher's head, "
+                      "full vocabulary at any temperature."),
+    click.option("--top-k", type=int, default=64, show_default=True),
+    click.option("--samples", type=int, default=64, show_default=True,
+                 help="With --logits sampled: draws per position."),
+    click.option("--sample-seed", type=int, default=0, show_default=True),
+    click.option("--temperatures", default=None,
+                 help="topk/topk-q8: KD temperatures the cache serves exactly (default 1,2). Each "
+                      "T != 1 stores the tempered tail log Σ_tail p^(1/T), 2 bytes per token."),
+    click.option("--layers", default="all", show_default=True,
+                 help="Teacher hidden_states indices to cache: 6,12,18,24,30 | all (1..n) | none."),
+    click.option("--student-layers", type=int, default=None,
+                 help="Instead of --layers: cache the teacher layers a student of this depth maps to."),
+    click.option("--layer-map", "layer_maps", default=None, show_default=_DEFAULT_BUILD_MAPS,
+                 help="With --student-layers: layer maps whose teacher layers to cache."),
+    click.option("--map", "deprecated_map", default=None, hidden=True,
+                 help="Deprecated name of --layer-map."),
+    click.option("--max-sequences", type=int, default=None, help="Stop after this many sequences."),
+    click.option("--batch-size", type=int, default=8, show_default=True),
+    click.option("--shard-size", type=int, default=16, show_default=True,
+                 help="Sequences per shard (= per work unit)."),
+    click.option("--dtype", default="float32", show_default=True,
+                 type=click.Choice(["float32", "bfloat16", "float16"]), help="Teacher compute dtype."),
+    click.option("--hidden-dtype", default="float16", show_default=True,
+                 type=click.Choice(["float16", "bfloat16", "int8"]),
+                 help="Stored hidden-state dtype; int8 keeps each sequence's 2 highest-norm tokens in "
+                      "fp16 and one scale per channel and 64 tokens for the rest (about half of fp16, "
+                      "robust to massive tokens and outlier channels)."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N."),
+    click.option("--overwrite", is_flag=True, help="Replace a complete cache at --out."),
+    click.option("--quiet", is_flag=True, help="No progress bar."),
+]
+
+
+@click.command("cache-build")
+@with_options(BUILD_OPTIONS)
+@friendly_errors
+def cache_build(layer_maps, deprecated_map, quiet, **kwargs):
+    """Run the teacher once over packed text and write the cache (resumable).
+
+    \b
+    Several processes split the work units (same cache as one process):
+      torchrun --nproc_per_node N -m unidistill.cli cache-build ...
+      accelerate launch --multi_gpu --num_processes N -m unidistill.cli cache-build ...
+    """
+    from unidistill.cache_builder.build import build_cache
+    from unidistill.cache_builder.config import BuildConfig
+
+    if deprecated_map is not None:
+        if layer_maps is not None:
+            raise click.UsageError("--map is the old name of --layer-map; give --layer-map only")
+        click.echo("warning: --map is deprecated, use --layer-map", err=True)
+        layer_maps = deprecated_map
+    if layer_maps is None:
+        layer_maps = _DEFAULT_BUILD_MAPS
+    maps = tuple(m.strip() for m in layer_maps.split(",") if m.strip())
+    cfg = BuildConfig(layer_maps=maps, **kwargs)
+    build_cache(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return str(n)
+
+
+@click.command("cache-info")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the full information as JSON.")
+@friendly_errors
+def cache_info_cmd(path, as_json):
+    """Show a cache's manifest, shapes, sizes on disk and bytes per token."""
+    from unidistill.storage.info import cache_info
+    from unidistill.storage.layout import HEAD_FILE
+
+    info = cache_info(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    s = info["settings"]
+    bpt = info["bytes_per_token"]
+    click.echo(f"cache        {info['path']}")
+    click.echo(f"status       {info['status']} ({info['units_committed']}/{info['units_total']} units)")
+    click.echo(f"fingerprint  {info['fingerprint'] or '-'}")
+    click.echo(f"teacher      {s['teacher']['source']}"
+               + (f" ({s['teacher']['gguf_file']})" if s['teacher'].get('gguf_file') else "")
+               + f", {s['teacher']['architecture']}, {s['teacher']['n_layers']} layers")
+    click.echo(f"data         {s['data']['source']} split={s['data']['split']}"
+               + (f" heldout_share={s['data']['heldout_share']}"
+                  if s['data'].get('heldout_share') is not None else ""))
+    click.echo(f"tokens       {info['n_sequences']} sequences x {info['seq_len']} = {info['n_tokens']}")
+    temps = ", T = " + ",".join(f"{t:g}" for t in [1.0, *info.get("tail_temperatures", [])])
+    click.echo("logits       " + {"topk": f"top-{info['top_k']} + tail{temps}",
+                                  "topk-q8": f"top-{info['top_k']} + tail{temps}, 8-bit log-probs",
+                                  "sampled": f"{info['top_k']} draws per position (ids + counts)",
+                                  "exact": f"exact: final layer + {HEAD_FILE}"}[info["logits_mode"]])
+    click.echo(f"layers       {info['layers']} ({info['hidden_dtype']})")
+    click.echo(f"bytes/token  logits {bpt['logits_disk']:.1f} on disk ({bpt['logits_raw']:.1f} raw), "
+               f"hidden {bpt['hidden_disk']:.1f} on disk ({bpt['hidden_raw']:.1f} raw), "
+               f"total {bpt['total_disk']:.1f}")
+    click.echo("arrays:")
+    for name, a in info["arrays"].items():
+        click.echo(f"  {name:<16} {str(a['shape']):<20} {a['dtype']:<8} "
+                   f"{_fmt_bytes(a['disk_bytes']):>10} on disk ({_fmt_bytes(a['raw_bytes'])} raw)")
+
+
+@click.command("cache-verify")
+@click.argument("path", type=click.Path())
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def cache_verify_cmd(path, quiet):
+    """Re-read every unit; name each damaged or missing one. Exit code 1 on damage."""
+    from tqdm.auto import tqdm
+
+    from unidistill.storage.verify import verify_cache
+
+    report = verify_cache(path, progress=None if quiet else
+                          (lambda it: tqdm(it, desc="cache-verify", unit="unit")))
+    for p in report.problems:
+        click.echo(f"BAD  {p}")
+    for f in report.stray_files:
+        click.echo(f"note: leftover partial write {f} (harmless; an interrupted write)")
+    if report.status != "complete":
+        click.echo(f"status is {report.status!r}, not complete: rerun cache-build to finish it")
+    if report.ok:
+        click.echo(f"OK   {report.n_units} units verified")
+    else:
+        click.echo(f"DAMAGED: {len(report.problems)} problem(s) in {report.root}")
+        sys.exit(1)
