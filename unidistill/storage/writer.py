@@ -23,7 +23,6 @@ from unidistill.storage.manifest import (
     STATUS_BUILDING,
     STATUS_COMPLETE,
     STATUS_CREATING,
-    UNITS_DIR,
     content_fingerprint,
     diff_settings,
     read_manifest,
@@ -101,7 +100,6 @@ class CacheWriter:
         group = loc.open_group(mode="w", attributes={MANIFEST_KEY: manifest})
         for name, spec in layout.array_specs().items():
             group.create_array(name, **spec)
-        loc.make_dir(UNITS_DIR)
         manifest = {**manifest, "status": STATUS_BUILDING}
         group.attrs[MANIFEST_KEY] = manifest
         return cls(loc, group, layout, manifest)
