@@ -5,6 +5,9 @@ disagrees fails. S3 is moto's server on loopback reached through the real s3fs c
 is mocked); its tests skip when moto or s3fs is missing. What a test sets up or checks outside
 :class:`CacheLocation` (a foreign file, an empty folder, what is stored) goes through each
 backend's own client, not through the code under test.
+
+The second part checks durable commits on a local folder: a unit's shard files and their folders
+are fsynced before its marker is written.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unidistill.errors import ConfigError
+from unidistill.errors import CacheError, ConfigError
 from unidistill.storage import CacheReader
 from unidistill.storage.files import json_bytes
 from unidistill.storage.layout import CacheLayout
 from unidistill.storage.location import CacheLocation
-from unidistill.storage.manifest import read_unit_markers
+from unidistill.storage.manifest import read_unit_markers, unit_marker_key
 from unidistill.storage.writer import CacheWriter
 
 BUCKET = "unidistill-test"
@@ -280,6 +283,13 @@ def test_a_pickled_location_reconnects(backend):
     assert clone._fs is None and clone.read_bytes("a") == b"1" and clone.list_files() == ["a"]
 
 
+def test_make_durable_has_work_only_on_a_local_folder(backend):
+    loc = backend.location
+    loc.write_bytes("a/b", b"1")
+    missing = loc.make_durable(["a/b", "a/none"])
+    assert missing == (["a/none"] if backend.kind == "local" else [])
+
+
 # -- the writer over every backend ---------------------------------------------------------------
 
 def small_layout(**kw) -> CacheLayout:
@@ -309,7 +319,12 @@ def test_the_writer_builds_the_same_cache_on_every_backend(backend):
         writer.write_unit(u, data[u])
     writer.finalize()
 
+    # The files a unit wrote are the ones the writer names from the layout, and nothing else.
     shard_files = {k for k in loc.list_files() if "/c/" in k}
+    named = {u: set(writer.unit_shard_keys(u).values()) for u in range(layout.n_units)}
+    assert set().union(*named.values()) == shard_files
+    for u in range(layout.n_units):
+        assert named[u] == {k for k in shard_files if k.split("/c/")[1].split("/")[0] == str(u)}
     assert len(shard_files) == layout.n_units * len(layout.array_specs())
     assert sorted(read_unit_markers(loc, layout.n_units)) == list(range(layout.n_units))
 
@@ -331,7 +346,114 @@ def test_the_writer_refuses_foreign_files_but_not_empty_folders(backend):
     assert backend.stored() == {"notes.txt": b"keep me"}
 
 
-# -- local specifics -------------------------------------------------------------------------
+# -- durable commits (a local folder) ------------------------------------------------------------
+
+class SyncLog:
+    """Records, in order, every fsync (by the path of its descriptor) and every rename."""
+
+    def __init__(self, monkeypatch):
+        self.events: list[tuple[str, str]] = []
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd):
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            return real_fsync(fd)
+
+        def replace(src, dst, *a, **kw):
+            result = real_replace(src, dst, *a, **kw)
+            self.events.append(("rename", os.path.abspath(dst)))
+            return result
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def index(self, kind: str, path, last: bool = False) -> int:
+        hits = [i for i, e in enumerate(self.events) if e == (kind, str(path))]
+        assert hits, f"no {kind} of {path}; recorded: {self.events}"
+        return hits[-1] if last else hits[0]
+
+    def synced_between(self, path, after: int, before: int) -> bool:
+        return any(e == ("fsync", str(path)) for e in self.events[after + 1:before])
+
+
+def folders_up_to(root: Path, path: Path) -> list[Path]:
+    out, folder = [], path.parent
+    while True:
+        out.append(folder)
+        if folder == root:
+            return out
+        folder = folder.parent
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name fsynced files")
+def test_unit_shards_and_folders_are_fsynced_before_the_marker(tmp_path, monkeypatch):
+    root = (tmp_path / "cache").resolve()
+    layout = small_layout(hidden_dtype="int8")  # nested arrays: hidden/<j>, hidden/<j>_scale, ...
+    writer = CacheWriter.open(str(root), layout, {"data": "x"})
+    log = SyncLog(monkeypatch)
+    for unit in (0, 2):  # unit 0 creates every c/ folder; unit 2 is the short last one
+        writer.write_unit(unit, unit_data(layout, unit))
+        marker = root / unit_marker_key(unit)
+        committed = log.index("rename", marker)
+        # What the unit wrote, found on disk (zarr v3: <array>/c/<unit>/...), not from the writer.
+        shards = [p for name in layout.array_specs()
+                  for p in sorted((root / name / "c" / str(unit)).rglob("*")) if p.is_file()]
+        assert len(shards) == len(layout.array_specs())
+        for shard in shards:
+            # zarr renamed the shard into place; then the shard and every folder from its own up
+            # to the root were fsynced, all before the marker existed
+            renamed = log.index("rename", shard, last=True)
+            for path in [shard, *folders_up_to(root, shard)]:
+                assert log.synced_between(path, renamed, committed), (unit, shard, path)
+        assert log.synced_between(marker.parent, committed, len(log.events))  # the marker's rename
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name fsynced files")
+def test_metadata_and_the_final_manifest_are_fsynced(tmp_path, monkeypatch):
+    root = (tmp_path / "cache").resolve()
+    layout = small_layout()
+    log = SyncLog(monkeypatch)
+    writer = CacheWriter.open(str(root), layout, {"data": "x"})
+    metadata = sorted(root.rglob("zarr.json"))
+    nodes = {"/".join(name.split("/")[:i]) for name in layout.array_specs()
+             for i in range(1, name.count("/") + 2)}  # arrays and the groups above them
+    assert [p.relative_to(root).as_posix() for p in metadata] == sorted(
+        ["zarr.json", *(f"{node}/zarr.json" for node in nodes)])
+    for path in metadata:
+        renames = [i for i, e in enumerate(log.events) if e == ("rename", str(path))]
+        assert log.synced_between(path, renames[-1] if renames else -1, len(log.events)), path
+        assert log.synced_between(path.parent, renames[-1] if renames else -1, len(log.events)), path
+    for u in range(layout.n_units):
+        writer.write_unit(u, unit_data(layout, u))
+    log.events.clear()
+    writer.finalize()
+    written = log.index("rename", root / "zarr.json", last=True)
+    assert log.synced_between(root / "zarr.json", written, len(log.events))
+    assert log.synced_between(root, written, len(log.events))
+
+
+def test_a_unit_whose_array_is_all_fill_values_commits_without_its_shard(tmp_path):
+    """zarr stores no shard whose every value is the fill value; the unit still commits."""
+    root, layout = tmp_path / "cache", small_layout()
+    writer = CacheWriter.open(str(root), layout, {"data": "x"})
+    data = unit_data(layout, 1)
+    data["hidden/2"][:] = np.nan  # the array's fill value
+    writer.write_unit(1, data)
+    assert not (root / writer.unit_shard_keys(1)["hidden/2"]).exists()
+    assert (root / writer.unit_shard_keys(1)["hidden/1"]).is_file()
+    assert (root / unit_marker_key(1)).is_file()
+
+
+def test_a_shard_missing_after_its_write_stops_the_commit(tmp_path, monkeypatch):
+    root, layout = tmp_path / "cache", small_layout()
+    writer = CacheWriter.open(str(root), layout, {"data": "x"})
+    real = CacheWriter.unit_shard_keys
+    monkeypatch.setattr(CacheWriter, "unit_shard_keys",
+                        lambda self, unit: {**real(self, unit), "hidden/1": "hidden/1/c/9/9/9"})
+    with pytest.raises(CacheError, match=r"unit 1, array hidden/1: no shard file at hidden/1/c/9/9/9"):
+        writer.write_unit(1, unit_data(layout, 1))
+    assert not (root / unit_marker_key(1)).exists()
+
 
 def test_a_failed_local_write_keeps_the_old_file_whole(tmp_path, monkeypatch):
     loc = CacheLocation(str(tmp_path / "cache"))

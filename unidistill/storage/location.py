@@ -2,7 +2,7 @@
 
 Everything the storage package does outside Zarr arrays goes through a :class:`CacheLocation`:
 the Zarr store to open, existence and listing, small files (unit markers, the head file),
-removal for ``--overwrite`` and bytes stored for ``cache-info``.
+durability of what Zarr wrote, removal for ``--overwrite`` and bytes stored for ``cache-info``.
 
 Every location is one fsspec file system and a root path in it: a plain path (or a ``file://``
 URL) is fsspec's ``LocalFileSystem``, any other URL what ``fsspec.core.url_to_fs`` makes of it.
@@ -17,13 +17,15 @@ everywhere:
 - **Removal** deletes every file under the root, then the folders left (local folders,
   pseudo-folders, folder markers), but never a bucket: a cache at a bucket's root keeps it.
 
-Two differences are kept, each for a reason:
+Three differences are kept, each for a reason:
 
 - **Atomic small files.** Locally a file is written to a temporary name, fsynced and renamed
   (then its folder fsynced); on an object store one PUT, which the store applies atomically (a
   reader sees the old object or the new one, never half) and which is durable once acknowledged.
 - **Zarr store.** Locally Zarr's own ``LocalStore`` (Zarr's fastest path on disk); otherwise a
   ``zarr.storage.FsspecStore``.
+- **Durability** (:meth:`CacheLocation.make_durable`): locally files and their folders are
+  fsynced; an object store has no fsync and needs none (see above).
 
 Buckets are never created: a URL whose bucket does not exist is refused with a message saying so.
 
@@ -39,13 +41,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
 
 from unidistill.errors import CacheNotFoundError, ConfigError
-from unidistill.storage.files import atomic_write_bytes, json_bytes
+from unidistill.storage.files import atomic_write_bytes, fsync_files, json_bytes
 
 STORAGE_OPTIONS_ENV = "UNIDISTILL_STORAGE_OPTIONS"
 S3_PROTOCOLS = ("s3", "s3a")
@@ -324,6 +327,20 @@ class CacheLocation:
                 self.fs.rm_file(self._path(key))
             except FileNotFoundError:
                 pass
+
+    def make_durable(self, keys: Iterable[str]) -> list[str]:
+        """Make the files at ``keys`` survive a power cut, with the folder entries that name them.
+
+        Locally: fsync each file, then each folder from its parent up to the root (a rename or a
+        new folder is durable only once its folder is). On an object store nothing is to be done:
+        a PUT is durable once acknowledged, and there is no fsync. Returns the keys that hold no
+        file (locally; [] otherwise), for the caller to judge.
+        """
+        if not self.is_local:
+            return []
+        keys = list(keys)
+        with self._errors("sync"):
+            return fsync_files(Path(self._path()), keys)
 
     # -- whole-cache operations --------------------------------------------------------------------
     def remove(self) -> None:
