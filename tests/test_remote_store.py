@@ -7,8 +7,6 @@ fake credentials, exactly as they would talk to MinIO or AWS.
 from __future__ import annotations
 
 import json
-import logging
-import os
 import pickle
 
 import numpy as np
@@ -31,42 +29,9 @@ from unidistill.trainer.run import distill_from_cache  # noqa: E402
 from unidistill.trainer.run_record import RUN_RECORD  # noqa: E402
 
 from .conftest import args_for, train_losses  # noqa: E402
+from .test_storage_backends import BUCKET, s3_server  # noqa: E402,F401  (the moto server fixture)
 
-BUCKET = "unidistill-test"
 N_UNITS = 4  # 16 sequences in shards of 4
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """A moto S3 server on a free loopback port, the AWS env pointing at it, and one bucket."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                                            "AWS_ENDPOINT_URL_S3"]}
-    for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3"):
-        os.environ.pop(k, None)
-    os.environ.update(env)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-    fs.mkdir(BUCKET)
-    try:
-        yield fs
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 def build_args(teacher, data, out, *extra):
@@ -319,21 +284,22 @@ def test_memory_url_exact_logits_cache_and_file_url(tiny_teacher_dir, text_file,
     assert not loc.exists()
 
 
-def test_location_small_files_listing_and_removal(s3_server, tmp_path):
-    """The CacheLocation primitives on a bucket prefix, a bucket root, memory:// and a folder."""
+def test_location_at_a_bucket_root_keeps_the_bucket(s3_server, tmp_path):
+    """The CacheLocation primitives on a bucket's root (a prefix, memory:// and a folder:
+    tests/test_storage_backends.py); removing a cache there keeps the bucket."""
     s3_server.mkdir("root-bucket")
-    for root in (f"s3://{BUCKET}/loc/", "s3://root-bucket", "memory://loc", str(tmp_path / "loc")):
-        loc = CacheLocation(root)
-        assert loc.is_empty() and loc.read_bytes("missing") is None
-        loc.write_json("_units/000001.json", {"unit": 1})
-        loc.write_bytes("a/b/c", b"123")
-        assert loc.list_files() == ["_units/000001.json", "a/b/c"]
-        assert loc.file_sizes("a") == {"a/b/c": 3} and loc.disk_bytes() == 3 + len(
-            loc.read_bytes("_units/000001.json"))
-        assert json.loads(loc.read_bytes("_units/000001.json")) == {"unit": 1}
-        clone = pickle.loads(pickle.dumps(loc))
-        assert clone._fs is None and clone.read_bytes("a/b/c") == b"123"
-        loc.remove()
-        assert loc.list_files() == [] and loc.is_empty()
-    assert s3_server.exists("root-bucket")  # removing a cache at a bucket's root keeps the bucket
+    loc = CacheLocation("s3://root-bucket")
+    assert loc.is_empty() and loc.read_bytes("missing") is None
+    loc.write_json("_units/000001.json", {"unit": 1})
+    loc.write_bytes("a/b/c", b"123")
+    assert loc.list_files() == ["_units/000001.json", "a/b/c"]
+    assert loc.file_sizes("a") == {"a/b/c": 3} and loc.disk_bytes() == 3 + len(
+        loc.read_bytes("_units/000001.json"))
+    assert json.loads(loc.read_bytes("_units/000001.json")) == {"unit": 1}
+    clone = pickle.loads(pickle.dumps(loc))
+    assert clone._fs is None and clone.read_bytes("a/b/c") == b"123"
+    loc.remove()
+    assert loc.list_files() == [] and loc.is_empty() and s3_server.find("root-bucket") == []
+    assert s3_server.exists("root-bucket")
     assert CacheLocation(f"file://{tmp_path}").root == tmp_path
+    assert CacheLocation(f"local://{tmp_path}").is_local

@@ -16,9 +16,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so a reader sees the old file or the whole new one, never half.
 
     The bytes go to a temporary file in the same directory, are fsynced, then renamed over
-    ``path``; the directory is fsynced so the rename itself survives a power cut.
+    ``path``; the directory is fsynced so the rename itself survives a power cut, and so is the
+    parent of every folder this call had to create.
     """
     path = Path(path)
+    created, folder = [], path.parent
+    while not folder.exists():
+        created.append(folder)
+        folder = folder.parent
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -30,11 +35,46 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    for folder in created:  # the new folders' own entries
+        _fsync_path(folder.parent)
+    _fsync_path(path.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+def fsync_files(root: Path, keys) -> list[str]:
+    """fsync the files ``root/<key>`` and every folder from each one's parent up to ``root``.
+
+    For files another writer already put in place (Zarr's ``LocalStore`` writes a temporary file
+    and renames it, without fsync): after this returns, the bytes and the folder entries naming
+    them survive a power cut. Files first, then folders, deepest first. A key with no file is
+    skipped (its folders are still synced, so a deletion is durable too) and returned, for the
+    caller to judge.
+    """
+    root = Path(root)
+    missing, folders = [], {}
+    for key in keys:
+        path = root / key
+        if path.is_file():
+            _fsync_path(path)
+        else:
+            missing.append(key)
+        folder = path.parent
+        while True:
+            if folder.is_dir():
+                folders[folder] = len(folder.relative_to(root).parts)
+            if folder == root:
+                break
+            folder = folder.parent
+    for folder in sorted(folders, key=folders.get, reverse=True):
+        _fsync_path(folder)
+    return missing
 
 
 def json_bytes(obj) -> bytes:

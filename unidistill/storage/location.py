@@ -2,37 +2,61 @@
 
 Everything the storage package does outside Zarr arrays goes through a :class:`CacheLocation`:
 the Zarr store to open, existence and listing, small files (unit markers, the head file),
-removal for ``--overwrite`` and bytes on disk for ``cache-info``.
+durability of what Zarr wrote, removal for ``--overwrite`` and bytes stored for ``cache-info``.
 
-- A plain path (or a ``file://`` URL) stays exactly what it was before remote caches existed:
-  Zarr opens it as a ``LocalStore`` and small files are written with fsync + rename.
-- Any other URL goes through fsspec: the Zarr store is a ``zarr.storage.FsspecStore`` and small
-  files are written with one PUT, which object stores apply atomically (a reader sees the old
-  object or the new one, never half).
+Every location is one fsspec file system and a root path in it: a plain path (or a ``file://``
+URL) is fsspec's ``LocalFileSystem``, any other URL what ``fsspec.core.url_to_fs`` makes of it.
+Listing, reading, deleting and removal are the same calls for all, so they mean the same
+everywhere:
+
+- **A file** is a file on disk or an object in a bucket. Folders are not things: a location is
+  *empty* when no file is stored under its root, whatever folders (a local folder holding only
+  empty folders, ``memory://`` pseudo-folders, zero-byte ``prefix/`` folder-marker objects) sit
+  there; it *exists* when its root is a file or it is not empty. Listings name files only,
+  recursively, strictly under the root (a root that is itself a file lists nothing).
+- **Removal** deletes every file under the root, then the folders left (local folders,
+  pseudo-folders, folder markers), but never a bucket: a cache at a bucket's root keeps it.
+
+Three differences are kept, each for a reason:
+
+- **Atomic small files.** Locally a file is written to a temporary name, fsynced and renamed
+  (then its folder fsynced); on an object store one PUT, which the store applies atomically (a
+  reader sees the old object or the new one, never half) and which is durable once acknowledged.
+- **Zarr store.** Locally Zarr's own ``LocalStore`` (Zarr's fastest path on disk); otherwise a
+  ``zarr.storage.FsspecStore``.
+- **Durability** (:meth:`CacheLocation.make_durable`): locally files and their folders are
+  fsynced; an object store has no fsync and needs none (see above).
+
+Buckets are never created: a URL whose bucket does not exist is refused with a message saying so.
 
 Credentials and endpoint come from the environment as for any AWS client
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``,
 ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``); extra fsspec options
-can be given as JSON in ``UNIDISTILL_STORAGE_OPTIONS``. The fsspec file system is created
-lazily and again in each process (a forked DataLoader worker gets its own; fsspec's async file
-systems refuse to be used across a fork), and is never pickled.
+for URLs can be given as JSON in ``UNIDISTILL_STORAGE_OPTIONS``. The fsspec file system is
+created lazily and again in each process (a forked DataLoader worker gets its own; fsspec's async
+file systems refuse to be used across a fork), and is never pickled.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+from fsspec.implementations.local import LocalFileSystem
+
 from unidistill.errors import CacheNotFoundError, ConfigError
-from unidistill.storage.files import atomic_write_bytes, json_bytes
+from unidistill.storage.files import atomic_write_bytes, fsync_files, json_bytes
 
 STORAGE_OPTIONS_ENV = "UNIDISTILL_STORAGE_OPTIONS"
 S3_PROTOCOLS = ("s3", "s3a")
 # Schemes whose first path component is a bucket / container that must exist beforehand.
 BUCKET_PROTOCOLS = S3_PROTOCOLS + ("gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2")
+LOCAL_PROTOCOLS = tuple(LocalFileSystem.protocol)  # ("file", "local"): URLs that name a folder
+# What reading a key that is not a file raises on some file system: no file there.
+_NOT_A_FILE = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 def is_url(path) -> bool:
@@ -74,8 +98,10 @@ class CacheLocation:
         if isinstance(root, CacheLocation):
             root, storage_options = root.root, storage_options or root._extra_options
         self._extra_options = dict(storage_options or {})
-        if isinstance(root, str) and root.startswith("file://"):
-            root = root[len("file://"):]  # file:///abs/path -> /abs/path: a plain local folder
+        if is_url(root):
+            scheme, rest = root.split("://", 1)
+            if scheme.lower() in LOCAL_PROTOCOLS:
+                root = rest  # file:///abs/path -> /abs/path: a plain local folder
         if is_url(root):
             scheme, rest = root.split("://", 1)
             self.url = f"{scheme}://{rest.rstrip('/')}"
@@ -103,27 +129,41 @@ class CacheLocation:
         state.update(_fs=None, _fs_path=None, _fs_pid=None)  # rebuilt in the receiving process
         return state
 
-    # -- the fsspec file system (remote only) ------------------------------------------------------
+    # -- the fsspec file system --------------------------------------------------------------------
     def storage_options(self) -> dict:
+        """The fsspec options of this location: for a URL the environment's (see the module
+        docstring) and those given; for a local folder only those given."""
+        if self.is_local:
+            return dict(self._extra_options)
         return {**_env_storage_options(self.protocol), **self._extra_options}
 
     def _connect(self):
         if self._fs is not None and self._fs_pid == os.getpid():
             return self._fs, self._fs_path
-        try:
-            from fsspec.core import url_to_fs
+        if self.is_local:
+            # Not through url_to_fs: a path is a path, even one holding '::' (fsspec's URL
+            # chaining) or glob characters.
+            fs, path = LocalFileSystem(**self.storage_options()), os.path.abspath(self.root)
+        else:
+            try:
+                from fsspec.core import url_to_fs
 
-            fs, path = url_to_fs(self.url, **self.storage_options())
-        except ImportError as e:
-            hint = ("pip install 'unidistill[s3]' (s3fs)" if self.protocol in S3_PROTOCOLS
-                    else f"install the fsspec implementation of {self.protocol}://")
-            raise ConfigError(f"cannot open {self.url}: {e}. To use {self.protocol}:// caches, "
-                              f"{hint}.") from None
-        except ValueError as e:
-            raise ConfigError(f"cannot open cache location {self.url!r}: {e}. Expected a local folder "
-                              "or an fsspec URL such as s3://bucket/prefix, memory://name or "
-                              "file:///abs/path.") from None
-        self._fs, self._fs_path, self._fs_pid = fs, path.rstrip("/"), os.getpid()
+                fs, path = url_to_fs(self.url, **self.storage_options())
+            except ImportError as e:
+                hint = ("pip install 'unidistill[s3]' (s3fs)" if self.protocol in S3_PROTOCOLS
+                        else f"install the fsspec implementation of {self.protocol}://")
+                raise ConfigError(f"cannot open {self.url}: {e}. To use {self.protocol}:// caches, "
+                                  f"{hint}.") from None
+            except ValueError as e:
+                raise ConfigError(f"cannot open cache location {self.url!r}: {e}. Expected a local "
+                                  "folder or an fsspec URL such as s3://bucket/prefix, memory://name "
+                                  "or file:///abs/path.") from None
+            if isinstance(fs, LocalFileSystem):
+                raise ConfigError(f"cache location {self.url!r} names a local folder through a "
+                                  f"{self.protocol}:// URL; expected a plain path or file:///abs/path "
+                                  "for a local cache (writes to a folder must go through fsync + "
+                                  "rename).")
+        self._fs, self._fs_path, self._fs_pid = fs, path.rstrip("/") or "/", os.getpid()
         return self._fs, self._fs_path
 
     @property
@@ -132,13 +172,16 @@ class CacheLocation:
 
     def _path(self, key: str = "") -> str:
         base = self._connect()[1]
-        return f"{base}/{key}" if key else base
+        return f"{base.rstrip('/')}/{key}" if key else base
 
     @property
     def bucket(self) -> str | None:
         if self.protocol not in BUCKET_PROTOCOLS:
             return None
         return self.url.split("://", 1)[1].split("/", 1)[0]
+
+    def _is_bucket_root(self) -> bool:
+        return self.bucket is not None and self._path().strip("/") == self.bucket
 
     def _describe_endpoint(self) -> str:
         opts = self.storage_options()
@@ -164,9 +207,9 @@ class CacheLocation:
                     f"cannot {action} {self.url}: the storage service cannot be reached ({e}). "
                     "Check AWS_ENDPOINT_URL / the network, then rerun.") from None
             if isinstance(e, PermissionError):
-                raise ConfigError(
-                    f"cannot {action} {self.url}: access denied ({e}). Check the credentials' "
-                    "permissions on this bucket and prefix.") from None
+                fix = ("Check the permissions of this folder and its files" if self.is_local
+                       else "Check the credentials' permissions on this bucket and prefix")
+                raise ConfigError(f"cannot {action} {self.url}: access denied ({e}). {fix}.") from None
             if isinstance(e, FileNotFoundError) and self.bucket and not self._bucket_exists():
                 raise self._no_bucket_error(action) from None
             raise
@@ -186,10 +229,8 @@ class CacheLocation:
 
     def check_container(self, action: str = "use") -> None:
         """Raise a clear error for an unknown URL scheme, a missing fsspec implementation, or a
-        bucket that does not exist / cannot be reached with the credentials at hand (no-op for
-        local paths)."""
-        if self.is_local:
-            return
+        bucket that does not exist / cannot be reached with the credentials at hand. Buckets are
+        never created."""
         self._connect()
         if not self.bucket:
             return
@@ -199,15 +240,18 @@ class CacheLocation:
 
     # -- the Zarr store ----------------------------------------------------------------------------
     def zarr_store(self, mode: str = "r"):
-        """What ``zarr.open_group`` takes: the local path as a string (``LocalStore``, as always),
-        or an ``FsspecStore`` for a URL (read-only for mode ``r``)."""
+        """What ``zarr.open_group`` takes: Zarr's ``LocalStore`` for a local folder, an
+        ``FsspecStore`` for a URL; read-only for mode ``r``."""
+        read_only = mode == "r"
         if self.is_local:
-            return str(self.root)
+            from zarr.storage import LocalStore
+
+            return LocalStore(self._path(), read_only=read_only)
         from zarr.storage import FsspecStore
 
         with self._errors("open"):
             return FsspecStore.from_url(self.url, storage_options=self.storage_options(),
-                                        read_only=(mode == "r"))
+                                        read_only=read_only)
 
     def open_group(self, mode: str = "r", attributes: dict | None = None):
         import zarr
@@ -216,124 +260,96 @@ class CacheLocation:
             return zarr.open_group(self.zarr_store(mode), mode=mode, attributes=attributes)
 
     # -- existence and listing ---------------------------------------------------------------------
+    def _files(self, prefix: str = "") -> dict[str, dict]:
+        """{key: fsspec info} of every file strictly under ``prefix`` (recursive)."""
+        base = self._path(prefix.strip("/"))
+        with self._errors("list"):
+            found = self.fs.find(base, detail=True)
+        under, root = base.rstrip("/") + "/", self._path().rstrip("/") + "/"
+        # A name ending in '/' is a folder-marker object (what S3 consoles make for a folder),
+        # listed by some clients as a zero-byte file: a folder, not a file.
+        return {name[len(root):]: info for name, info in found.items()
+                if name.startswith(under) and not name.endswith("/")
+                and info.get("type", "file") == "file"}
+
     def exists(self) -> bool:
-        if self.is_local:
-            return self.root.exists()
-        with self._errors("read"):
-            return self.fs.exists(self._path())
+        """True when the root is a file or holds at least one file (folders alone do not count)."""
+        return self.is_file() or not self.is_empty()
 
     def is_file(self, key: str = "") -> bool:
-        if self.is_local:
-            return (self.root / key).is_file() if key else self.root.is_file()
         with self._errors("read"):
-            return self.fs.isfile(self._path(key))
+            return bool(self.fs.isfile(self._path(key)))
 
-    def is_dir(self) -> bool:
-        if self.is_local:
-            return self.root.is_dir()
-        with self._errors("read"):
-            return self.fs.isdir(self._path())
+    def is_empty(self) -> bool:
+        """True when no file is stored under the root (empty folders do not count)."""
+        return not self._files()
 
     def list_files(self, prefix: str = "") -> list[str]:
         """Keys of every file under ``prefix`` (recursive), relative to the root, sorted."""
-        if self.is_local:
-            base = self.root / prefix if prefix else self.root
-            if not base.is_dir():
-                return []
-            return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
-        with self._errors("list"):
-            return sorted(self._relative(p) for p in self.fs.find(self._path(prefix)))
+        return sorted(self._files(prefix))
 
-    def _relative(self, full: str) -> str:
-        return full[len(self._path()):].lstrip("/")
+    def file_sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key: bytes} of every file under ``prefix`` (recursive; keys relative to the root): file
+        sizes on disk, object sizes in a bucket. One listing."""
+        return {key: int(info.get("size") or 0) for key, info in self._files(prefix).items()}
 
-    def is_empty(self) -> bool:
-        if self.is_local:
-            return not self.root.is_dir() or not any(self.root.iterdir())
-        return not self.list_files()
+    def disk_bytes(self, prefix: str = "") -> int:
+        """Bytes stored under ``prefix`` (the whole cache for "")."""
+        return sum(self.file_sizes(prefix).values())
 
     # -- small files -------------------------------------------------------------------------------
     def read_bytes(self, key: str) -> bytes | None:
-        """The file's bytes, or None when it does not exist."""
-        if self.is_local:
-            path = self.root / key
-            return path.read_bytes() if path.is_file() else None
+        """The file's bytes, or None when no file is stored at ``key``."""
         with self._errors("read"):
             try:
                 return self.fs.cat_file(self._path(key))
-            except FileNotFoundError:
+            except _NOT_A_FILE:
                 if self.bucket and not self._bucket_exists():
                     raise
                 return None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        """Replace the file whole: fsync + rename locally, one PUT on an object store."""
-        if self.is_local:
-            atomic_write_bytes(self.root / key, data)
-            return
+        """Replace the file whole: temporary file, fsync and rename locally; one PUT on an object
+        store."""
         with self._errors("write to"):
-            self.fs.pipe_file(self._path(key), data)
+            if self.is_local:
+                atomic_write_bytes(Path(self._path(key)), data)
+            else:
+                self.fs.pipe_file(self._path(key), data)
 
     def write_json(self, key: str, obj) -> None:
         self.write_bytes(key, json_bytes(obj))
 
     def delete(self, key: str) -> None:
-        if self.is_local:
-            (self.root / key).unlink(missing_ok=True)
-            return
+        """Delete the file at ``key``; nothing to do when there is none."""
         with self._errors("delete from"):
             try:
                 self.fs.rm_file(self._path(key))
             except FileNotFoundError:
                 pass
 
-    def file_size(self, key: str) -> int:
-        """Size in bytes of one file, 0 if it does not exist."""
-        if self.is_local:
-            path = self.root / key
-            return path.stat().st_size if path.is_file() else 0
-        with self._errors("read"):
-            try:
-                return int(self.fs.size(self._path(key)) or 0)
-            except FileNotFoundError:
-                return 0
+    def make_durable(self, keys: Iterable[str]) -> list[str]:
+        """Make the files at ``keys`` survive a power cut, with the folder entries that name them.
 
-    def make_dir(self, key: str) -> None:
-        """Create a folder locally; object stores have no folders (nothing to do)."""
-        if self.is_local:
-            (self.root / key).mkdir(parents=True, exist_ok=True)
+        Locally: fsync each file, then each folder from its parent up to the root (a rename or a
+        new folder is durable only once its folder is). On an object store nothing is to be done:
+        a PUT is durable once acknowledged, and there is no fsync. Returns the keys that hold no
+        file (locally; [] otherwise), for the caller to judge.
+        """
+        if not self.is_local:
+            return []
+        keys = list(keys)
+        with self._errors("sync"):
+            return fsync_files(Path(self._path()), keys)
 
     # -- whole-cache operations --------------------------------------------------------------------
     def remove(self) -> None:
-        """Delete the cache and everything under it (``--overwrite``)."""
-        if self.is_local:
-            if self.root.is_dir():
-                shutil.rmtree(self.root)
-            return
+        """Delete the cache and everything under it (``--overwrite``): every file under the root,
+        then the folders left; a bucket itself is never deleted."""
         with self._errors("delete"):
-            # The files one by one (batched by the client): a cache at a bucket's root must not
-            # take the bucket with it.
-            files = self.fs.find(self._path())
+            files = [self._path(key) for key in self._files()]
             if files:
-                self.fs.rm(files)
-            if not self.bucket and self.fs.exists(self._path()):
-                self.fs.rm(self._path(), recursive=True)  # pseudo-folders (memory://)
+                self.fs.rm(files)  # one by one (batched by the client): not the bucket
+            if not self._is_bucket_root() and self.fs.isdir(self._path()):
+                self.fs.rm(self._path(), recursive=True)  # folders, pseudo-folders, folder markers
             self.fs.invalidate_cache()
-
-    def file_sizes(self, prefix: str = "") -> dict[str, int]:
-        """{key: bytes} of every file under ``prefix`` (recursive; keys relative to the root): file
-        sizes on disk, object sizes in a bucket. One listing remotely."""
-        if self.is_local:
-            base = self.root / prefix if prefix else self.root
-            if not base.is_dir():
-                return {}
-            return {p.relative_to(self.root).as_posix(): p.stat().st_size
-                    for p in base.rglob("*") if p.is_file()}
-        with self._errors("list"):
-            found = self.fs.find(self._path(prefix), detail=True)
-        return {self._relative(name): int(info.get("size") or 0) for name, info in found.items()
-                if info.get("type", "file") == "file"}
-
-    def disk_bytes(self, prefix: str = "") -> int:
-        """Bytes stored under ``prefix`` (the whole cache for "")."""
-        return sum(self.file_sizes(prefix).values())

@@ -4,6 +4,12 @@ Crash safety: each work unit (one shard index of every array) is written whole a
 committed by a marker file ``_units/<unit>.json`` holding the digests of what was written. A unit
 without a marker is redone on resume; the manifest says ``complete`` only after every marker is
 there. A killed writer can leave a half-written shard, but never a committed one.
+
+Power cuts: Zarr's ``LocalStore`` renames each shard into place without fsync, so before a marker
+is written the unit's shard files and their folders are fsynced (:meth:`CacheWriter.write_unit`);
+the metadata Zarr writes at creation and the final manifest are fsynced too. A durable marker
+therefore never names a shard that a power cut could still tear. On an object store each shard
+is one PUT, durable once acknowledged, and there is nothing to sync.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from unidistill.storage.manifest import (
     STATUS_BUILDING,
     STATUS_COMPLETE,
     STATUS_CREATING,
-    UNITS_DIR,
     content_fingerprint,
     diff_settings,
     read_manifest,
     read_unit_markers,
     unit_marker_key,
 )
+
+ZARR_METADATA = "zarr.json"  # every Zarr v3 node's metadata; the root group's holds the manifest
 
 
 class CacheWriter:
@@ -42,7 +49,8 @@ class CacheWriter:
         self.layout = layout
         self.manifest = manifest
         self.run_id = uuid.uuid4().hex
-        self._arrays = {name: group[name] for name in layout.array_specs()}
+        self._specs = layout.array_specs()
+        self._arrays = {name: group[name] for name in self._specs}
 
     @classmethod
     def open(cls, root, layout: CacheLayout, settings: dict, *, overwrite: bool = False) -> "CacheWriter":
@@ -101,9 +109,19 @@ class CacheWriter:
         group = loc.open_group(mode="w", attributes={MANIFEST_KEY: manifest})
         for name, spec in layout.array_specs().items():
             group.create_array(name, **spec)
-        loc.make_dir(UNITS_DIR)
         manifest = {**manifest, "status": STATUS_BUILDING}
         group.attrs[MANIFEST_KEY] = manifest
+        # Every node's metadata (the root group, each array and the groups above it, e.g.
+        # hidden/zarr.json) must outlive a power cut before any marker can claim data in it.
+        metadata = {ZARR_METADATA} | {f"{'/'.join(name.split('/')[:i])}/{ZARR_METADATA}"
+                                      for name in layout.array_specs()
+                                      for i in range(1, name.count("/") + 2)}
+        missing = loc.make_durable(sorted(metadata))
+        if missing:
+            raise CacheError(f"cannot create the cache at {loc}: Zarr wrote no metadata at "
+                             f"{missing} (expected a zarr.json for the root group, each array and "
+                             "each group above one). The installed zarr may write another layout; "
+                             "use zarr>=3.1,<4 as setup.cfg declares.")
         return cls(loc, group, layout, manifest)
 
     def committed_units(self) -> set[int]:
@@ -113,8 +131,37 @@ class CacheWriter:
         done = self.committed_units()
         return [u for u in range(self.layout.n_units) if u not in done]
 
+    def unit_shard_keys(self, unit: int) -> dict[str, str]:
+        """{array name: store key of its shard of ``unit``}. The layout shards every array along
+        the sequence axis by ``shard_size`` and keeps the other axes whole, so the unit's shard
+        sits at shard-grid position (unit, 0, ...); the array's own chunk key encoding names it
+        (Zarr v3 default: ``<array>/c/<unit>/0/...``)."""
+        start, _ = self.layout.unit_range(unit)
+        keys = {}
+        for name, array in self._arrays.items():
+            shards = self._specs[name]["shards"]
+            origin = (start,) + (0,) * (len(shards) - 1)
+            coords = tuple(o // s for o, s in zip(origin, shards))
+            keys[name] = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+        return keys
+
+    def _make_unit_durable(self, unit: int, arrays: dict[str, np.ndarray]) -> None:
+        """fsync the unit's shard files and their folders (locally; a no-op on object stores)."""
+        keys = self.unit_shard_keys(unit)
+        missing = set(self.location.make_durable(keys.values()))
+        for name, key in keys.items():
+            # Zarr stores no shard whose every value is the fill value (and deletes one that was
+            # there); any other missing shard means it wrote somewhere else.
+            if key in missing and not _all_fill(arrays[name], self._arrays[name].fill_value):
+                raise CacheError(
+                    f"unit {unit}, array {name}: no shard file at {key} in {self.root} after "
+                    "writing it, and the data is not all fill values, so Zarr stored it under "
+                    "another key. Nothing was committed for this unit; this zarr version names "
+                    "shards differently from what the writer expects (use zarr>=3.1,<4).")
+
     def write_unit(self, unit: int, arrays: dict[str, np.ndarray]) -> dict:
-        """Write every array's slice of ``unit`` (whole shards), then commit its marker."""
+        """Write every array's slice of ``unit`` (whole shards), make them durable, then commit
+        its marker."""
         start, stop = self.layout.unit_range(unit)
         if set(arrays) != set(self._arrays):
             raise ValueError(f"unit {unit}: got arrays {sorted(arrays)}, expected {sorted(self._arrays)}")
@@ -127,6 +174,7 @@ class CacheWriter:
                                  f"expected {target.dtype}{expected}")
             target[start:stop] = data
             digests[name] = array_digest(data)
+        self._make_unit_durable(unit, arrays)
         marker = {"unit": unit, "start": start, "stop": stop, "digests": digests,
                   "run_id": self.run_id,
                   "committed_at": utc_timestamp()}
@@ -147,5 +195,15 @@ class CacheWriter:
         manifest["fingerprint"] = content_fingerprint(
             manifest["settings"], manifest["layout"], [m["digests"] for m in markers])
         self.group.attrs[MANIFEST_KEY] = manifest
+        self.location.make_durable([ZARR_METADATA])
         self.manifest = manifest
         return manifest
+
+
+def _all_fill(data: np.ndarray, fill) -> bool:
+    """True when every value of ``data`` equals ``fill`` (NaN equal to NaN), as Zarr judges an
+    empty chunk."""
+    fill = np.asarray(fill, dtype=data.dtype)
+    if data.dtype.kind in "fc" and np.isnan(fill):
+        return bool(np.isnan(data).all())
+    return bool((data == fill).all())
