@@ -377,3 +377,14 @@ def test_the_registry_codecs_are_the_ones_tested():
     assert sorted(LOGIT_CODECS) == ["exact", "sampled", "topk", "topk-q8"]
     assert sorted(HIDDEN_CODECS) == ["bfloat16", "float16", "int8"]
     assert TopK in LOGIT_CODECS.values()
+
+
+def test_the_cli_offers_exactly_the_registered_representations():
+    """cache-build lists the names itself (importing the codecs would load torch at every CLI
+    start); they must stay the registries' names, and cache-info prints each codec's describe()."""
+    from unidistill.cli import main
+    from unidistill.storage.codecs.registry import HIDDEN_CODECS, LOGIT_CODECS
+
+    params = {p.name: p for p in main.commands["cache-build"].params}
+    assert list(params["logits"].type.choices) == list(LOGIT_CODECS)
+    assert list(params["hidden_dtype"].type.choices) == list(HIDDEN_CODECS)

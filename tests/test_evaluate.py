@@ -164,3 +164,9 @@ def test_model_of_another_vocabulary_is_refused(tmp_path, cache, tiny_teacher_di
                                     "--device", "cpu"])
     assert res.exit_code == 2
     assert f"{len(tok) + 7} entries" in res.output and f"teacher {len(tok)}" in res.output
+
+
+def test_cli_num_workers_reaches_evaluate(tiny_teacher_dir, cache):
+    res = CliRunner().invoke(main, ["evaluate", "--model", str(tiny_teacher_dir), "--cache", str(cache),
+                                    "--device", "cpu", "--num-workers", "-1"])
+    assert res.exit_code != 0 and "num_workers is -1" in res.output

@@ -32,7 +32,7 @@ BUILD_OPTIONS = [  # cache-build's options, in --help order
                  help="Cache folder or URL (s3://bucket/prefix) to create, or to resume."),
     click.option("--seq-len", type=int, default=512, show_default=True),
     click.option("--logits", default="topk", show_default=True,
-                 type=click.Choice(["topk", "topk-q8", "sampled", "exact"]),
+                 type=click.Choice(["topk", "topk-q8", "sampled", "exact"]),  # = LOGIT_CODECS (tested)
                  help="topk: the --top-k most likely ids + tail; topk-q8: the same with 8-bit "
                       "log-probs and delta-coded ids (about half the bytes); sampled: --samples draws per position "
                       "(distinct ids + counts); exact: the final hidden state + the teacher's head, "
@@ -59,7 +59,7 @@ BUILD_OPTIONS = [  # cache-build's options, in --help order
     click.option("--dtype", default="float32", show_default=True,
                  type=click.Choice(["float32", "bfloat16", "float16"]), help="Teacher compute dtype."),
     click.option("--hidden-dtype", default="float16", show_default=True,
-                 type=click.Choice(["float16", "bfloat16", "int8"]),
+                 type=click.Choice(["float16", "bfloat16", "int8"]),  # = HIDDEN_CODECS (tested)
                  help="Stored hidden-state dtype; int8 keeps each sequence's 2 highest-norm tokens in "
                       "fp16 and one scale per channel and 64 tokens for the rest (about half of fp16, "
                       "robust to massive tokens and outlier channels)."),
@@ -110,7 +110,6 @@ def _fmt_bytes(n: float) -> str:
 def cache_info_cmd(path, as_json):
     """Show a cache's manifest, shapes, sizes on disk and bytes per token."""
     from unidistill.storage.info import cache_info
-    from unidistill.storage.layout import HEAD_FILE
 
     info = cache_info(path)
     if as_json:
@@ -128,11 +127,7 @@ def cache_info_cmd(path, as_json):
                + (f" heldout_share={s['data']['heldout_share']}"
                   if s['data'].get('heldout_share') is not None else ""))
     click.echo(f"tokens       {info['n_sequences']} sequences x {info['seq_len']} = {info['n_tokens']}")
-    temps = ", T = " + ",".join(f"{t:g}" for t in [1.0, *info.get("tail_temperatures", [])])
-    click.echo("logits       " + {"topk": f"top-{info['top_k']} + tail{temps}",
-                                  "topk-q8": f"top-{info['top_k']} + tail{temps}, 8-bit log-probs",
-                                  "sampled": f"{info['top_k']} draws per position (ids + counts)",
-                                  "exact": f"exact: final layer + {HEAD_FILE}"}[info["logits_mode"]])
+    click.echo(f"logits       {info['logits_description']}")
     click.echo(f"layers       {info['layers']} ({info['hidden_dtype']})")
     click.echo(f"bytes/token  logits {bpt['logits_disk']:.1f} on disk ({bpt['logits_raw']:.1f} raw), "
                f"hidden {bpt['hidden_disk']:.1f} on disk ({bpt['hidden_raw']:.1f} raw), "

@@ -97,6 +97,8 @@ def prune_cmd(**kwargs):
 @click.option("--max-sequences", type=int, default=64, show_default=True,
               help="Sequences evaluated (from --data, and from --cache); 0 for all.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--num-workers", type=int, default=1, show_default=True,
+              help="DataLoader worker processes reading --cache ahead of the scoring (0: none).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--output", default=None, type=click.Path(), help="Also write the JSON to this file.")

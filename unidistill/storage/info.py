@@ -50,6 +50,7 @@ def cache_info(root) -> dict:
         "n_tokens": n_tokens,
         STORED_K_KEY: layout.stored_k,
         "logits_mode": layout.logits_mode,
+        "logits_description": layout.logit_codec.describe(),
         "tail_temperatures": list(layout.tail_temperatures),
         "head_bytes": head_bytes,
         "layers": list(layout.layers),
