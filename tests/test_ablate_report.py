@@ -385,3 +385,24 @@ def test_an_argument_added_since_a_run_was_recorded_counts_only_off_its_default(
     assert not same_training(other, now)  # an existing argument that differs still differs
     assert not same_training({**old, "cache_fingerprint": "other"}, now)
     assert not same_training(None, now) and not same_training({"x": 1}, now)
+
+
+def test_tokens_per_second_counts_only_the_last_sessions_steps():
+    """A run resumed at step 8 of 10 trains 2 steps in its last session: its speed is those 2
+    steps' samples over that session's runtime (the Trainer's train_samples_per_second), not all
+    10 steps' tokens over it, which overstated a resumed run fivefold."""
+    from types import SimpleNamespace
+
+    from unidistill.ablate.runs import _tokens_per_second
+
+    layout = SimpleNamespace(seq_len=32)
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(global_step=10, log_history=[
+            {"loss": 1.0, "step": 9},
+            # 2 steps x 4 sequences in 4.0 s: what transformers logs for that session
+            {"train_runtime": 4.0, "train_samples_per_second": 2.0, "train_steps_per_second": 0.5}]),
+        args=SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1),
+        train_dataset=SimpleNamespace(reader=SimpleNamespace(layout=layout)))
+    assert _tokens_per_second(trainer) == 2.0 * 32  # the old count gave 10 * 4 * 32 / 4.0 = 320
+    trainer.state.log_history = [{"loss": 1.0}]
+    assert _tokens_per_second(trainer) is None

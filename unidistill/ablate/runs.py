@@ -178,12 +178,10 @@ def _train_seconds(trainer) -> float | None:
 
 
 def _tokens_per_second(trainer) -> float | None:
-    """Training tokens per second of the run (all steps, data loading included)."""
-    final = [h for h in trainer.state.log_history if "train_runtime" in h]
+    """Training tokens per second of the run's last session (data loading included), from the
+    Trainer's own ``train_samples_per_second``: it counts only the steps that session ran, so a
+    resumed run is not credited with the steps of the sessions before it."""
+    final = [h for h in trainer.state.log_history if "train_samples_per_second" in h]
     if not final:
         return None
-    args = trainer.args
-    seq_len = trainer.train_dataset.reader.layout.seq_len
-    tokens = (trainer.state.global_step * args.per_device_train_batch_size
-              * args.gradient_accumulation_steps * args.world_size * seq_len)
-    return tokens / final[-1]["train_runtime"]
+    return final[-1]["train_samples_per_second"] * trainer.train_dataset.reader.layout.seq_len

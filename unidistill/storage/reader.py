@@ -157,10 +157,21 @@ class CacheReader:
         at T = 1; the loss divides them by T. What is fetched and how it is decoded is the
         layout's codecs' (:mod:`unidistill.storage.codecs`).
         """
+        return self.read_many([index], layers=layers, kd_top_k=kd_top_k, logits=logits,
+                              temperature=temperature, tail_approximation=tail_approximation)[0]
+
+    def read_many(self, indices, *, layers=None, kd_top_k: int | None = None,
+                  logits: bool = True, temperature: float = 1.0,
+                  tail_approximation: str | None = None) -> list[dict]:
+        """Several sequences, as :meth:`read` gives each, fetched in one concurrent gather: every
+        array of every sequence goes out together on Zarr's event loop (a batch of a DataLoader
+        is one round of requests, not one per sequence)."""
         layers = list(self.layout.layers if layers is None else layers)
         self.check_request(layers, kd_top_k, temperature if logits else 1.0, tail_approximation)
-        if not 0 <= index < self.layout.n_sequences:
-            raise IndexError(f"sequence {index} out of range 0..{self.layout.n_sequences - 1}")
+        indices = [int(i) for i in indices]
+        for index in indices:
+            if not 0 <= index < self.layout.n_sequences:
+                raise IndexError(f"sequence {index} out of range 0..{self.layout.n_sequences - 1}")
         codec, hidden = self.layout.logit_codec, self.layout.hidden_codec
         names = [INPUT_IDS]
         extra = codec.hidden_layers(self.final_layer) if logits else []
@@ -168,27 +179,34 @@ class CacheReader:
             names += codec.read_names(temperature)
         for j in dict.fromkeys(layers + extra):
             names += hidden.names(j)
-        got = self.fetch(names, index)
-        out = {"input_ids": got[INPUT_IDS]}
-        if logits:
-            out.update(codec.decode(got, kd_top_k=kd_top_k, temperature=temperature,
-                                    hidden={j: hidden.decode(j, got) for j in extra}))
-        out["hidden"] = {j: hidden.decode(j, got) for j in layers}
+        out = []
+        for got in self.fetch_many(names, indices):
+            seq = {"input_ids": got[INPUT_IDS]}
+            if logits:
+                seq.update(codec.decode(got, kd_top_k=kd_top_k, temperature=temperature,
+                                        hidden={j: hidden.decode(j, got) for j in extra}))
+            seq["hidden"] = {j: hidden.decode(j, got) for j in layers}
+            out.append(seq)
         return out
 
     def fetch(self, names, index) -> dict[str, np.ndarray]:
-        """``{name: array[index]}`` for several arrays, read concurrently: one sequence spans
-        3-12 arrays, and on an object store each read is a round trip, so they go out together
-        on Zarr's event loop rather than one after another."""
+        """``{name: array[index]}`` for several arrays of one sequence, read concurrently."""
+        return self.fetch_many(names, [index])[0]
+
+    def fetch_many(self, names, indices) -> list[dict[str, np.ndarray]]:
+        """``[{name: array[index]} for index in indices]``, every read concurrent: one sequence
+        spans 3-12 arrays, and on an object store each read is a round trip, so they all go out
+        together on Zarr's event loop rather than one after another."""
         arrays = self._arrays()
 
-        async def one(name):
-            return name, await _async_array(arrays[name]).getitem(index)
+        async def one(name, index):
+            return await _async_array(arrays[name]).getitem(index)
 
         async def together():
-            return await asyncio.gather(*(one(n) for n in names))
+            return await asyncio.gather(*(one(n, i) for i in indices for n in names))
 
-        return dict(zarr_sync(together()))
+        flat = iter(zarr_sync(together()))
+        return [{n: next(flat) for n in names} for _ in indices]
 
     def _arrays(self) -> dict[str, zarr.Array]:
         # opened once per process (each open reads the array's metadata: a request remotely)

@@ -67,9 +67,17 @@ class CacheDataset(Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        seq = self.reader.read(int(index), layers=self.layers, kd_top_k=self.kd_top_k, logits=self.logits,
-                               temperature=self.temperature,
-                               tail_approximation=self.tail_approximation)
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices) -> list[dict[str, torch.Tensor]]:
+        """A DataLoader batch as one concurrent read of every array of every sequence
+        (:meth:`CacheReader.read_many`); the DataLoader calls this with the batch's indices."""
+        seqs = self.reader.read_many(indices, layers=self.layers, kd_top_k=self.kd_top_k,
+                                     logits=self.logits, temperature=self.temperature,
+                                     tail_approximation=self.tail_approximation)
+        return [self._item(seq) for seq in seqs]
+
+    def _item(self, seq: dict) -> dict[str, torch.Tensor]:
         dtype = self.reader.layout.hidden_dtype
         targets = TeacherTargets(hidden={j: decode_hidden(h, dtype) for j, h in seq["hidden"].items()})
         if self.logits and "teacher_final_hidden" in seq:
