@@ -124,10 +124,18 @@ class DistillationArguments(TrainingArguments):
                 "distill-from-cache ...")
         self._refuse_not_honoured()
         if not self.use_cpu and _distributed_without_accelerator():
-            # `torchrun` / `accelerate launch --multi_gpu` on a machine without GPUs: accelerate
-            # makes a gloo process group only when asked for the CPU, and would otherwise run
-            # each process alone on its own copy of the data.
-            self.use_cpu = True
+            # `torchrun` / `accelerate launch --multi_gpu` on a machine without GPUs (or where
+            # torch does not see them): training N processes on the CPU may be what was meant,
+            # or a broken GPU set-up; it is never chosen silently. (With use_cpu, accelerate
+            # makes the gloo process group a CPU run needs.)
+            from unidistill.distributed import world_size_from_env
+
+            raise ConfigError(
+                f"{world_size_from_env()} processes were launched (WORLD_SIZE), but torch sees no "
+                "GPU or other accelerator, so they would train on the CPU. Pass --use-cpu "
+                "(use_cpu=True) to train on the CPU over gloo, or check the GPUs "
+                "(python -c 'import torch; print(torch.cuda.is_available())') and the CUDA build "
+                "of torch")
         super().__post_init__()
         validate_loss_weights(self.alpha, self.beta, self.gamma, self.kd_temperature)
         if self.kl_direction not in KL_DIRECTIONS:
