@@ -253,11 +253,13 @@ class CacheLocation:
             return FsspecStore.from_url(self.url, storage_options=self.storage_options(),
                                         read_only=read_only)
 
-    def open_group(self, mode: str = "r", attributes: dict | None = None):
+    def open_group(self, mode: str = "r", attributes: dict | None = None, store=None):
+        """The cache's root Zarr group, on :meth:`zarr_store` or on ``store`` (a wrapper of it)."""
         import zarr
 
         with self._errors("open"):
-            return zarr.open_group(self.zarr_store(mode), mode=mode, attributes=attributes)
+            store = self.zarr_store(mode) if store is None else store
+            return zarr.open_group(store, mode=mode, attributes=attributes)
 
     # -- existence and listing ---------------------------------------------------------------------
     def _files(self, prefix: str = "") -> dict[str, dict]:

@@ -84,7 +84,7 @@ def check_logit_settings(reader: CacheReader, args: DistillationArguments) -> No
 
 
 def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> DistillPlan:
-    reader = CacheReader(cache)
+    reader = CacheReader(cache, local_dir=args.cache_local_dir)
     check_student_matches_cache(reader, tokenizer, student_config)
     check_logit_settings(reader, args)
     approximated = reader.check_request((), args.kd_top_k,
