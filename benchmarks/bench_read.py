@@ -263,6 +263,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--step-ms", type=float, default=100.0, help="the trainer stand-in's step")
     p.add_argument("--no-obstore", action="store_true", help="leave out the obstore row")
+    p.add_argument("--note", default="", help="how the cache was made (written into the results)")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--render", metavar="JSON", help="only write the markdown of a saved result again")
@@ -299,7 +300,7 @@ def main(argv=None):
               "versions": versions, "shared_machine": True, "cpu_cores": os.cpu_count(), "tag": opts.tag,
               "cache": {"path": opts.cache, "logits_mode": layout.logits_mode, "layers": list(layout.layers),
                         "seq_len": layout.seq_len, "shard_size": layout.shard_size,
-                        "arrays": len(layout.array_specs())},
+                        "arrays": len(layout.array_specs()), "note": opts.note},
               "sequences": ctx["n"], "batch_size": opts.batch_size, "repeats": opts.repeats,
               "step_ms": opts.step_ms, "rows": rows}
     results = Path(opts.results)
@@ -336,7 +337,8 @@ def render(result: dict) -> str:
           f"{json.dumps(result.get('versions', {}))}.", "",
           f"{result['sequences']} sequences x {c['seq_len']} tokens, {c['logits_mode']} logits, hidden layers "
           f"{c['layers']} ({c['arrays']} arrays; shards of {c['shard_size']} sequences), batches of "
-          f"{result['batch_size']}. S3 = moto's server in its own process on loopback.", "",
+          f"{result['batch_size']}. S3 = moto's server in its own process on loopback."
+          + (f" Cache: {c['note']}" if c.get("note") else ""), "",
           "Tokens per second:", "", "| measurement | " + " | ".join(stores) + " |",
           "|---|" + "---|" * len(stores)]
     md += [f"| {n} | " + " | ".join(_cell(rows[s].get(n)) for s in stores) + " |" for n in speed]
