@@ -112,6 +112,10 @@ class DistillationArguments(TrainingArguments):
         "help": "use the k most likely cached ids (<= the cache's k; default: all of them)"})
     logits_chunk_size: int = field(default=64, metadata={
         "help": "positions per chunk of fp32 log-probs (memory: batch x chunk x vocabulary x 4 bytes)"})
+    cache_local_dir: str | None = field(default=None, metadata={
+        "help": "a remote cache (s3://...) only: local folder for a read-through copy; each shard "
+                "file is copied whole on its first read and read from there after, and the next "
+                "shards are copied ahead in the background (unset: every read goes to the store)"})
 
     def __post_init__(self):
         if self.fsdp and (self.use_cpu or not _has_accelerator()):

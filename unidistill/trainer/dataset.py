@@ -14,7 +14,11 @@ import torch
 from torch.utils.data import Dataset
 
 from unidistill.errors import CacheMismatchError, ConfigError
+<<<<<<< HEAD
 from unidistill.fingerprint import tokenizer_fingerprint, tokenizer_matches
+=======
+from unidistill.fingerprint import tokenizer_fingerprint
+>>>>>>> read
 from unidistill.model_logits import CHECK_SEQUENCES
 from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader, decode_hidden
@@ -82,11 +86,24 @@ class CacheDataset(Dataset):
 
     Low-precision tensors stay as stored (fp16 / bf16) to keep host memory and copies small;
     the losses upcast to fp32.
+
+    ``local_dir`` (a read-through folder for a remote cache) and ``prefetch`` (shards read ahead)
+    are the reader's (:class:`~unidistill.storage.reader.CacheReader`); with a reader given as
+    ``cache``, set them on the reader.
     """
 
     def __init__(self, cache, *, layers=(), kd_top_k: int | None = None, logits: bool = True,
-                 temperature: float = 1.0, tail_approximation: str | None = None):
-        self.reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
+                 temperature: float = 1.0, tail_approximation: str | None = None,
+                 local_dir=None, prefetch: int | None = None):
+        if isinstance(cache, CacheReader):
+            if local_dir is not None or prefetch is not None:
+                raise ConfigError(f"CacheDataset got an open CacheReader and local_dir={local_dir!r}, "
+                                  f"prefetch={prefetch!r}; give those to the CacheReader "
+                                  "(CacheReader(cache, local_dir=..., prefetch=...)) or pass the "
+                                  "cache path instead of the reader")
+            self.reader = cache
+        else:
+            self.reader = CacheReader(cache, local_dir=local_dir, prefetch=prefetch)
         self.layers = sorted(layers)
         self.kd_top_k = kd_top_k
         self.logits = logits

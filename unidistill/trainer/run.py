@@ -86,7 +86,7 @@ def check_logit_settings(reader: CacheReader, args: DistillationArguments) -> No
 
 
 def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> DistillPlan:
-    reader = CacheReader(cache)
+    reader = CacheReader(cache, local_dir=args.cache_local_dir)
     check_student_matches_cache(reader, tokenizer, student_config,
                                 kl_direction=args.kl_direction if args.beta > 0 else None,
                                 kd_top_k=args.kd_top_k)
