@@ -14,11 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from unidistill.errors import CacheMismatchError, ConfigError
-<<<<<<< HEAD
 from unidistill.fingerprint import tokenizer_fingerprint, tokenizer_matches
-=======
-from unidistill.fingerprint import tokenizer_fingerprint
->>>>>>> read
 from unidistill.model_logits import CHECK_SEQUENCES
 from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader, decode_hidden
