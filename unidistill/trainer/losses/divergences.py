@@ -39,6 +39,21 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return kept.sum(), mask.sum().float()
 
 
+def position_mask(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The loss mask (B, L) flattened to (N,) bool; every position when ``mask`` is None."""
+    flat = labels.reshape(-1)
+    return torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+
+
+def minus_kl_offset(kl_sum: torch.Tensor, offset: torch.Tensor | None,
+                    keep: torch.Tensor) -> torch.Tensor:
+    """A sampled cache's KL sum made the unbiased estimate: minus the per-position ``offset``
+    (B, L) summed over ``keep`` (N,); unchanged when there is no offset."""
+    if offset is None:
+        return kl_sum
+    return kl_sum - masked_sum(offset.reshape(-1).to(kl_sum.device), keep)[0]
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over ``mask`` (same shape) as an fp32 scalar; 0.0 when all is masked.
 
