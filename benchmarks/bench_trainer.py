@@ -46,10 +46,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("plain", "plain_chunked", "cache", "online", "online_topk")
+MODES = ("plain", "plain_chunked", "cache", "cache_default", "online", "online_topk")
 # issue 15: (ratio, op, target)
 TARGETS = {"throughput_cache_over_plain": (">=", 0.95), "throughput_cache_over_plain_chunked": (">=", 0.95),
-           "throughput_cache_over_online": (">=", 1.6),
+           "throughput_cache_over_online": (">=", 1.6), "throughput_cache_default_over_plain": (">=", 0.95),
            "peak_rss_cache_over_plain": ("<=", 1.0), "peak_rss_cache_over_plain_chunked": ("<=", 1.0),
            "peak_cuda_cache_over_plain": ("<=", 1.0), "peak_cuda_cache_over_plain_chunked": ("<=", 1.0)}
 
@@ -76,6 +76,35 @@ def _timing_callback(warmup: int, record: dict):
     return StepTimer()
 
 
+def _profiler_callback(opts):
+    """torch.profiler over the timed steps (after the warm-up); ``write`` saves its operator table
+    (the 30 costliest by self CPU time). Profiled runs are extra runs, never in the medians."""
+    from transformers import TrainerCallback
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self):
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if opts.device != "cpu" else [])
+            self.prof = profile(activities=acts, schedule=schedule(wait=opts.warmup_steps, warmup=0,
+                                                                   active=opts.steps, repeat=1))
+            self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.prof.step()
+
+        def write(self, path: Path):
+            self.prof.__exit__(None, None, None)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
+                                                   max_name_column_width=60)
+            path.write_text(f"mode {opts.mode}: torch.profiler over {opts.steps} steps after "
+                            f"{opts.warmup_steps} warm-up (torch {torch.__version__})\n\n{table}\n")
+
+    return StepProfiler()
+
+
 def run_mode(opts) -> dict:
     """One mode in this process -> {tokens_per_s, peak_rss_mib, peak_cuda_mib, final_loss}."""
     import torch
@@ -93,6 +122,8 @@ def run_mode(opts) -> dict:
                   use_cpu=opts.device == "cpu", bf16=opts.bf16, seed=0, disable_tqdm=True,
                   dataloader_num_workers=opts.dataloader_workers)
     timer = _timing_callback(opts.warmup_steps, record)
+    profiler = _profiler_callback(opts) if opts.profile_dir else None
+    callbacks = [timer] + ([profiler] if profiler else [])
     if opts.device != "cpu":
         torch.cuda.reset_peak_memory_stats()
     if opts.mode == "plain":
@@ -104,12 +135,15 @@ def run_mode(opts) -> dict:
             return {"input_ids": batch, "labels": batch}
 
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=ids,
-                          data_collator=collate, callbacks=[timer])
+                          data_collator=collate, callbacks=callbacks)
         trainer.train()
     elif opts.mode == "plain_chunked":  # the same chunked CE as distill-from-cache, no teacher
         args = DistillationArguments(**common, alpha=1.0, beta=0.0, gamma=0.0, layer_map="uniform",
                                      logits_chunk_size=opts.logits_chunk_size)
-        trainer = distill_from_cache(opts.cache, opts.student, args, callbacks=[timer])
+        trainer = distill_from_cache(opts.cache, opts.student, args, callbacks=callbacks)
+    elif opts.mode == "cache_default":  # the recipe distill-from-cache runs without loss options
+        args = DistillationArguments(**common, logits_chunk_size=opts.logits_chunk_size)
+        trainer = distill_from_cache(opts.cache, opts.student, args, callbacks=callbacks)
     else:
         args = DistillationArguments(**common, alpha=0.4, beta=0.4, gamma=0.2, kd_temperature=2.0,
                                      layer_map="uniform", hidden_loss="cosine",
@@ -121,7 +155,9 @@ def run_mode(opts) -> dict:
             teacher = load_model(resolve_model_source(opts.teacher), dtype, "cpu")
         trainer = distill_from_cache(opts.cache, opts.student, args, teacher_model=teacher,
                                      online_top_k=opts.top_k if opts.mode == "online_topk" else None,
-                                     callbacks=[timer])
+                                     callbacks=callbacks)
+    if profiler:
+        profiler.write(Path(opts.profile_dir) / f"profile_{opts.mode}.txt")
     tokens = record["timed_steps"] * opts.batch_size * opts.seq_len
     result = {"mode": opts.mode, "tokens_per_s": tokens / (record["t1"] - record["t0"]),
               "timed_steps": record["timed_steps"],
@@ -177,11 +213,22 @@ def resolve_align_layers(align: str, n_student: int) -> str:
 
 
 def ratios_of(results: dict) -> dict:
-    """Cache over each other mode measured: throughput and peak memory (RSS; CUDA on a GPU)."""
-    b = results.get("cache")
+    """Cache over each other mode measured: throughput and peak memory (RSS; CUDA on a GPU);
+    the default recipe (cache_default) over plain fine-tuning."""
     ratios = {}
-    if b is None:
-        return ratios
+    pairs = [("cache", o) for o in ("plain", "plain_chunked", "online", "online_topk")]
+    pairs += [("cache_default", "plain"), ("cache_default", "plain_chunked")]
+    for mine, other in pairs:
+        if mine not in results or other not in results:
+            continue
+        b, o = results[mine], results[other]
+        ratios[f"throughput_{mine}_over_{other}"] = b["tokens_per_s"] / o["tokens_per_s"]
+        if other == "online_topk":
+            continue  # the same process as online but for the targets: throughput only
+        ratios[f"peak_rss_{mine}_over_{other}"] = b["peak_rss_mib"] / o["peak_rss_mib"]
+        if "peak_cuda_mib" in b and "peak_cuda_mib" in o:
+            ratios[f"peak_cuda_{mine}_over_{other}"] = b["peak_cuda_mib"] / o["peak_cuda_mib"]
+    return ratios
     for other in ("plain", "plain_chunked", "online", "online_topk"):
         if other not in results:
             continue
@@ -205,6 +252,7 @@ def write_results(opts, results: dict) -> None:
     out = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(opts.device),
            "settings": {k: v for k, v in vars(opts).items()
                         if k not in ("results", "mode", "run_dir", "cache", "student", "teacher_info",
+                                      "profile_dir",
                                       "student_blocks")},
            "teacher": opts.teacher_info, "student_blocks": opts.student_blocks,
            "runs_per_mode": runs, "complete": complete, "note": opts.note,
@@ -216,6 +264,7 @@ def write_results(opts, results: dict) -> None:
     labels = {"plain": "a) plain fine-tuning (HF Trainer, CE)",
               "plain_chunked": "a') plain fine-tuning, unidistill's chunked CE",
               "cache": "b) distill-from-cache",
+              "cache_default": "b') distill-from-cache, default loss (0.5 CE + 0.5 KL, T = 1, no hidden)",
               "online": "c) online KD, full vocabulary", "online_topk": f"c') online KD, top-{opts.top_k}"}
     cuda = any("peak_cuda_mib" in r for r in results.values())
     n_t = opts.teacher_info.get("num_hidden_layers")
@@ -272,6 +321,8 @@ def main(argv=None):
                    help="teacher dtype of the cache build that prepares the run")
     p.add_argument("--dataloader-workers", type=int, default=0)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--profile-dir", default=None, help="after the timed rounds, run each mode once more "
+                   "under torch.profiler and write DIR/profile_<mode>.txt (not in the medians)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the modes this many times, round-robin, and report medians")
     p.add_argument("--tag", default=None,
@@ -333,14 +384,7 @@ def main(argv=None):
     runs: dict[str, list[dict]] = {}
     for round_ in range(1, opts.repeats + 1):  # round-robin: drift hits every mode alike
         for mode in modes:
-            child = [sys.executable, __file__, "--mode", mode, "--cache", cache, "--student", student,
-                     "--run-dir", str(work / f"run-{mode}"), "--teacher", opts.teacher,
-                     "--device", opts.device, "--seq-len", str(opts.seq_len),
-                     "--batch-size", str(opts.batch_size), "--warmup-steps", str(opts.warmup_steps),
-                     "--steps", str(opts.steps), "--align-layers", opts.align_layers,
-                     "--top-k", str(opts.top_k), "--dataloader-workers", str(opts.dataloader_workers),
-                     ] + (["--bf16"] if opts.bf16 else []) + (
-                         ["--logits-chunk-size", str(opts.logits_chunk_size)] if opts.logits_chunk_size else [])
+            child = _child(opts, mode, cache, student, work)
             print(f"[bench] round {round_}/{opts.repeats}, mode {mode}", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True,
@@ -350,6 +394,22 @@ def main(argv=None):
             print(f"[bench] {runs[mode][-1]}", file=sys.stderr, flush=True)
             # rewritten after every mode: a run stopped part-way keeps what it finished
             write_results(opts, {mode: _summary(rs) for mode, rs in runs.items()})
+    for mode in modes if opts.profile_dir else ():
+        print(f"[bench] profiling mode {mode}", file=sys.stderr, flush=True)
+        subprocess.run(_child(opts, mode, cache, student, work) + ["--profile-dir", opts.profile_dir],
+                       check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+def _child(opts, mode: str, cache: str, student: str, work: Path) -> list[str]:
+    """The command line of one mode's process."""
+    return [sys.executable, __file__, "--mode", mode, "--cache", cache, "--student", student,
+            "--run-dir", str(work / f"run-{mode}"), "--teacher", opts.teacher,
+            "--device", opts.device, "--seq-len", str(opts.seq_len),
+            "--batch-size", str(opts.batch_size), "--warmup-steps", str(opts.warmup_steps),
+            "--steps", str(opts.steps), "--align-layers", opts.align_layers,
+            "--top-k", str(opts.top_k), "--dataloader-workers", str(opts.dataloader_workers),
+            ] + (["--bf16"] if opts.bf16 else []) + (
+                ["--logits-chunk-size", str(opts.logits_chunk_size)] if opts.logits_chunk_size else [])
 
 
 def _gguf_config(source):
