@@ -373,6 +373,41 @@ def test_sampled_targets_with_unused_slots_train_like_the_reference():
         close(got, want)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_tail_too_small_for_float32_terms_matches_float64_autograd(temperature):
+    """Rows where the student puts its tail 300 nats below its top ids: each tail term underflows
+    in fp32, so the tail mass is taken in log space there (a plain sum would give log 0 and an
+    infinite KL). Sums and gradient against float64 autograd of CE + KL over the K + 1 buckets."""
+    from unidistill.trainer.losses.fused_grad import ce_and_forward_kl
+
+    g = torch.Generator().manual_seed(3)
+    n, v, k = 6, 40, 4
+    raw = torch.randn(n, v, generator=g)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    tail_rows = torch.tensor([True, False, True, True, False, False])
+    off_ids = torch.ones(n, v, dtype=torch.bool).scatter_(-1, ids, False)
+    raw = raw - 300.0 * (off_ids & tail_rows.unsqueeze(-1))
+    t_logp = torch.log_softmax(torch.randn(n, k + 1, generator=g), -1)  # teacher tail mass > 0
+    targets = TeacherTargets(ids=ids.reshape(1, n, k), logp=t_logp[:, :k].reshape(1, n, k),
+                             log_tail=t_logp[:, k].reshape(1, n))
+    labels = torch.randint(0, v, (1, n), generator=g)
+    sums, grad = ce_and_forward_kl(raw, None, labels, targets, temperature, None,
+                                   ce_weight=0.5, kl_weight=0.7)
+
+    z = raw.double().requires_grad_()
+    ce = (torch.logsumexp(z, -1) - z.gather(-1, labels.reshape(-1, 1)).squeeze(-1)).sum()
+    zt = z / temperature
+    lse = torch.logsumexp(zt, -1, keepdim=True)
+    s_buckets = torch.cat([zt.gather(-1, ids) - lse,
+                           zt.masked_fill(~off_ids, float("-inf")).logsumexp(-1, keepdim=True) - lse], -1)
+    t = torch.log_softmax(torch.cat([t_logp[:, :k] / temperature, t_logp[:, k:]], -1).double(), -1)
+    kl = (t.exp() * (t - s_buckets)).sum()
+    (want,) = torch.autograd.grad(0.5 * ce + 0.7 * kl, z)
+    assert torch.isfinite(sums).all() and torch.isfinite(grad).all()
+    close(sums[[0, 2]], torch.stack([ce, kl]).detach(), rtol=1e-5)
+    close(grad, want, atol=1e-6, rtol=1e-4)
+
+
 def test_the_fused_loss_hands_its_gradients_over_once():
     """Backward scales the saved gradients in place and gives them away (no second copy of the
     head's gradient), so a second backward is refused with a clear error, not a wrong result."""
