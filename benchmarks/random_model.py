@@ -40,15 +40,12 @@ PRESETS = {
     "vocab262k": dict(vocab_size=262144, hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True,
                       max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6),
-    # a Qwen-sized vocabulary, same body
-    "vocab152k": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
-                      num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True,
-                      max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6),
     # seconds on a CPU: tests and dry runs
     "tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                  max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5),
 }
+PRESETS["vocab152k"] = {**PRESETS["vocab262k"], "vocab_size": 151936}  # a Qwen-sized vocabulary, same body
 EOS = "<|endoftext|>"
 MERGES_CORPUS_TOKENS = 16384  # BPE vocabulary learned from the text (bytes + merges), at most
 

@@ -406,3 +406,15 @@ def test_tokens_per_second_counts_only_the_last_sessions_steps():
     assert _tokens_per_second(trainer) == 2.0 * 32  # the old count gave 10 * 4 * 32 / 4.0 = 320
     trainer.state.log_history = [{"loss": 1.0}]
     assert _tokens_per_second(trainer) is None
+
+
+def test_a_negative_kl_estimate_is_shown_not_clamped():
+    """A sampled cache's KL is an unbiased estimate and can be below 0: the table shows it. Only
+    a value that would print as -0.0000 is shown as 0.0000."""
+    from unidistill.ablate.table import _cells
+
+    base = dict(perplexity=10.0, perplexity_ratio=1.0, accuracy=0.5, accuracy_ratio=1.0,
+                recovery_pct=None, top1_agreement=0.9)
+    assert _cells({**base, "kl_to_teacher": -0.0123})[-1] == "-0.0123"
+    assert _cells({**base, "kl_to_teacher": -1e-9})[-1] == "0.0000"
+    assert _cells({**base, "kl_to_teacher": 0.25})[-1] == "0.2500"

@@ -152,18 +152,19 @@ def test_needs_data_or_cache(tiny_teacher_dir):
         evaluate(str(tiny_teacher_dir), device="cpu")
 
 
-def test_model_of_another_vocabulary_is_refused(tmp_path, cache, tiny_teacher_dir):
+def test_model_of_a_smaller_vocabulary_is_refused(tmp_path, cache, tiny_teacher_dir):
+    # a larger head (padded beyond the tokenizer) is accepted: tests/test_user_models.py
     from transformers import AutoTokenizer
 
     from .conftest import make_llama
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    make_llama(len(tok) + 7, hidden=24, layers=2).save_pretrained(tmp_path)
+    make_llama(len(tok) - 7, hidden=24, layers=2).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     res = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path), "--cache", str(cache),
                                     "--device", "cpu"])
     assert res.exit_code == 2
-    assert f"{len(tok) + 7} entries" in res.output and f"teacher {len(tok)}" in res.output
+    assert f"{len(tok) - 7} entries" in res.output and f"cache's teacher {len(tok)}" in res.output
 
 
 def test_cli_num_workers_reaches_evaluate(tiny_teacher_dir, cache):

@@ -498,11 +498,14 @@ def test_full_vocab_kl_is_zero_for_the_teacher_itself():
     assert float(sums[5]) == 10.0  # top-1 agreement with itself everywhere
 
 
-def test_full_vocab_teacher_of_another_vocabulary_is_refused():
+def test_full_vocab_teacher_of_a_larger_vocabulary_is_refused():
+    # a smaller teacher (a student head padded beyond it) is padded: tests/test_user_models.py
     from unidistill.trainer.losses import full_vocab_log_probs
 
-    with pytest.raises(ConfigError, match=r"teacher logits have shape \(3, 12\), the student's \(3, 11\)"):
+    with pytest.raises(ConfigError, match=r"teacher's logits cover 12 ids, the student's head only 11"):
         full_vocab_log_probs(torch.zeros(3, 11), torch.zeros(3, 12), 1.0)
+    with pytest.raises(ConfigError, match=r"teacher logits have shape \(4, 11\), the student's \(3, 11\)"):
+        full_vocab_log_probs(torch.zeros(3, 11), torch.zeros(4, 11), 1.0)
 
 
 # -- the whole loss of a step --------------------------------------------------------------------

@@ -184,9 +184,10 @@ def test_two_process_training_matches_double_batch_and_saves_once(tmp_path, cach
 
     two, dump = tmp_path / "two", tmp_path / "dump"
     dump.mkdir()
-    # no --use-cpu: a distributed launch on a machine without GPUs picks gloo on the CPU itself
-    run = torchrun(tmp_path, TRAIN_DRIVER, [*common, "--per-device-train-batch-size", "2", "--out", two],
-                   DUMP_DIR=str(dump))
+    # --use-cpu: a distributed launch without GPUs trains on the CPU only when asked to
+    # (tests/test_no_silent_fallbacks.py); accelerate then builds the gloo group
+    run = torchrun(tmp_path, TRAIN_DRIVER, [*common, "--use-cpu", "--per-device-train-batch-size", "2",
+                                            "--out", two], DUMP_DIR=str(dump))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("student saved to") == 1
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from unidistill.errors import UnidistillError
+from unidistill.errors import ConfigError, UnidistillError
 
 TIMEOUT_ENV = "UNIDISTILL_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 3600.0
@@ -42,20 +42,46 @@ _LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK
                     "MV2_COMM_WORLD_LOCAL_RANK")
 
 
-def _env_int(names, default: int) -> int:
+def _env_int(names, default: int, *, minimum: int = 0) -> int:
+    """The first of ``names`` set in the environment, as an int >= ``minimum``; ``default`` when
+    none is set. A value that is not such a whole number is refused, naming it: a launcher (or a
+    stray export) that says something else must not silently become a single-process run."""
     for name in names:
         value = os.environ.get(name)
-        if value is not None:
-            try:
-                return int(value)
-            except ValueError:
-                return default
+        if value is None:
+            continue
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise ConfigError(
+                f"environment variable {name}={value!r} is not a whole number >= {minimum}; "
+                f"torchrun and accelerate launch set it to the process "
+                f"{'count' if name in _SIZE_VARS else 'index'}. Unset it for a single-process "
+                f"run, or launch with torchrun --nproc_per_node N")
+        return number
     return default
 
 
 def world_size_from_env() -> int:
-    """The number of processes the launcher started (1 without a distributed launcher)."""
-    return _env_int(_SIZE_VARS, 1)
+    """The number of processes the launcher started (1 without a distributed launcher); a
+    non-numeric or non-positive value is refused (:class:`~unidistill.errors.ConfigError`)."""
+    return _env_int(_SIZE_VARS, 1, minimum=1)
+
+
+def _timeout_from_env() -> float:
+    value = os.environ.get(TIMEOUT_ENV)
+    if value is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"environment variable {TIMEOUT_ENV}={value!r} is not a number of seconds "
+                          f"> 0; set it to e.g. {DEFAULT_TIMEOUT_S:g}, or unset it for that default")
+    return seconds
 
 
 def _describe(e: BaseException) -> str:
@@ -81,7 +107,7 @@ class ProcessGroup:
             return cls()
         import torch.distributed as dist
 
-        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+        timeout = timedelta(seconds=_timeout_from_env())
         owns = False
         group = None
         if not dist.is_initialized():

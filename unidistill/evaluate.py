@@ -36,6 +36,7 @@ from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader
 from unidistill.trainer.dataset import CacheDataset, sample_input_ids
 from unidistill.trainer.losses import LogitSums, LossConfig, logit_sums, next_token_labels
+from unidistill.trainer.losses.divergences import teacher_head_for
 
 DEFAULT_SEQ_LEN = 256
 # Bumped whenever a metric is added or computed differently: an evaluation recorded under another
@@ -168,7 +169,9 @@ def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_d
     totals = _Totals(cfg.num_hidden_layers + 1, len(teacher_layers))
     layers = teacher_layers if pairs else []
     dataset = CacheDataset(reader, layers=layers)
-    head = OutputHead(*reader.head(device)) if reader.layout.logit_codec.has_head else None
+    head = teacher_head_for(OutputHead(*reader.head(device)),  # padded to a padded student head
+                            model.get_output_embeddings().weight.shape[0]) \
+        if reader.layout.logit_codec.has_head else None
     check_logit_transform(model, sample_input_ids(reader), role="evaluated model")
     loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=default_collate,

@@ -9,19 +9,59 @@ import numpy as np
 import torch
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the vocabulary (token -> id) and the special tokens.
+# the special ids a fingerprint covers; pad is not among them (see tokenizer_fingerprint)
+_SPECIAL_IDS = ("bos_token_id", "eos_token_id", "unk_token_id")
+# what caches built before the pad id was left out hashed
+_LEGACY_SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
-    Two tokenizers with the same fingerprint map text to the same ids, whatever their class
-    (fast or slow) or where they were loaded from.
-    """
+
+def _vocab_hash(tokenizer):
+    """sha256 of the vocabulary (token -> id, in id order), not finalized: the specials follow."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    special = {name: getattr(tokenizer, name, None)
-               for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
     h = hashlib.sha256()
     h.update(json.dumps(vocab, ensure_ascii=False).encode())
+    return h
+
+
+def _with_specials(vocab_hash, special: dict) -> str:
+    h = vocab_hash.copy()
     h.update(json.dumps(special, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id) and the BOS, EOS and UNK ids.
+
+    Two tokenizers with the same fingerprint map text to the same ids, whatever their class
+    (fast or slow) or where they were loaded from. The pad id is left out: it never reaches a
+    cache (sequences are packed, documents joined with EOS, no padding), and the common
+    ``tokenizer.pad_token = tokenizer.eos_token`` must not make a student's tokenizer differ from
+    its teacher's. Caches built before this recorded a fingerprint that also hashed the pad id;
+    :func:`tokenizer_matches` still accepts them.
+    """
+    return _with_specials(_vocab_hash(tokenizer),
+                          {name: getattr(tokenizer, name, None) for name in _SPECIAL_IDS})
+
+
+def tokenizer_matches(tokenizer, recorded: str) -> bool:
+    """Whether ``recorded`` (a cache's ``settings.tokenizer.fingerprint``) is this tokenizer's.
+
+    True for :func:`tokenizer_fingerprint`, and for the fingerprint caches built before the pad
+    id was left out recorded (vocabulary + BOS, EOS, PAD, UNK ids) when it equals this
+    tokenizer's with some pad id: none, or any id of the vocabulary. So an old cache is accepted
+    exactly when the tokenizers differ at most in their pad id, as a new one is. The search
+    hashes the vocabulary once and then only the few bytes of the special ids per candidate
+    (about 0.1 s for 49 152 ids), and runs only when the current fingerprint does not match.
+    """
+    vocab_hash = _vocab_hash(tokenizer)
+    special = {name: getattr(tokenizer, name, None) for name in _LEGACY_SPECIAL_IDS}
+    if _with_specials(vocab_hash, {k: special[k] for k in _SPECIAL_IDS}) == recorded:
+        return True
+    ids = sorted(set(tokenizer.get_vocab().values()))
+    for pad in (special["pad_token_id"], None, *ids):
+        if _with_specials(vocab_hash, {**special, "pad_token_id": pad}) == recorded:
+            return True
+    return False
 
 
 def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:

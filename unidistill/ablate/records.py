@@ -26,7 +26,7 @@ BOOKKEEPING = frozenset({
     "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
     "hub_private_repo", "dataloader_num_workers", "dataloader_pin_memory",
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "log_level", "log_level_replica",
-    "project"})
+    "project", "cache_local_dir"})
 # Files of a model folder that decide its outputs (top level only: not its checkpoints).
 _MODEL_FILE = re.compile(r"^(config\.json|generation_config\.json|projectors\.json|tokenizer[^/]*"
                          r"|special_tokens_map\.json|vocab\.[^/]*|merges\.txt|chat_template\.[^/]*"

@@ -90,7 +90,7 @@ def _cells(m: dict) -> list[str]:
     return [num(m.get("perplexity"), ".3f"), format_ratio(m.get("perplexity_ratio")),
             num(m.get("accuracy"), ".3f"), format_ratio(m.get("accuracy_ratio")),
             num(_no_negative_zero(m.get("recovery_pct")), ".1f"), num(m.get("top1_agreement"), ".3f"),
-            num(None if kl is None else max(kl, 0.0), ".4f")]
+            num(_no_negative_zero(kl, 5e-5), ".4f")]
 
 
 def table_heldout_names(table: dict) -> list[str]:
@@ -138,5 +138,7 @@ def format_ratio(x: float | None) -> str:
     return "-" if x is None else format(x, ".2f" if abs(x) < 1000 else ".3g")
 
 
-def _no_negative_zero(x):
-    return None if x is None else (0.0 if abs(x) < 0.05 else x)
+def _no_negative_zero(x, below: float = 0.05):
+    """``x``, or 0.0 where it would print as -0.0 (|x| under half the last digit shown); a real
+    negative value, such as a sampled cache's unbiased KL estimate, is shown as it is."""
+    return None if x is None else (0.0 if abs(x) < below else x)

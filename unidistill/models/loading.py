@@ -7,7 +7,9 @@ wheel, a real teacher that works offline.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +17,15 @@ import torch
 
 from unidistill.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 BUILTIN_SMOLLM2 = "builtin:smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the files of a folder of plain (not quantized) weights, as save_pretrained writes them
+PLAIN_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+GGUF_QUANT_METHOD = "gguf"
 
 
 @dataclass(frozen=True)
@@ -81,16 +89,83 @@ def load_tokenizer(source: TeacherSource):
 
 
 def load_model(source: TeacherSource, dtype: str = "float32", device: str = "cpu"):
-    """The model in eval mode on ``device``, weights in ``dtype`` (GGUF is dequantized)."""
+    """The model in eval mode on ``device``, weights in ``dtype`` (GGUF is dequantized; a folder
+    whose config still carries a GGUF ``quantization_config`` loads as the plain model it is)."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    extra = {}
+    if not source.gguf_file:
+        config = load_config(source)
+        if quantization_method(config) == GGUF_QUANT_METHOD:
+            extra["config"] = without_gguf_leftover(source.path, config)
     model = _hub_errors(source, "model", lambda: AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=DTYPES[dtype], **source.kwargs()))
+        source.path, dtype=DTYPES[dtype], **extra, **source.kwargs()))
     if source.gguf_file:
         _forget_gguf_quantizer(model)
     return model.to(device).eval()
+
+
+def quantization_method(config) -> str | None:
+    """The ``quant_method`` of a config's ``quantization_config`` (``gguf``, ``bitsandbytes``,
+    ``gptq``, ...), or None for a config without one."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method))
+
+
+def without_gguf_leftover(path: str, config):
+    """``config`` without the GGUF ``quantization_config`` a model made from a GGUF teacher's
+    config inherits (``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` sets it on the
+    teacher's config, and a config copied from it keeps it).
+
+    A GGUF quantization config says how to read a ``.gguf`` file; a model folder holds
+    ``save_pretrained`` weights instead, so the key is left over and would only make transformers
+    flag the model as quantized (the Trainer then refuses it: "You cannot perform fine-tuning on
+    purely quantized models"). A local folder must hold plain weights (``PLAIN_WEIGHT_FILES``), or
+    it is refused with how to make it one. Says so in a warning, since config.json is not changed.
+    """
+    folder = Path(path)
+    plain = [name for name in PLAIN_WEIGHT_FILES if (folder / name).is_file()]
+    if folder.is_dir() and not plain:
+        found = sorted(p.name for p in folder.iterdir() if p.is_file())
+        raise ConfigError(
+            f"{path}: config.json carries a GGUF quantization_config (quant_method gguf) and the "
+            f"folder has no plain weights ({' or '.join(PLAIN_WEIGHT_FILES[::2])}); files there: "
+            f"{found}. A GGUF file is loaded with --gguf-file (evaluate, prune); to train it, "
+            "write it out as a plain folder first: `unidistill prune --model FILE.gguf --out "
+            "DIR` (no pruning options: the same model, saved plain)")
+    config = copy.deepcopy(config)  # the caller's stays as it was
+    del config.quantization_config
+    logger.warning("%s: config.json carries a GGUF quantization_config (left from the GGUF "
+                   "teacher config it was made from), but its weights are plain (%s): loaded as "
+                   "the plain model it is. Delete the 'quantization_config' key from its "
+                   "config.json to silence this.", path, ", ".join(plain) or "hub files")
+    return config
+
+
+def load_student(student, config=None):
+    """The student ``distill-from-cache`` trains, as ``AutoModelForCausalLM.from_pretrained``
+    loads it, with a GGUF teacher's leftover ``quantization_config`` dropped
+    (:func:`without_gguf_leftover`). A student that is really quantized (bitsandbytes, GPTQ, AWQ,
+    ...) is refused: the Trainer cannot train all of its weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(student) if config is None else config
+    method = quantization_method(config)
+    if method is None:
+        return AutoModelForCausalLM.from_pretrained(student)
+    if method != GGUF_QUANT_METHOD:
+        raise ConfigError(
+            f"student {student} is quantized (config.json quantization_config, quant_method "
+            f"{method}); distill-from-cache trains every weight of a plain model, which a quantized "
+            "one does not have in trainable form. Pass the unquantized student, or dequantize it "
+            "and save it without quantization_config (model.dequantize(); "
+            "model.save_pretrained(DIR))")
+    return AutoModelForCausalLM.from_pretrained(student, config=without_gguf_leftover(str(student), config))
 
 
 def load_tokenizer_and_model(source: TeacherSource, device, dtype: str = "float32"):

@@ -91,12 +91,6 @@ class TeacherTargets:
         return replace(self, **{n: cut(getattr(self, n)) for n in _POSITION_FIELDS},
                        hidden={j: h[:, start:start + size] for j, h in self.hidden.items()})
 
-    def to(self, device) -> TeacherTargets:
-        def move(x):
-            return None if x is None else x.to(device)
-        return replace(self, **{n: move(getattr(self, n)) for n in _POSITION_FIELDS},
-                       hidden={j: h.to(device) for j, h in self.hidden.items()})
-
     def top1(self) -> torch.Tensor:
         """The most likely cached id per position (B, L) of sparse targets: top-k's first, or
         the most drawn of a sampled cache."""
@@ -118,9 +112,3 @@ class TeacherTargets:
                   if k.startswith(_HIDDEN_PREFIX)}
         return cls(**values, head=head if values["final_hidden"] is not None else None,
                    hidden=dict(sorted(hidden.items())))
-
-    @staticmethod
-    def field_names() -> tuple[str, ...]:
-        """The flat keys of the per-position logit fields (hidden layers: :func:`hidden_field`)."""
-        return tuple(_PREFIX + n for n in _POSITION_FIELDS)
-

@@ -241,7 +241,9 @@ class CacheLocation:
     # -- the Zarr store ----------------------------------------------------------------------------
     def zarr_store(self, mode: str = "r"):
         """What ``zarr.open_group`` takes: Zarr's ``LocalStore`` for a local folder, an
-        ``FsspecStore`` for a URL; read-only for mode ``r``."""
+        ``FsspecStore`` for a URL; read-only for mode ``r``, where an ``s3://`` cache is read by
+        obstore's ``ObjectStore`` instead with ``UNIDISTILL_S3_READER=obstore``
+        (:mod:`~unidistill.storage.obstore_reader`)."""
         read_only = mode == "r"
         if self.is_local:
             from zarr.storage import LocalStore
@@ -249,15 +251,21 @@ class CacheLocation:
             return LocalStore(self._path(), read_only=read_only)
         from zarr.storage import FsspecStore
 
+        from unidistill.storage.obstore_reader import obstore_zarr_store, s3_reader
+
+        if read_only and self.protocol in S3_PROTOCOLS and s3_reader() == "obstore":
+            return obstore_zarr_store(self.url, self.storage_options())
         with self._errors("open"):
             return FsspecStore.from_url(self.url, storage_options=self.storage_options(),
                                         read_only=read_only)
 
-    def open_group(self, mode: str = "r", attributes: dict | None = None):
+    def open_group(self, mode: str = "r", attributes: dict | None = None, store=None):
+        """The cache's root Zarr group, on :meth:`zarr_store` or on ``store`` (a wrapper of it)."""
         import zarr
 
         with self._errors("open"):
-            return zarr.open_group(self.zarr_store(mode), mode=mode, attributes=attributes)
+            store = self.zarr_store(mode) if store is None else store
+            return zarr.open_group(store, mode=mode, attributes=attributes)
 
     # -- existence and listing ---------------------------------------------------------------------
     def _files(self, prefix: str = "") -> dict[str, dict]:

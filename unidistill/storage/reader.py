@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +25,11 @@ from unidistill.storage.codecs.topk import (  # noqa: F401  (re-exported: tests 
 from unidistill.storage.layout import FORMAT_VERSION, INPUT_IDS, CacheLayout
 from unidistill.storage.location import as_location
 from unidistill.storage.manifest import STATUS_COMPLETE, read_manifest
+from unidistill.storage.prefetch import UnitPrefetcher, check_depth
+from unidistill.storage.read_through import ReadThroughStore
+
+# Units a reader with a read-through folder copies ahead unless told otherwise (storage.prefetch).
+COPY_AHEAD_UNITS = 2
 
 
 def decode_hidden(a: np.ndarray, logical_dtype: str) -> torch.Tensor:
@@ -45,9 +51,16 @@ class CacheReader:
 
     Opening checks the format version and (unless ``require_complete=False``, used by
     ``cache-verify``) that the build finished.
+
+    ``local_dir``: a folder for a read-through copy of a remote cache
+    (:mod:`~unidistill.storage.read_through`): each shard file is copied whole on its first read,
+    to ``<local_dir>/<content fingerprint>/``, and read from there after. ``prefetch``: shards
+    (work units) to read ahead in the background (:mod:`~unidistill.storage.prefetch`); by
+    default :data:`COPY_AHEAD_UNITS` with a ``local_dir``, 0 (off) without.
     """
 
-    def __init__(self, root, *, require_complete: bool = True):
+    def __init__(self, root, *, require_complete: bool = True, local_dir=None,
+                 prefetch: int | None = None):
         self.location = as_location(root)
         self.root = self.location.root  # a Path for a local cache, the URL for a remote one
         manifest = read_manifest(self.location)
@@ -66,9 +79,33 @@ class CacheReader:
                 "rerun the same `unidistill cache-build` command to finish it")
         self.manifest = manifest
         self.layout = CacheLayout.from_dict(manifest["layout"])
+        self.local_dir = self._copy_folder(local_dir)
+        default = COPY_AHEAD_UNITS if self.local_dir is not None else 0
+        self.prefetch = check_depth(default if prefetch is None else prefetch)
         self._group = None
         self._group_pid = None
         self._opened = None
+        self._read_through = None
+        self._prefetcher = None
+
+    def _copy_folder(self, local_dir):
+        """Where this cache's read-through copy lives (None: no copy), after the checks."""
+        if local_dir is None:
+            return None
+        if self.location.is_local:
+            raise ConfigError(f"a read-through folder ({local_dir}) was given for cache {self.root}, "
+                              "which is a local folder already: there is nothing to copy. Drop "
+                              "the folder (--cache-local-dir) for a local cache")
+        fingerprint = self.manifest.get("fingerprint")
+        if not fingerprint:
+            raise ConfigError(f"cache {self.root} has no content fingerprint (status "
+                              f"{self.manifest.get('status')!r}); a read-through copy is named by "
+                              "it, so only a complete cache can be read through a local folder")
+        folder = Path(local_dir).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"read-through folder {folder} is a file; expected a folder (it is "
+                              "created if missing) for the local copies of remote shards")
+        return folder / fingerprint
 
     @property
     def group(self) -> zarr.Group:
@@ -76,14 +113,26 @@ class CacheReader:
         # inherited through fork) opens its own store there; a remote store's client cannot
         # cross a fork.
         if self._group is None or self._group_pid != os.getpid():
-            self._group = self.location.open_group(mode="r")
+            store = self.location.zarr_store("r")
+            self._read_through = None
+            if self.local_dir is not None:
+                store = self._read_through = ReadThroughStore(store, self.local_dir)
+            self._group = self.location.open_group(mode="r", store=store)
             self._group_pid = os.getpid()
             self._opened = None  # arrays of another process's group
+            self._prefetcher = UnitPrefetcher(self, self.prefetch) if self.prefetch else None
         return self._group
+
+    @property
+    def read_through(self) -> ReadThroughStore | None:
+        """This process's read-through store (None without a ``local_dir``)."""
+        self.group  # noqa: B018  (made with the group, in each process)
+        return self._read_through
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_group=None, _group_pid=None, _opened=None)
+        state.update(_group=None, _group_pid=None, _opened=None, _read_through=None,
+                     _prefetcher=None)
         return state
 
     def __len__(self) -> int:
@@ -196,7 +245,15 @@ class CacheReader:
     def fetch_many(self, names, indices) -> list[dict[str, np.ndarray]]:
         """``[{name: array[index]} for index in indices]``, every read concurrent: one sequence
         spans 3-12 arrays, and on an object store each read is a round trip, so they all go out
-        together on Zarr's event loop rather than one after another."""
+        together on Zarr's event loop rather than one after another. With ``prefetch``, through
+        the read-ahead (:mod:`~unidistill.storage.prefetch`)."""
+        self.group  # noqa: B018  (opens the store and the prefetcher of this process)
+        if self._prefetcher is not None:
+            return self._prefetcher.fetch_many(list(names), [int(i) for i in indices])
+        return self.fetch_now(names, indices)
+
+    def fetch_now(self, names, indices) -> list[dict[str, np.ndarray]]:
+        """:meth:`fetch_many` without the read-ahead: one concurrent gather, waited for."""
         arrays = self._arrays()
 
         async def one(name, index):
@@ -207,6 +264,29 @@ class CacheReader:
 
         flat = iter(zarr_sync(together()))
         return [{n: next(flat) for n in names} for _ in indices]
+
+    def read_unit(self, names, unit: int):
+        """A coroutine for Zarr's loop giving {name: array[unit's sequences]}, every array at
+        once (a whole shard each). The arrays are opened here, in the caller's thread."""
+        arrays, (start, stop) = self._arrays(), self.layout.unit_range(unit)
+
+        async def read() -> dict[str, np.ndarray]:
+            got = await asyncio.gather(*(_async_array(arrays[n]).getitem(slice(start, stop))
+                                         for n in names))
+            return dict(zip(names, got))
+
+        return read()
+
+    def unit_keys(self, names, unit: int) -> list[str]:
+        """The store keys of ``unit``'s shard file of each array in ``names``: every array is
+        sharded by ``shard_size`` sequences and whole along its other axes, so the unit's shard
+        sits at shard-grid position (unit, 0, ...), named by the array's chunk key encoding."""
+        arrays, keys = self._arrays(), []
+        for name in names:
+            array = arrays[name]
+            coords = (unit,) + (0,) * (array.ndim - 1)
+            keys.append(f"{array.path}/{array.metadata.encode_chunk_key(coords)}")
+        return keys
 
     def _arrays(self) -> dict[str, zarr.Array]:
         # opened once per process (each open reads the array's metadata: a request remotely)

@@ -112,6 +112,10 @@ class DistillationArguments(TrainingArguments):
         "help": "use the k most likely cached ids (<= the cache's k; default: all of them)"})
     logits_chunk_size: int = field(default=64, metadata={
         "help": "positions per chunk of fp32 log-probs (memory: batch x chunk x vocabulary x 4 bytes)"})
+    cache_local_dir: str | None = field(default=None, metadata={
+        "help": "a remote cache (s3://...) only: local folder for a read-through copy; each shard "
+                "file is copied whole on its first read and read from there after, and the next "
+                "shards are copied ahead in the background (unset: every read goes to the store)"})
 
     def __post_init__(self):
         if self.fsdp and (self.use_cpu or not _has_accelerator()):
@@ -124,10 +128,18 @@ class DistillationArguments(TrainingArguments):
                 "distill-from-cache ...")
         self._refuse_not_honoured()
         if not self.use_cpu and _distributed_without_accelerator():
-            # `torchrun` / `accelerate launch --multi_gpu` on a machine without GPUs: accelerate
-            # makes a gloo process group only when asked for the CPU, and would otherwise run
-            # each process alone on its own copy of the data.
-            self.use_cpu = True
+            # `torchrun` / `accelerate launch --multi_gpu` on a machine without GPUs (or where
+            # torch does not see them): training N processes on the CPU may be what was meant,
+            # or a broken GPU set-up; it is never chosen silently. (With use_cpu, accelerate
+            # makes the gloo process group a CPU run needs.)
+            from unidistill.distributed import world_size_from_env
+
+            raise ConfigError(
+                f"{world_size_from_env()} processes were launched (WORLD_SIZE), but torch sees no "
+                "GPU or other accelerator, so they would train on the CPU. Pass --use-cpu "
+                "(use_cpu=True) to train on the CPU over gloo, or check the GPUs "
+                "(python -c 'import torch; print(torch.cuda.is_available())') and the CUDA build "
+                "of torch")
         super().__post_init__()
         validate_loss_weights(self.alpha, self.beta, self.gamma, self.kd_temperature)
         if self.kl_direction not in KL_DIRECTIONS:

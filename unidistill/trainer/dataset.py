@@ -1,5 +1,5 @@
 """A map-style torch Dataset over a teacher cache, its collator, and the check that a student
-can read the cache (same vocabulary, same tokenizer).
+can read the cache (its tokenizer, a head covering the cache's vocabulary).
 
 Map-style, so the Trainer's samplers, shuffling, resumption and distributed sharding just work.
 Items are flat dicts of equal-shape tensors, so batches are torch's ``default_collate`` (which
@@ -13,26 +13,58 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from unidistill.errors import CacheMismatchError
-from unidistill.fingerprint import tokenizer_fingerprint
+from unidistill.errors import CacheMismatchError, ConfigError
+from unidistill.fingerprint import tokenizer_fingerprint, tokenizer_matches
 from unidistill.model_logits import CHECK_SEQUENCES
 from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader, decode_hidden
 
 
-def check_student_matches_cache(reader: CacheReader, tokenizer, student_config) -> None:
+def check_student_matches_cache(reader: CacheReader, tokenizer, student_config, *,
+                                kl_direction: str | None = None,
+                                kd_top_k: int | None = None) -> None:
+    """Refuse a student that cannot learn from (or be scored on) the cache: another tokenizer,
+    a head smaller than the cache's vocabulary, or a reverse KL the padded head makes infinite.
+
+    A head padded beyond the cache's vocabulary (same tokenizer, ``vocab_size`` rounded up, e.g.
+    to a multiple of 64) is accepted: every cached teacher id is below the cache's V, the
+    student's extra logits are mass of its softmax like any other (they count in CE and KL as the
+    model would use them), and the teacher gives those ids no probability (an exact cache's
+    teacher logits are padded with -inf, ``losses.divergences.pad_teacher_logits``; a top-k
+    cache's tail bucket holds the student's extra mass against the teacher's tail). Tokenizers
+    that differ only in their pad id match (``fingerprint.tokenizer_matches``).
+
+    ``kl_direction`` (the training KL, None when it is not trained) and ``kd_top_k``: a reverse
+    KL is refused for a padded student when the teacher's distribution is known over every id
+    (an exact cache, or top-k holding the whole vocabulary): the teacher's mass on the extra ids
+    is exactly 0, so KL(student || teacher) would be infinite.
+    """
     cached = reader.manifest["settings"]["tokenizer"]["fingerprint"]
-    mine = tokenizer_fingerprint(tokenizer)
     vocab_cache, vocab_student = reader.layout.vocab_size, student_config.vocab_size
-    if vocab_student != vocab_cache:
-        raise CacheMismatchError(f"the student's vocabulary has {vocab_student} entries, the cache's "
-                                 f"teacher {vocab_cache}; distillation needs the same vocabulary. "
-                                 "Use a student made from the teacher (e.g. `unidistill prune`) or "
-                                 "rebuild the cache with a teacher of the student's tokenizer.")
-    if mine != cached:
+    if vocab_student < vocab_cache:
+        raise CacheMismatchError(f"the student's vocabulary has {vocab_student} entries, fewer than "
+                                 f"the cache's teacher {vocab_cache}; the teacher's ids from "
+                                 f"{vocab_student} up have no student logit. Use a student made from "
+                                 "the teacher (e.g. `unidistill prune`), whose head keeps all "
+                                 f"{vocab_cache} rows, or rebuild the cache with a teacher of the "
+                                 "student's tokenizer.")
+    if not tokenizer_matches(tokenizer, cached):
+        mine = tokenizer_fingerprint(tokenizer)
         raise CacheMismatchError(f"the student's tokenizer (fingerprint {mine[:16]}) differs from the "
-                                 f"cache's (fingerprint {cached[:16]}); token ids would not line up. "
-                                 "Use the teacher's tokenizer for the student.")
+                                 f"cache's (fingerprint {cached[:16]}) in its vocabulary or its BOS, "
+                                 "EOS or UNK id; token ids would not line up. Use the teacher's "
+                                 "tokenizer for the student (a different pad id alone is fine).")
+    codec = reader.layout.logit_codec
+    k = reader.layout.stored_k if kd_top_k is None else kd_top_k
+    whole = codec.has_head or (codec.has_top_k and k >= vocab_cache)
+    if vocab_student > vocab_cache and kl_direction == "reverse" and whole:
+        raise ConfigError(f"--kl-direction reverse with a student head of {vocab_student} rows on "
+                          f"a cache whose teacher has {vocab_cache} ids: the teacher gives the "
+                          f"student's {vocab_student - vocab_cache} extra ids no probability, so "
+                          "KL(student || teacher) is infinite wherever the student gives them any. "
+                          "Use --kl-direction forward or jsd (both finite and exact here), or a "
+                          "top-k cache with k below the vocabulary (its tail bucket takes the "
+                          "extra ids).")
 
 
 def sample_input_ids(reader: CacheReader, n: int = CHECK_SEQUENCES) -> np.ndarray:
@@ -50,11 +82,24 @@ class CacheDataset(Dataset):
 
     Low-precision tensors stay as stored (fp16 / bf16) to keep host memory and copies small;
     the losses upcast to fp32.
+
+    ``local_dir`` (a read-through folder for a remote cache) and ``prefetch`` (shards read ahead)
+    are the reader's (:class:`~unidistill.storage.reader.CacheReader`); with a reader given as
+    ``cache``, set them on the reader.
     """
 
     def __init__(self, cache, *, layers=(), kd_top_k: int | None = None, logits: bool = True,
-                 temperature: float = 1.0, tail_approximation: str | None = None):
-        self.reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
+                 temperature: float = 1.0, tail_approximation: str | None = None,
+                 local_dir=None, prefetch: int | None = None):
+        if isinstance(cache, CacheReader):
+            if local_dir is not None or prefetch is not None:
+                raise ConfigError(f"CacheDataset got an open CacheReader and local_dir={local_dir!r}, "
+                                  f"prefetch={prefetch!r}; give those to the CacheReader "
+                                  "(CacheReader(cache, local_dir=..., prefetch=...)) or pass the "
+                                  "cache path instead of the reader")
+            self.reader = cache
+        else:
+            self.reader = CacheReader(cache, local_dir=local_dir, prefetch=prefetch)
         self.layers = sorted(layers)
         self.kd_top_k = kd_top_k
         self.logits = logits

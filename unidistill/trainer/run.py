@@ -1,8 +1,8 @@
 """Wiring of one ``distill-from-cache`` run: checks first, then the Trainer.
 
 Every check that can fail on bad input runs before the student is trained: cache complete,
-tokenizer and vocabulary equal to the cache's, layer map valid and its teacher layers cached,
-k within the stored k. The run folder, and every checkpoint in it, records the command, the
+tokenizer equal to the cache's (pad id aside), head covering its vocabulary, layer map valid and
+its teacher layers cached, k within the stored k. The run folder, and every checkpoint in it, records the command, the
 settings and the cache fingerprint in ``unidistill_run.json`` (:mod:`.run_record`); a resume from a
 checkpoint trained on another cache is refused.
 """
@@ -23,12 +23,14 @@ from unidistill.model_logits import OutputHead, check_logit_transform
 from unidistill.models.layer_map import (
     PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
 )
+from unidistill.models.loading import load_student
 from unidistill.storage import CacheReader
 from unidistill.storage.files import utc_timestamp
 from unidistill.trainer.arguments import DistillationArguments
 from unidistill.trainer.dataset import (
     CacheDataset, check_student_matches_cache, sample_input_ids,
 )
+from unidistill.trainer.losses.divergences import teacher_head_for
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.projectors import HiddenProjectors
 from unidistill.trainer.run_record import check_checkpoint_cache, resolve_checkpoint, write_run_record
@@ -84,8 +86,10 @@ def check_logit_settings(reader: CacheReader, args: DistillationArguments) -> No
 
 
 def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> DistillPlan:
-    reader = CacheReader(cache)
-    check_student_matches_cache(reader, tokenizer, student_config)
+    reader = CacheReader(cache, local_dir=args.cache_local_dir)
+    check_student_matches_cache(reader, tokenizer, student_config,
+                                kl_direction=args.kl_direction if args.beta > 0 else None,
+                                kd_top_k=args.kd_top_k)
     check_logit_settings(reader, args)
     approximated = reader.check_request((), args.kd_top_k,
                                         args.kd_temperature if args.beta > 0 else 1.0,
@@ -140,6 +144,20 @@ def projector_init(requested: str, config, d_student: int, d_teacher: int
     return "channels", list(channels)
 
 
+def student_head_rows(model, online_teacher: OnlineTeacher | None, online_top_k) -> int:
+    """The rows of the student's head (its vocabulary, padded or not); the online
+    full-vocabulary baseline, whose teacher logits are not padded, needs them equal to the
+    teacher's."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if online_teacher is not None and online_top_k is None and \
+            rows != online_teacher.head_weight.shape[0]:
+        raise ConfigError(f"the online full-vocabulary baseline needs the student's head "
+                          f"({rows} rows) to match the teacher's "
+                          f"({online_teacher.head_weight.shape[0]}); use an online top-k teacher "
+                          "(online_top_k=K) or distill from the cache")
+    return rows
+
+
 def distill_from_cache(cache, student: str, args: DistillationArguments, *,
                        resume_from_checkpoint=None, teacher_model=None, online_top_k=None,
                        callbacks=None):
@@ -150,7 +168,7 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     teacher, full-vocabulary (``online_top_k=None``) or top-k. ``callbacks`` are extra
     ``TrainerCallback`` objects.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoConfig, AutoTokenizer, set_seed
 
     from unidistill.trainer.distill_trainer import UniversalDistillationTrainer
 
@@ -168,7 +186,8 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
                            kd_top_k=args.kd_top_k, logits=args.beta > 0 and online_teacher is None,
                            temperature=args.kd_temperature,
                            tail_approximation=args.tail_approximation)
-    model = AutoModelForCausalLM.from_pretrained(student)
+    model = load_student(student, config)  # a GGUF teacher's leftover quantization_config dropped
+    student_vocab = student_head_rows(model, online_teacher, online_top_k)
     sample = sample_input_ids(plan.reader)
     check_logit_transform(model, sample, role="student")  # its logits as the fused loss builds them
     if online_teacher is not None:
@@ -185,7 +204,7 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
         write_run_record(args.output_dir, record)
     teacher_head = None
     if online_teacher is None and plan.reader.layout.logit_codec.has_head and args.beta > 0:
-        teacher_head = OutputHead(*plan.reader.head(args.device))
+        teacher_head = teacher_head_for(OutputHead(*plan.reader.head(args.device)), student_vocab)
     trainer = UniversalDistillationTrainer(
         model=StudentWithProjectors(model, projectors), args=args, train_dataset=dataset,
         data_collator=default_collate, processing_class=tokenizer, hidden_pairs=plan.hidden_pairs,

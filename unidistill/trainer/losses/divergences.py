@@ -13,11 +13,13 @@ not.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from unidistill.errors import ConfigError
+from unidistill.model_logits import OutputHead
 
 IGNORE_INDEX = -100
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
@@ -35,6 +37,21 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     mask = mask.bool()
     kept = torch.where(mask, values.float(), 0.0)
     return kept.sum(), mask.sum().float()
+
+
+def position_mask(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The loss mask (B, L) flattened to (N,) bool; every position when ``mask`` is None."""
+    flat = labels.reshape(-1)
+    return torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+
+
+def minus_kl_offset(kl_sum: torch.Tensor, offset: torch.Tensor | None,
+                    keep: torch.Tensor) -> torch.Tensor:
+    """A sampled cache's KL sum made the unbiased estimate: minus the per-position ``offset``
+    (B, L) summed over ``keep`` (N,); unchanged when there is no offset."""
+    if offset is None:
+        return kl_sum
+    return kl_sum - masked_sum(offset.reshape(-1).to(kl_sum.device), keep)[0]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -130,17 +147,67 @@ def kl_per_position(s_logq: torch.Tensor, t_logp: torch.Tensor, direction: str) 
     raise choice_error("KL direction", direction, KL_DIRECTIONS)
 
 
+def pad_teacher_logits(teacher_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Teacher logits (.., V_t) padded with -inf up to a student head of ``vocab_size`` >= V_t rows.
+
+    A student whose head is padded beyond the tokenizer (vocab_size rounded up to a multiple of 64,
+    as many models are) has ids the teacher does not: the teacher gives them no probability, so
+    its exact distribution over the student's ids is its own over the first V_t and 0 beyond
+    (log-prob -inf). The student's extra logits stay what they are, mass of its softmax like any
+    other. A teacher with more ids than the student is refused.
+    """
+    extra = vocab_size - teacher_logits.shape[-1]
+    if extra < 0:
+        raise ConfigError(f"the teacher's logits cover {teacher_logits.shape[-1]} ids, the "
+                          f"student's head only {vocab_size}; the student cannot be scored on the "
+                          "teacher's ids beyond its own. Use a student whose head has at least the "
+                          "teacher's vocabulary (e.g. one made by `unidistill prune`)")
+    if extra == 0:
+        return teacher_logits
+    return F.pad(teacher_logits, (0, extra), value=float("-inf"))
+
+
 def full_vocab_log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher log-probs over the whole vocabulary at temperature T.
 
-    student_logits (N, V), teacher_logits (N, V) -> s_logq (N, V), t_logp (N, V), fp32. Exact at
-    every temperature (the teacher in memory, or rebuilt from its final hidden state and head).
+    student_logits (N, V), teacher_logits (N, V_t) with V_t <= V -> s_logq (N, V), t_logp (N, V),
+    fp32. Exact at every temperature (the teacher in memory, or rebuilt from its final hidden state
+    and head). A student head padded beyond the teacher's (V > V_t) gets the teacher's logits padded
+    with -inf (:func:`pad_teacher_logits`): the teacher's exact distribution, 0 on the extra ids.
+    Forward KL and JSD stay finite; the reverse KL is infinite wherever the student gives those ids
+    mass, so ``check_student_matches_cache`` refuses it up front.
     """
-    if teacher_logits.shape != student_logits.shape:
+    if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
         raise ConfigError(f"teacher logits have shape {tuple(teacher_logits.shape)}, the student's "
                           f"{tuple(student_logits.shape)}; full-vocabulary KD needs the same "
-                          "vocabulary and positions")
+                          "positions")
+    teacher_logits = pad_teacher_logits(teacher_logits, student_logits.shape[-1])
     s_logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     t_logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return s_logq, t_logp
+
+
+@dataclass(frozen=True)
+class PaddedTeacherHead(OutputHead):
+    """An exact teacher's head whose logits come padded with -inf up to ``vocab_size`` ids (a
+    student head padded beyond the teacher's; see :func:`pad_teacher_logits`): the chunked loss
+    then sees teacher and student logits of one width."""
+
+    vocab_size: int = 0
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return pad_teacher_logits(super().logits(hidden), self.vocab_size)
+
+
+def teacher_head_for(head: OutputHead, student_vocab_size: int) -> OutputHead:
+    """``head`` itself for a student of the teacher's vocabulary, or the head padded to the
+    student's (:class:`PaddedTeacherHead`)."""
+    teacher_vocab = head.weight.shape[0]
+    if student_vocab_size == teacher_vocab:
+        return head
+    if student_vocab_size < teacher_vocab:
+        raise ConfigError(f"the teacher's head has {teacher_vocab} rows, the student's only "
+                          f"{student_vocab_size}; use a student whose head covers the teacher's "
+                          "vocabulary")
+    return PaddedTeacherHead(head.weight, head.bias, head.transform, vocab_size=student_vocab_size)

@@ -23,7 +23,13 @@ import torch
 
 from unidistill.model_logits import LogitTransform
 from unidistill.models.targets import TeacherTargets
-from unidistill.trainer.losses.divergences import IGNORE_INDEX, _kl, masked_sum
+from unidistill.trainer.losses.divergences import (
+    IGNORE_INDEX,
+    _kl,
+    masked_sum,
+    minus_kl_offset,
+    position_mask,
+)
 
 
 def _ce(z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, weight: float):
@@ -77,8 +83,7 @@ def ce_and_forward_kl(raw: torch.Tensor, transform: LogitTransform | None, label
     """
     z = raw if transform is None or transform.is_identity else transform.apply(raw)   # (N, V)
     flat_labels = labels.reshape(-1)
-    keep = (torch.ones_like(flat_labels, dtype=torch.bool) if mask is None
-            else mask.reshape(-1).bool())
+    keep = position_mask(labels, mask)
     zero = z.new_zeros(())
     ce = ce_n = kl = kl_n = zero
     grad = None
@@ -92,8 +97,7 @@ def ce_and_forward_kl(raw: torch.Tensor, transform: LogitTransform | None, label
         else:
             per_position, g = _kl_sparse(zt, lse, targets, temperature)
         kl, kl_n = masked_sum(per_position, keep)
-        if targets is not None and targets.kl_offset is not None:
-            kl = kl - masked_sum(targets.kl_offset.reshape(-1).to(kl.device), keep)[0]
+        kl = minus_kl_offset(kl, None if targets is None else targets.kl_offset, keep)
         g.mul_(torch.where(keep, kl_weight / temperature, 0.0).unsqueeze(-1))
         grad = g if grad is None else grad.add_(g)
     if grad is not None and transform is not None and not transform.is_identity:

@@ -36,6 +36,8 @@ from unidistill.trainer.losses.divergences import (
     full_vocab_log_probs,
     kl_per_position,
     masked_sum,
+    minus_kl_offset,
+    position_mask,
 )
 
 # the sums of one chunk, in this order: a (6,) fp32 tensor
@@ -79,7 +81,7 @@ def sums_from_logits(logits: torch.Tensor, labels: torch.Tensor, targets: Teache
     zero = logits.new_zeros((), dtype=torch.float32)
     flat = logits.reshape(-1, logits.shape[-1])                             # (N, V)
     flat_labels = labels.reshape(-1)                                        # (N,)
-    keep = torch.ones_like(flat_labels, dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+    keep = position_mask(labels, mask)
     has_next = keep & (flat_labels != IGNORE_INDEX)
     ce = ce_n = kl = kl_n = correct = agree = zero
     if compute_ce:
@@ -97,8 +99,7 @@ def sums_from_logits(logits: torch.Tensor, labels: torch.Tensor, targets: Teache
             raise ConfigError("the KL term needs sparse teacher targets (ids, logp, log_tail) or "
                               "the teacher's full logits; got neither")
         kl, kl_n = masked_sum(kl_per_position(s_logq, t_logp, direction), keep)
-        if targets is not None and targets.kl_offset is not None:
-            kl = kl - masked_sum(targets.kl_offset.reshape(-1).to(kl.device), keep)[0]
+        kl = minus_kl_offset(kl, None if targets is None else targets.kl_offset, keep)
     if stats:
         with torch.no_grad():
             predicted = flat.argmax(-1)                                     # (N,)
@@ -110,17 +111,22 @@ def sums_from_logits(logits: torch.Tensor, labels: torch.Tensor, targets: Teache
     return torch.stack([ce, ce_n, kl, kl_n, correct, agree])
 
 
+def _teacher_logits(targets: TeacherTargets | None, cfg: LossConfig) -> torch.Tensor | None:
+    """Exact targets' full-vocabulary logits of one chunk (B, C, V), rebuilt from the teacher's
+    final state and head without gradients, when the KL term is on; None otherwise."""
+    if cfg.beta > 0 and targets is not None and targets.is_exact:
+        with torch.no_grad():
+            return targets.head.logits(targets.final_hidden)
+    return None
+
+
 def _chunk_sums(hidden, head: OutputHead, labels, targets, cfg: LossConfig, mask, stats: bool):
     """:func:`sums_from_logits` of one chunk of positions, from its hidden states (B, C, D)."""
-    compute_kl = cfg.beta > 0 and targets is not None
     logits = head.logits(hidden)                                            # (B, C, V) fp32
-    teacher_logits = None
-    if compute_kl and targets.is_exact and targets.head is not None:
-        with torch.no_grad():
-            teacher_logits = targets.head.logits(targets.final_hidden)     # (B, C, V)
     return sums_from_logits(logits, labels, targets, cfg.temperature, cfg.kl_direction, mask=mask,
-                            compute_ce=cfg.alpha > 0 or stats, compute_kl=compute_kl,
-                            teacher_logits=teacher_logits, stats=stats)
+                            compute_ce=cfg.alpha > 0 or stats,
+                            compute_kl=cfg.beta > 0 and targets is not None,
+                            teacher_logits=_teacher_logits(targets, cfg), stats=stats)
 
 
 def _chunks(hidden, labels, targets, mask, size: int):
@@ -164,10 +170,7 @@ def _analytic_chunk(h, weight, bias, transform, labels, targets, cfg: LossConfig
     """The chunk's sums and its gradients w.r.t. (h, weight, bias) from the closed form of
     :mod:`.fused_grad` (CE and the forward KL): no autograd graph over (positions x V)."""
     raw = F.linear(h.to(weight.dtype), weight, bias).float()               # (B, C, V)
-    teacher_logits = None
-    if cfg.beta > 0 and targets is not None and targets.is_exact:
-        with torch.no_grad():
-            teacher_logits = targets.head.logits(targets.final_hidden)     # (B, C, V)
+    teacher_logits = _teacher_logits(targets, cfg)
     sums, g = ce_and_forward_kl(raw.reshape(-1, raw.shape[-1]), transform, labels, targets,
                                 cfg.temperature, mask, ce_weight=spec["w_ce"],
                                 kl_weight=spec["w_kl"], teacher_logits=teacher_logits)
@@ -266,8 +269,8 @@ def logit_loss(hidden: torch.Tensor, head: OutputHead, labels: torch.Tensor,
     as its logits exist.
     """
     _check(hidden, labels, targets, cfg, mask)
-    keep = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.bool()
-    ce_n = (keep & (labels != IGNORE_INDEX)).sum().clamp(min=1).item()
+    keep = position_mask(labels, mask)
+    ce_n = (keep & (labels.reshape(-1) != IGNORE_INDEX)).sum().clamp(min=1).item()
     kl_n = keep.sum().clamp(min=1).item()
     spec = dict(head=head, cfg=cfg, labels=labels, targets=targets, mask=mask,
                 w_ce=cfg.alpha / ce_n, w_kl=cfg.kl_weight / kl_n)
