@@ -21,16 +21,16 @@ from unidistill.storage.layout import hidden_key
 from unidistill.storage.manifest import UNITS_DIR, read_unit_marker
 
 def slow_build_driver(seconds: float) -> str:
-    """A `python -c` script running the CLI with every teacher call slowed by ``seconds``, so a
-    test can kill the build mid-way."""
+    """A `python -c` script running the CLI with every teacher call (the launch of a batch's
+    forward) slowed by ``seconds``, so a test can kill the build mid-way."""
     return f"""
 import sys, time
 from unidistill.cache_builder import capture
-_call = capture.TeacherRunner.__call__
+_call = capture.TeacherRunner.launch
 def slow(self, ids, **kw):
     time.sleep({seconds})
     return _call(self, ids, **kw)
-capture.TeacherRunner.__call__ = slow
+capture.TeacherRunner.launch = slow
 from unidistill.cli import main
 sys.exit(main())
 """

@@ -151,7 +151,7 @@ def test_train_and_heldout_caches_share_no_document(tmp_path, tiny_teacher_dir, 
 def test_resuming_with_another_held_out_share_is_refused(tmp_path, tiny_teacher_dir, text_file,
                                                          monkeypatch):
     calls = {"n": 0}
-    real = capture.TeacherRunner.__call__
+    real = capture.TeacherRunner.launch
 
     def fail_second_unit(self, ids, **kw):
         calls["n"] += 1
@@ -159,10 +159,10 @@ def test_resuming_with_another_held_out_share_is_refused(tmp_path, tiny_teacher_
             raise RuntimeError("stopped")
         return real(self, ids, **kw)
 
-    monkeypatch.setattr(capture.TeacherRunner, "__call__", fail_second_unit)
+    monkeypatch.setattr(capture.TeacherRunner, "launch", fail_second_unit)
     with pytest.raises(RuntimeError, match="stopped"):
         build(tiny_teacher_dir, text_file, tmp_path / "c", "train", max_sequences=8)
-    monkeypatch.setattr(capture.TeacherRunner, "__call__", real)
+    monkeypatch.setattr(capture.TeacherRunner, "launch", real)
     with pytest.raises(CacheMismatchError, match=r"settings\.data\.heldout_share: 0\.3 in the cache, 0\.2 now"):
         build_cache(BuildConfig(teacher=str(tiny_teacher_dir), data=str(text_file),
                                 out=str(tmp_path / "c"), split="train", seq_len=32, top_k=4,

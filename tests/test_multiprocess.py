@@ -33,18 +33,19 @@ REPO = Path(__file__).resolve().parents[1]
 N_UNITS = 12  # build_args: 24 sequences, shard size 2
 LAUNCH_TIMEOUT = 240  # seconds; a hung process group fails the test instead of hanging it
 
-# cache-build with process FAIL_RANK raising on its second teacher call (its second unit).
+# cache-build with process FAIL_RANK raising on its second teacher call (the launch of its second
+# unit's batch; the first unit's batch, already run, is still collected and committed).
 BUILD_DRIVER = """
 import os, sys
 from unidistill.cache_builder import capture
 if os.environ.get("RANK") == os.environ.get("FAIL_RANK"):
-    _call, _n = capture.TeacherRunner.__call__, [0]
+    _call, _n = capture.TeacherRunner.launch, [0]
     def failing(self, ids, **kw):
         _n[0] += 1
         if _n[0] == 2:
             raise RuntimeError("injected failure")
         return _call(self, ids, **kw)
-    capture.TeacherRunner.__call__ = failing
+    capture.TeacherRunner.launch = failing
 from unidistill.cli import main
 sys.exit(main())
 """

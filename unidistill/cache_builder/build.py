@@ -8,9 +8,8 @@ uninterrupted one on deterministic hardware.
 
 from __future__ import annotations
 
-import errno
-import queue
-import threading
+import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -19,11 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from unidistill import __version__
-from unidistill.cache_builder.capture import TeacherRunner
+from unidistill.cache_builder.capture import LaunchedBatch, TeacherRunner
 from unidistill.cache_builder.config import BuildConfig
+from unidistill.cache_builder.packed import spool_sequences
+from unidistill.cache_builder.writers import UnitWriters, writer_threads
 from unidistill.distributed import ProcessGroup
-from unidistill.errors import CacheError, ConfigError
-from unidistill.fingerprint import ids_fingerprint, tokenizer_fingerprint, weights_fingerprint
+from unidistill.errors import ConfigError
+from unidistill.fingerprint import tokenizer_fingerprint, weights_fingerprint
+from unidistill.model_logits import CHECK_SEQUENCES
 from unidistill.models.loading import (
     TeacherSource,
     load_config,
@@ -36,59 +38,7 @@ from unidistill.storage.codecs.registry import logit_codec_class
 from unidistill.storage.head import head_digest, write_head
 from unidistill.storage.layout import HEAD_FILE, CacheLayout, index_dtype_for
 from unidistill.storage.writer import CacheWriter
-from unidistill.text.data import iter_documents, pack_documents, resolve_heldout_share
-
-
-class UnitWriterThread:
-    """Writes units in the background through a bounded queue, so the teacher never waits
-    for compression and disk unless the writer falls more than ``depth`` units behind."""
-
-    def __init__(self, writer: CacheWriter, depth: int = 2, on_commit=None):
-        self.writer = writer
-        self.on_commit = on_commit
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self.write_seconds = 0.0
-        self._thread = threading.Thread(target=self._run, name="unidistill-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._error is not None:
-                continue  # drain after a failure; the main thread reports it
-            unit, arrays = item
-            try:
-                t0 = time.perf_counter()
-                self.writer.write_unit(unit, arrays)
-                self.write_seconds += time.perf_counter() - t0
-                if self.on_commit:
-                    self.on_commit(unit)
-            except BaseException as e:  # reported to the main thread at the next submit/close
-                self._error = e
-
-    def _raise_if_failed(self):
-        if self._error is None:
-            return
-        e = self._error
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CacheError(f"out of disk space while writing the cache at {self.writer.root}: {e}. "
-                             "Committed units are kept; free space and rerun the same command "
-                             "to resume.") from e
-        raise CacheError(f"writing the cache at {self.writer.root} failed: {type(e).__name__}: {e}. "
-                         "Committed units are kept; rerun the same command to resume.") from e
-
-    def submit(self, unit: int, arrays: dict):
-        self._raise_if_failed()
-        self._queue.put((unit, arrays))
-
-    def close(self):
-        """Wait until every submitted unit is written, then re-raise a writer failure."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise_if_failed()
+from unidistill.text.data import iter_documents, iter_packed, resolve_heldout_share
 
 
 @dataclass
@@ -100,7 +50,8 @@ class PreparedBuild:
     model_config: object  # the teacher's transformers config
     layers: list[int]  # teacher hidden_states indices to cache
     tokenizer: object
-    ids: np.ndarray  # the packed sequences (N, seq_len)
+    ids: np.ndarray  # the packed sequences (N, seq_len): a read-only map of a temporary file
+    ids_fingerprint: str  # sha256 of ``ids`` (fingerprint.ids_fingerprint), hashed as they came
 
 
 def prepare(cfg: BuildConfig, log=print) -> PreparedBuild:
@@ -118,8 +69,10 @@ def prepare(cfg: BuildConfig, log=print) -> PreparedBuild:
     log(f"packing {cfg.data} into sequences of {cfg.seq_len} tokens ...")
     docs = iter_documents(cfg.data, data_config=cfg.data_config, split=cfg.split,
                           text_field=cfg.text_field, heldout_share=cfg.heldout_share)
-    ids = pack_documents(docs, tokenizer, cfg.seq_len, cfg.max_sequences)
-    return PreparedBuild(source, device, model_config, layers, tokenizer, ids)
+    # one streaming pass: count, hash and spool the packed ids (see cache_builder.packed)
+    ids, fingerprint = spool_sequences(iter_packed(docs, tokenizer, cfg.seq_len, cfg.max_sequences),
+                                       cfg.seq_len)
+    return PreparedBuild(source, device, model_config, layers, tokenizer, ids, fingerprint)
 
 
 def build_cache(cfg: BuildConfig, *, progress: bool = True, log=print) -> dict:
@@ -150,6 +103,7 @@ class _Build:
     layout: CacheLayout
     runner: TeacherRunner
     settings: dict  # what identifies the build (compared on resume)
+    writer_threads: int  # this process's (see cache_builder.writers)
     writer: CacheWriter | None = None  # open once the cache exists (see _share_pending)
 
 
@@ -172,6 +126,7 @@ def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dic
 
 def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
     """Check the input, load the teacher, fix the layout and the settings; nothing written."""
+    threads = writer_threads(int(os.environ.get("LOCAL_WORLD_SIZE", group.world_size)))
     prepared = prepare(cfg, log)
     ids, device, model_config = prepared.ids, prepared.device, prepared.model_config
     if group.distributed and device.type == "cuda" and device.index is None:
@@ -189,9 +144,11 @@ def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
     runner = TeacherRunner(model, prepared.layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
                            hidden_dtype=cfg.hidden_dtype, mode=cfg.logits,
                            tail_temperatures=layout.tail_temperatures)
-    runner.check_logits(ids)  # before anything is written: a teacher we cannot reproduce is refused
+    # before anything is written: a teacher we cannot reproduce is refused
+    runner.check_logits(np.array(ids[:CHECK_SEQUENCES]))
     settings = _settings(cfg, prepared, model, runner, layout)
-    return _Build(ids=ids, device=device, head=head, layout=layout, runner=runner, settings=settings)
+    return _Build(ids=ids, device=device, head=head, layout=layout, runner=runner, settings=settings,
+                  writer_threads=threads)
 
 
 def _settings(cfg: BuildConfig, prepared: PreparedBuild, model, runner: TeacherRunner,
@@ -213,7 +170,7 @@ def _settings(cfg: BuildConfig, prepared: PreparedBuild, model, runner: TeacherR
                  "heldout_share": resolve_heldout_share(cfg.data, cfg.heldout_share),
                  "text_field": cfg.text_field, "max_sequences": cfg.max_sequences,
                  "packing": "documents joined with EOS, remainder dropped",
-                 "ids_fingerprint": ids_fingerprint(prepared.ids)},
+                 "ids_fingerprint": prepared.ids_fingerprint},
     }
     if logit_codec_class(cfg.logits).draws:
         settings["sampling"] = {"temperature": 1.0, "seed": cfg.sample_seed}
@@ -254,40 +211,84 @@ def _unit_tokens(cfg: BuildConfig, layout: CacheLayout, units) -> int:
 
 def _compute_units(cfg: BuildConfig, group: ProcessGroup, build: _Build, units: list[int],
                    progress: bool) -> tuple[dict, BaseException | None]:
-    """Run the teacher over ``units`` batch by batch, the writer thread writing behind it.
+    """Run the teacher over ``units`` batch by batch, the writer threads writing behind it.
 
-    Returns the seconds spent in the teacher and in the writer, and the error that stopped it
-    (None when every unit was written): the caller tells the other processes before raising.
+    Returns the seconds spent in the teacher, in the writers and waiting for them, and the error
+    that stopped it (None when every unit was written): the caller tells the other processes
+    before raising.
     """
-    teacher_seconds = 0.0
-    thread = None
+    writers = None
+    loop = None
     error = None
     try:
         bar = tqdm(total=int(_unit_tokens(cfg, build.layout, units)), unit="tok", unit_scale=True,
                    desc="cache-build" + (f" (process 0 of {group.world_size})" if group.distributed else ""),
                    disable=not progress, smoothing=0.1)
-        thread = UnitWriterThread(build.writer)
+        writers = UnitWriters(build.writer, threads=build.writer_threads)
+        loop = _BatchLoop(cfg, build, writers, bar)
         try:
-            for unit in units:
-                start, stop = build.layout.unit_range(unit)
-                parts = []
-                for s in range(start, stop, cfg.batch_size):
-                    batch = build.ids[s:min(s + cfg.batch_size, stop)]
-                    t0 = time.perf_counter()
-                    parts.append(build.runner(batch, seed=cfg.sample_seed * 1_000_003 + s))
-                    if build.device.type == "cuda":
-                        torch.cuda.synchronize(build.device)
-                    teacher_seconds += time.perf_counter() - t0
-                    bar.update(batch.size)
-                thread.submit(unit, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+            loop.run(units)
         finally:
             build.runner.close()
             bar.close()
-            thread.close()  # writes what was queued: finished units are never thrown away
+            writers.close()  # writes what was queued: finished units are never thrown away
     except BaseException as e:
         error = e
-    return {"teacher_seconds": teacher_seconds,
-            "writer_seconds": thread.write_seconds if thread else 0.0}, error
+    return {"teacher_seconds": loop.teacher_seconds if loop else 0.0,
+            "writer_seconds": writers.write_seconds if writers else 0.0,
+            "writer_wait_seconds": writers.wait_seconds if writers else 0.0}, error
+
+
+class _BatchLoop:
+    """The teacher over a list of units, one batch ahead: batch i+1 is launched before batch i is
+    collected (see :mod:`unidistill.cache_builder.capture`); a unit goes to the writers once its
+    last batch is collected. Batches are those of a sequential build (each unit cut from its
+    start by ``batch_size``; sampled seeds from the batch start), so the cache is the same."""
+
+    def __init__(self, cfg: BuildConfig, build: _Build, writers: UnitWriters, bar):
+        self.cfg, self.build, self.writers, self.bar = cfg, build, writers, bar
+        self.teacher_seconds = 0.0
+        self._parts: list[dict] = []
+
+    def batches(self, units):
+        """(unit, batch start, batch stop, last batch of its unit) in build order."""
+        size = self.cfg.batch_size
+        for unit in units:
+            start, stop = self.build.layout.unit_range(unit)
+            for s in range(start, stop, size):
+                yield unit, s, min(s + size, stop), s + size >= stop
+
+    def run(self, units):
+        pending = None  # (unit, last, launched batch)
+        for unit, s, e, last in self.batches(units):
+            try:
+                launched = self._timed(self.build.runner.launch, self.build.ids[s:e],
+                                       seed=self.cfg.sample_seed * 1_000_003 + s)
+            except BaseException:
+                if pending is not None:  # its forward is done: keep its work (and its unit's)
+                    with contextlib.suppress(Exception):
+                        self._finish(*pending)
+                raise
+            if pending is not None:
+                self._finish(*pending)
+            pending = (unit, last, launched)
+        if pending is not None:
+            self._finish(*pending)
+
+    def _finish(self, unit: int, last: bool, launched: LaunchedBatch):
+        part = self._timed(self.build.runner.collect, launched)
+        self._parts.append(part)
+        self.bar.update(part["input_ids"].size)
+        if last:
+            parts, self._parts = self._parts, []
+            self.writers.submit(unit, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+    def _timed(self, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.teacher_seconds += time.perf_counter() - t0
 
 
 def _finish(cfg: BuildConfig, group: ProcessGroup, build: _Build, stats: list[dict],
@@ -301,6 +302,8 @@ def _finish(cfg: BuildConfig, group: ProcessGroup, build: _Build, stats: list[di
             record = {"units_computed_this_run": len(pending), "wall_seconds": round(wall, 3),
                       "teacher_seconds": round(sum(s["teacher_seconds"] for s in stats), 3),
                       "writer_seconds": round(sum(s["writer_seconds"] for s in stats), 3),
+                      "writer_wait_seconds": round(sum(s["writer_wait_seconds"] for s in stats), 3),
+                      "writer_threads": build.writer_threads,
                       "tokens_per_second": round(todo_tokens / wall, 1) if wall > 0 else None,
                       "device": str(build.device), "processes": group.world_size,
                       "unidistill_version": __version__,

@@ -1,13 +1,23 @@
-"""One teacher forward that returns exactly what the cache stores.
+"""One teacher forward that returns exactly what the cache stores, in two steps that pipeline.
 
 The forward itself, its hooks, top-k with tail and sampling are the hooked teacher of
 :mod:`unidistill.models.teacher`; what is about storage (the cache's logit representation,
 ``mode``, and its hidden dtype: the arrays, their names and dtypes, refusing values float16
 cannot hold) is the encode step of the codecs of :mod:`unidistill.storage.codecs`. Casts
 happen on the teacher's device so only the compact results are copied to the host.
+
+A batch is :meth:`TeacherRunner.launch`\\ ed (its ids copied in, its forward queued) and later
+:meth:`TeacherRunner.collect`\\ ed (top-k + tail or draws, storage casts, copies to the host). The
+build launches batch i+1 before it collects batch i, so on a GPU batch i's top-k and copy-out run
+on a side stream, behind batch i's forward only, while batch i+1's forward runs. On a CPU every
+step runs when called, so the order changes nothing but which batch's work comes first; the
+values are the same either way (each batch is computed from its own ids and seed alone).
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,6 +25,18 @@ import torch
 from unidistill.models.teacher import HookedTeacher
 from unidistill.storage.codecs import hidden_codec, logit_codec_class
 from unidistill.storage.layout import INPUT_IDS
+
+
+@dataclass
+class LaunchedBatch:
+    """A batch whose forward is queued: its ids, seed and the forward's outputs on the teacher's
+    device; on a GPU, ``ready`` is the event recorded after the forward on the main stream."""
+
+    input_ids: np.ndarray
+    seed: int
+    final: torch.Tensor
+    captured: dict[int, torch.Tensor]
+    ready: torch.cuda.Event | None = None
 
 
 class TeacherRunner(HookedTeacher):
@@ -39,15 +61,46 @@ class TeacherRunner(HookedTeacher):
         # new sampled caches always store the draws' teacher log-prob (layout.sample_logp)
         self.logit_codec = codec(stored_k, int(self.head.weight.shape[0]), self.tail_temperatures,
                                  sample_logp=codec.draws, index_dtype=self.index_dtype)
+        self._side_stream = None  # made on the first GPU batch
 
-    @torch.inference_mode()
     def __call__(self, input_ids: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
         """One batch in storage dtypes; ``seed`` seeds the draws of a sampled cache."""
+        return self.collect(self.launch(input_ids, seed))
+
+    @torch.inference_mode()
+    def launch(self, input_ids: np.ndarray, seed: int = 0) -> LaunchedBatch:
+        """Copy the ids to the teacher's device and run (on a GPU: queue) its forward."""
         device = self.head.weight.device
-        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(device)
-        final, captured = self.forward(ids)
-        out = {INPUT_IDS: input_ids.astype(np.int32, copy=False)}
-        out.update(self.logit_codec.encode(self, final, seed))
-        for j in self.layers:
-            out.update(self.hidden_codec.encode(j, captured[j]))
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
+        ready = None
+        if device.type == "cuda":  # pinned, so the copy in does not wait for the previous batch
+            ids = ids.pin_memory().to(device, non_blocking=True)
+            final, captured = self.forward(ids)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            final, captured = self.forward(ids.to(device))
+        return LaunchedBatch(np.asarray(input_ids), seed, final, captured, ready)
+
+    @torch.inference_mode()
+    def collect(self, batch: LaunchedBatch) -> dict[str, np.ndarray]:
+        """A launched batch's arrays in storage dtypes, on the host. On a GPU the top-k (or draws),
+        casts and copies run on a side stream that waits for this batch's forward only, so a
+        forward launched after it keeps the GPU busy meanwhile; this returns once they are done."""
+        with self._on_side_stream(batch):
+            out = {INPUT_IDS: np.array(batch.input_ids, dtype=np.int32)}
+            out.update(self.logit_codec.encode(self, batch.final, batch.seed))
+            for j in self.layers:
+                out.update(self.hidden_codec.encode(j, batch.captured[j]))
         return out
+
+    def _on_side_stream(self, batch: LaunchedBatch):
+        if batch.ready is None:
+            return contextlib.nullcontext()
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=batch.final.device)
+        stream = self._side_stream
+        stream.wait_event(batch.ready)
+        for t in (batch.final, *batch.captured.values()):
+            t.record_stream(stream)  # made on the main stream, last used on this one
+        return torch.cuda.stream(stream)

@@ -19,6 +19,8 @@ Sources (``--data``) and their splits (``--split``):
 Packing: every document is tokenized without special tokens and followed by EOS; the token stream
 is cut into sequences of exactly ``seq_len`` tokens; the remainder that does not fill a sequence
 is dropped. The result is deterministic for the same source, split, tokenizer and settings.
+:func:`iter_packed` yields the sequences as the documents are read (the build streams them, see
+:mod:`unidistill.cache_builder.packed`); :func:`pack_documents` returns them all as one array.
 """
 
 from __future__ import annotations
@@ -163,29 +165,48 @@ def _texts(rows, data: str, text_field: str) -> Iterator[str]:
         yield text
 
 
-def pack_documents(documents: Iterable[str], tokenizer, seq_len: int,
-                   max_sequences: int | None = None, batch_docs: int = 64) -> np.ndarray:
-    """Tokenize, join with EOS and cut into ``[N, seq_len]`` int32 (N <= max_sequences)."""
+def iter_packed(documents: Iterable[str], tokenizer, seq_len: int,
+                max_sequences: int | None = None, batch_docs: int = 64) -> Iterator[np.ndarray]:
+    """Tokenize, join with EOS and yield ``(seq_len,)`` int32 sequences, as the text comes.
+
+    Documents are read ``batch_docs`` at a time (one tokenizer call) and only when the sequences
+    already read are used up, so what is held at once is one batch of documents' tokens and the
+    remainder that did not fill a sequence; reading stops once ``max_sequences`` are out. The
+    sequences are those :func:`pack_documents` returns, in the same order. Raises
+    :class:`DataError` after the last document when not one whole sequence came out.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token, which packing puts between documents; "
                         "set tokenizer.eos_token")
-    need = None if max_sequences is None else max_sequences * seq_len
-    buffer: list[int] = []
+    if seq_len < 1:
+        raise DataError(f"seq_len must be at least 1, got {seq_len}")
     docs = iter(documents)
-    n_docs = 0
-    while need is None or len(buffer) < need:
+    carry = np.empty(0, dtype=np.int32)  # tokens read but not yet a whole sequence
+    n_docs = n_tokens = n_out = 0
+    while max_sequences is None or n_out < max_sequences:
         batch = list(islice(docs, batch_docs))
         if not batch:
             break
         n_docs += len(batch)
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            buffer.extend(ids)
-            buffer.append(eos)
-    n = len(buffer) // seq_len
-    if max_sequences is not None:
-        n = min(n, max_sequences)
-    if n == 0:
-        raise DataError(f"the data holds {len(buffer)} tokens in {n_docs} documents, fewer than one "
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        tokens = np.asarray([t for ids in encoded for t in (*ids, eos)], dtype=np.int32)
+        n_tokens += tokens.size
+        stream = np.concatenate([carry, tokens])
+        whole = stream.size // seq_len
+        if max_sequences is not None:
+            whole = min(whole, max_sequences - n_out)
+        for i in range(whole):
+            yield stream[i * seq_len:(i + 1) * seq_len].copy()
+        n_out += whole
+        carry = stream[whole * seq_len:].copy()
+    if n_out == 0:
+        raise DataError(f"the data holds {n_tokens} tokens in {n_docs} documents, fewer than one "
                         f"sequence of seq_len={seq_len}; add text or lower --seq-len")
-    return np.asarray(buffer[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+
+
+def pack_documents(documents: Iterable[str], tokenizer, seq_len: int,
+                   max_sequences: int | None = None, batch_docs: int = 64) -> np.ndarray:
+    """Tokenize, join with EOS and cut into ``[N, seq_len]`` int32 (N <= max_sequences): every
+    sequence of :func:`iter_packed`, held at once."""
+    return np.stack(list(iter_packed(documents, tokenizer, seq_len, max_sequences, batch_docs)))
