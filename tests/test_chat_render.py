@@ -157,6 +157,11 @@ def test_parse_messages_checks_roles_and_content():
         parse_messages([CONVERSATION[0], {"role": "bot", "content": "x"}], where)
     with pytest.raises(DataError, match=r"message 0 of row 3.*\['content', 'name', 'role'\].*exactly"):
         parse_messages([{"role": "user", "content": "x", "name": "a"}], where)
+    with pytest.raises(DataError, match=r"message 0 of row 3.*has \['role'\]; expected a dict"):
+        parse_messages([{"role": "user", "content": None}], where)
+    # keys that a data set's columns add as None are not the message's
+    assert parse_messages([{"role": "user", "content": "x", "tool_calls": None}], where) == [
+        {"role": "user", "content": "x"}]
     with pytest.raises(DataError, match="message 0 of row 3.*content of type list; expected a string"):
         parse_messages([{"role": "user", "content": [{"type": "text", "text": "x"}]}], where)
 

@@ -77,15 +77,17 @@ class RenderedExample:
 def parse_messages(value, where: str) -> list[dict]:
     """Check one conversation: a list of ``{"role": str, "content": str}`` dicts whose roles are
     in :data:`ROLES`. ``where`` names it in errors (e.g. "row 3, field 'messages' of data.jsonl").
-    Returns plain dicts with just those two keys (a copy; the input is not changed)."""
+    Other keys are refused unless None (a data set's columns give every message every key of any
+    message, as None where it has none). Returns new dicts with just the two keys."""
     if not isinstance(value, (list, tuple)) or not value:
         raise DataError(f"{where} holds {type(value).__name__} {_short(value)}; expected a non-empty "
                         "list of messages, each {'role': ..., 'content': ...}")
     messages = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            got = sorted(message) if isinstance(message, dict) else type(message).__name__
-            raise DataError(f"message {i} of {where} is {got}; expected a dict with exactly the keys "
+        keys = {k for k, v in message.items() if v is not None} if isinstance(message, dict) else None
+        if keys != {"role", "content"}:
+            got = sorted(keys) if keys is not None else type(message).__name__
+            raise DataError(f"message {i} of {where} has {got}; expected a dict with exactly the keys "
                             "'role' and 'content' (tool calls and names are not supported: put them "
                             "in the content)")
         role, content = message["role"], message["content"]
