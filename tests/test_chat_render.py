@@ -84,6 +84,18 @@ def test_multi_turn_conversation_by_hand():
     assert [t for t in range(len(got.ids) - 1) if got.target[t + 1]] == [19, 20, 42, 43]
 
 
+def test_a_conversation_that_opens_with_the_assistant_is_refused():
+    """The prefix diff needs the rendering of the messages before the turn, and transformers
+    refuses to render an empty conversation."""
+    with pytest.raises(ChatTemplateError, match=r"cannot render the messages before message 0 "
+                                                r"\(assistant\).*start the conversation with a system "
+                                                r"or user message"):
+        render_conversation(tiny_tokenizer(), CONVERSATION[2:4])
+    # the markers path has no such limit
+    got = render_conversation(tiny_tokenizer(CHATML_MARKED), CONVERSATION[2:4])
+    assert [t for t, on in enumerate(got.target) if on] == [3, 4]  # four <|im_end|>, not the header
+
+
 def test_train_on_all_targets_every_token_but_the_first():
     got = render_conversation(tiny_tokenizer(), CONVERSATION, train_on="all")
     assert len(got.ids) == len(TOKENS) and not got.target[0] and all(got.target[1:])

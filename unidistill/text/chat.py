@@ -173,7 +173,16 @@ def _marker_mask(tokenizer, messages, ids: list[int]) -> list[bool]:
 
 def _assistant_span(tokenizer, messages, i: int, full: str) -> tuple[int, int]:
     """The characters of assistant message i in ``full`` (section 1.2 of the design)."""
-    before = render_text(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+    from jinja2 import TemplateError
+
+    try:
+        before = render_text(tokenizer, messages[:i], add_generation_prompt=True)
+    except (ValueError, TemplateError) as e:  # transformers refuses an empty conversation
+        raise ChatTemplateError(f"the chat template cannot render the messages before message {i} "
+                                f"(assistant) with the generation prompt ({type(e).__name__}: {e}), "
+                                "which is how the prefix-diff method finds where the turn starts; "
+                                "start the conversation with a system or user message, or add "
+                                "{% generation %} markers to the template") from e
     upto = render_text(tokenizer, messages[:i + 1])
     if not upto.startswith(before) or not full.startswith(upto):
         later = "the conversation up to it" if not upto.startswith(before) else "the whole conversation"
