@@ -179,7 +179,8 @@ def test_unknown_split_of_builtin_text_is_refused(data):
 
 def test_unknown_builtin_text_is_refused():
     with pytest.raises(DataError, match=r"unknown built-in text 'builtin:nope'; expected one of "
-                                        r"\['builtin:kjv_bible', 'builtin:pydoc_topics', 'builtin:stdlib_docs'\]"):
+                                        r"\['builtin:kjv_bible', 'builtin:pydoc_topics', 'builtin:python_qa', "
+                                        r"'builtin:stdlib_docs'\]"):
         list(iter_documents("builtin:nope"))
 
 
