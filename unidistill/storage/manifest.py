@@ -20,6 +20,14 @@ STATUS_COMPLETE = "complete"
 
 MANIFEST_KEY = "unidistill"
 UNITS_DIR = "_units"
+# A build's control files, not cache content: the builder's lease and a multi-process build's
+# failure flag. They do not make a folder non-empty, and --overwrite keeps the lease.
+CONTROL_DIR = "_control/"
+LEASE_KEY = f"{CONTROL_DIR}lease.json"
+FAILURE_KEY = f"{CONTROL_DIR}failed.json"
+# The settings section that names the machine of a build (device kind, forward dtype, batch
+# size): compared on resume, not when a complete cache is asked for again.
+MACHINE_SETTINGS = "compute"
 
 
 def unit_marker_key(unit: int) -> str:
