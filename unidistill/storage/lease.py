@@ -28,12 +28,14 @@ deterministic: a unit written twice holds the same bytes, which ``finalize`` che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from unidistill.errors import CacheBusyError, ConfigError, LeaseLostError
 from unidistill.storage.files import utc_timestamp
@@ -88,6 +90,7 @@ class CacheLease:
         self._last_beat = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._new_folders: list[Path] = []  # local folders made for the lease, removed on release
 
     @property
     def stale_after(self) -> float:
@@ -114,6 +117,7 @@ class CacheLease:
         poll every ``poll_s`` seconds (default: the heartbeat, at most 10 s) until it is free."""
         poll_s = min(self.heartbeat_s, 10.0) if poll_s is None else poll_s
         announced = False
+        self._new_folders = self._missing_folders()
         while True:
             holder = self._attempt()
             if holder is None:
@@ -202,3 +206,19 @@ class CacheLease:
             self._thread = None
         if (self.read() or {}).get("token") == self.record["token"]:
             self.location.delete(LEASE_KEY)
+        for folder in self._new_folders:  # a refused or failed build leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        self._new_folders = []
+
+    def _missing_folders(self) -> list[Path]:
+        """The local folders the lease file's creation will make, deepest first."""
+        if not self.location.is_local:
+            return []
+        folder, missing = Path(self.location.root, LEASE_KEY).parent.absolute(), []
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        if not missing:
+            missing.append(folder)  # _control/ itself, made by an earlier build
+        return missing
