@@ -88,8 +88,11 @@ def diff_settings(stored: dict, requested: dict, stored_as: str = "in the cache"
 def content_fingerprint(settings: dict, layout: dict, unit_digests: list[dict]) -> str:
     """sha256 over the identifying settings, the layout and every unit's array digests.
 
-    Two caches with the same fingerprint hold the same bytes for the same build settings.
+    Two caches with the same fingerprint hold the same bytes for the same build settings. The
+    machine's section (``MACHINE_SETTINGS``: device kind, batch size) is left out: two machines
+    that compute the same bytes make the same cache, and the unit digests tell when they do not.
     """
+    settings = {k: v for k, v in settings.items() if k != MACHINE_SETTINGS}
     h = hashlib.sha256()
     h.update(json.dumps({"settings": settings, "layout": layout}, sort_keys=True).encode())
     for d in unit_digests:
