@@ -3,7 +3,10 @@
 Resume is by rerunning the same command: the packed data, teacher and settings are fingerprinted
 and compared with the unfinished cache; committed units are skipped, the rest is computed again.
 Units are always computed in the same batches, so a resumed cache is byte-identical to an
-uninterrupted one on deterministic hardware.
+uninterrupted one on deterministic hardware; the machine kind and batch size are among the
+settings, so a resume elsewhere is refused. The same command on a complete cache with the same
+settings reports it complete. Process 0 holds the output's lease for the whole build, and a
+failing process stops the others between units (:mod:`unidistill.cache_builder.guard`).
 """
 
 from __future__ import annotations
