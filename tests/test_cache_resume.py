@@ -97,15 +97,27 @@ def test_sigkill_then_resume_gives_identical_cache(tmp_path, tiny_teacher_dir, t
     assert reader.manifest["fingerprint"] == CacheReader(reference).manifest["fingerprint"]
 
 
+def test_rerunning_the_same_command_on_a_complete_cache_succeeds(tmp_path, tiny_teacher_dir, text_file):
+    """A scheduler retrying a build that had finished gets exit code 0, and the cache is untouched."""
+    out = tmp_path / "c"
+    assert run_cli(build_args(tiny_teacher_dir, text_file, out)).exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(main, build_args(tiny_teacher_dir, text_file, out))
+    assert result.exit_code == 0, result.output
+    assert "already complete with these settings" in result.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_complete_cache_refused_without_overwrite(tmp_path, tiny_teacher_dir, text_file):
     out = tmp_path / "c"
     assert run_cli(build_args(tiny_teacher_dir, text_file, out)).exit_code == 0
     fp = CacheReader(out).manifest["fingerprint"]
-    result = CliRunner().invoke(main, build_args(tiny_teacher_dir, text_file, out))
-    assert result.exit_code != 0 and "already holds a complete cache" in result.output
-    assert "--overwrite" in result.output
+    result = CliRunner().invoke(main, build_args(tiny_teacher_dir, text_file, out, "--top-k", "4"))
+    assert result.exit_code == 2 and "already holds a complete cache" in result.output
+    assert "layout.top_k: 8 in the cache, 4 now" in result.output and "--overwrite" in result.output
     assert CacheReader(out).manifest["fingerprint"] == fp  # untouched
-    assert run_cli(build_args(tiny_teacher_dir, text_file, out, "--overwrite")).exit_code == 0
+    assert run_cli(build_args(tiny_teacher_dir, text_file, out, "--top-k", "4", "--overwrite")).exit_code == 0
+    assert CacheReader(out).manifest["layout"]["top_k"] == 4
 
 
 def test_layout_keeps_its_manifest_key_top_k():

@@ -387,4 +387,4 @@ def test_the_cli_offers_exactly_the_registered_representations():
 
     params = {p.name: p for p in main.commands["cache-build"].params}
     assert list(params["logits"].type.choices) == list(LOGIT_CODECS)
-    assert list(params["hidden_dtype"].type.choices) == list(HIDDEN_CODECS)
+    assert list(params["hidden_dtype"].type.choices) == ["auto", *HIDDEN_CODECS]

@@ -34,18 +34,20 @@ N_UNITS = 12  # build_args: 24 sequences, shard size 2
 LAUNCH_TIMEOUT = 240  # seconds; a hung process group fails the test instead of hanging it
 
 # cache-build with process FAIL_RANK raising on its second teacher call (the launch of its second
-# unit's batch; the first unit's batch, already run, is still collected and committed).
+# unit's batch; the first unit's batch, already run, is still collected and committed), and
+# process SLOW_RANK sleeping SLOW_SECONDS before each of its teacher calls (a slow share).
 BUILD_DRIVER = """
-import os, sys
+import os, sys, time
 from unidistill.cache_builder import capture
-if os.environ.get("RANK") == os.environ.get("FAIL_RANK"):
-    _call, _n = capture.TeacherRunner.launch, [0]
-    def failing(self, ids, **kw):
-        _n[0] += 1
-        if _n[0] == 2:
-            raise RuntimeError("injected failure")
-        return _call(self, ids, **kw)
-    capture.TeacherRunner.launch = failing
+_call, _n = capture.TeacherRunner.launch, [0]
+def patched(self, ids, **kw):
+    _n[0] += 1
+    if os.environ.get("RANK") == os.environ.get("SLOW_RANK"):
+        time.sleep(float(os.environ["SLOW_SECONDS"]))
+    if os.environ.get("RANK") == os.environ.get("FAIL_RANK") and _n[0] == 2:
+        raise RuntimeError("injected failure")
+    return _call(self, ids, **kw)
+capture.TeacherRunner.launch = patched
 from unidistill.cli import main
 sys.exit(main())
 """
@@ -158,19 +160,40 @@ def test_failure_in_one_process_stops_both_and_resume_resplits(tmp_path, tiny_te
     assert failed.returncode != 0
     assert "RuntimeError: injected failure" in failed.stderr
     assert "process 1 of 2 failed (RuntimeError: injected failure); process 0 stops too" in failed.stderr
-    # process 0 finished its own units (0, 2, ..., 10); process 1 committed its first (1) only
+    # process 1 committed its first unit (1) only; process 0 stopped at the failure flag after
+    # some of its own units (0, 2, ...: a prefix of its share, however far it had got)
     committed = {u for u in range(N_UNITS) if read_unit_marker(out, u) is not None}
-    assert committed == {0, 1, 2, 4, 6, 8, 10}
+    assert 1 in committed and 3 not in committed
+    mine = sorted(u for u in committed if u % 2 == 0)
+    assert mine == list(range(0, 2 * len(mine), 2))
     assert read_manifest(out)["status"] == "building"
 
     resumed = torchrun(tmp_path, BUILD_DRIVER, build_args(tiny_teacher_dir, text_file, out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stderr and "7/12 units already committed" in resumed.stderr
+    assert f"{len(committed)}/12 units already committed" in resumed.stderr
     assert CacheReader(out).manifest["build"]["units_computed_this_run"] == N_UNITS - len(committed)
-    # the 5 remaining units were split again: 3, 7, 11 by process 0 and 5, 9 by process 1
-    runs = {u: read_unit_marker(out, u)["run_id"] for u in (3, 5, 7, 9, 11)}
-    assert runs[3] == runs[7] == runs[11] != runs[5] == runs[9]
+    # the remaining units were split again, round-robin over the processes
+    remaining = [u for u in range(N_UNITS) if u not in committed]
+    runs = {u: read_unit_marker(out, u)["run_id"] for u in remaining}
+    assert len({runs[u] for u in remaining[0::2]}) == 1 and len({runs[u] for u in remaining[1::2]}) == 1
+    assert runs[remaining[0]] != runs[remaining[1]]
     assert_same_cache(out, reference_cache)
+
+
+def test_a_failing_process_stops_a_slow_share_at_once(tmp_path, tiny_teacher_dir, text_file):
+    """Process 1 fails on its second unit while process 0 takes 3 s a unit over a share of 6
+    (18 s). The failure flag stops process 0 before its next unit: it commits at most 2 units, and
+    the message naming process 1 comes well within the collective timeout (40 s), which process
+    1 would otherwise reach first while process 0 finished its share."""
+    out = tmp_path / "c"
+    failed = torchrun(tmp_path, BUILD_DRIVER, build_args(tiny_teacher_dir, text_file, out),
+                      FAIL_RANK="1", SLOW_RANK="0", SLOW_SECONDS="3", UNIDISTILL_DIST_TIMEOUT="40")
+    assert failed.returncode != 0
+    assert "process 1 of 2 failed (RuntimeError: injected failure); process 0 stops too" in failed.stderr
+    committed = {u for u in range(N_UNITS) if read_unit_marker(out, u) is not None}
+    assert 1 in committed
+    assert len([u for u in committed if u % 2 == 0]) <= 2, committed  # of process 0's 6 units
+    assert not (out / "_control" / "lease.json").exists()  # released by process 0
 
 
 def test_two_process_training_matches_double_batch_and_saves_once(tmp_path, cache, student_dir):

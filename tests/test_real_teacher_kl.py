@@ -108,3 +108,19 @@ def test_distill_from_cache_with_the_teacher_as_student_logs_zero_kl_at_t2(teach
     trainer = distill_from_cache(caches / "topk", str(student), args)
     (_, loss, _, kl, _), = train_losses(trainer)
     assert abs(kl) < 1e-5 and abs(loss) < 4e-5  # loss = beta * T^2 * KL
+
+
+def test_auto_keeps_the_embedded_teacher_in_float16(teacher):
+    """``--hidden-dtype auto`` on the real float32 SmolLM2: its middle layers peak near 24 000
+    (beyond 65 504 / 4, within 65 504 / 2), and float16 holds them 8x more precisely than
+    bfloat16, so auto must keep float16 here."""
+    from unidistill.cache_builder.hidden_dtype import FLOAT16_MAX, calibration_peak, resolve_hidden_dtype
+    from unidistill.text.data import iter_documents, pack_documents
+
+    model, tokenizer = teacher
+    ids = pack_documents(iter_documents("builtin:pydoc_topics", split="heldout"), tokenizer, 96, 2)
+    layers = [6, 12, 18, 24]
+    peak = calibration_peak(model, layers, ids)
+    assert FLOAT16_MAX / 4 < peak < FLOAT16_MAX / 2
+    dtype, why = resolve_hidden_dtype("auto", "topk", model, layers, ids)
+    assert dtype == "float16" and "calibration batch peak" in why

@@ -201,10 +201,13 @@ def test_complete_remote_cache_is_immutable_without_overwrite(s3_server, built, 
                                                               text_file):
     url = copy_cache(s3_server, built["url"], "immutable")
     before = s3_server.cat_file(f"{BUCKET}/immutable/zarr.json")
-    result = run_cli(build_args(tiny_teacher_dir, text_file, url))
+    result = run_cli(build_args(tiny_teacher_dir, text_file, url))  # the same command: done
+    assert result.exit_code == 0 and "already complete" in result.output
+    result = run_cli(build_args(tiny_teacher_dir, text_file, url, "--top-k", "4"))
     assert result.exit_code == 2
     assert "already holds a complete cache" in result.output and "--overwrite" in result.output
     assert s3_server.cat_file(f"{BUCKET}/immutable/zarr.json") == before
+    assert not s3_server.exists(f"{BUCKET}/immutable/_control/lease.json")
 
     s3_server.pipe_file(f"{BUCKET}/immutable/stray-object", b"x")  # --overwrite clears the prefix
     result = run_cli(build_args(tiny_teacher_dir, text_file, url, "--overwrite"))

@@ -13,7 +13,9 @@ exception it caught, all of them learn every other's outcome, and if any failed 
 raises, so no process waits for a peer that has given up. A process that dies without reaching
 the sync point (killed, out of memory) is noticed by the launcher (torchrun stops the other
 workers when one exits with an error), by gloo (a closed connection fails the collective) or,
-last of all, by the group's timeout (``UNIDISTILL_DIST_TIMEOUT`` seconds, default 3600).
+last of all, by the group's timeout (``UNIDISTILL_DIST_TIMEOUT`` seconds, default 3600). Between
+sync points a build's processes also share a failure flag in the cache folder
+(:mod:`unidistill.cache_builder.guard`), so a failure stops the others within one work unit.
 
 Without a distributed environment (``WORLD_SIZE`` unset or 1) :meth:`ProcessGroup.from_env`
 gives a single-process group whose sync points only re-raise the caller's own exception.

@@ -31,3 +31,15 @@ class CacheIncompleteError(CacheError):
 class CacheMismatchError(CacheError, ValueError):
     """The cache was built with other settings, or does not fit what the caller asks of it."""
 
+
+
+class CacheBusyError(CacheError):
+    """Another build holds the cache's lease: two builders on one output would damage each other."""
+
+
+class LeaseLostError(CacheError):
+    """This build's lease on its cache was taken over (or could not be renewed); it stops."""
+
+
+class HiddenRangeError(ConfigError):
+    """Teacher hidden states beyond what the chosen storage dtype can hold."""

@@ -3,7 +3,10 @@
 Resume is by rerunning the same command: the packed data, teacher and settings are fingerprinted
 and compared with the unfinished cache; committed units are skipped, the rest is computed again.
 Units are always computed in the same batches, so a resumed cache is byte-identical to an
-uninterrupted one on deterministic hardware.
+uninterrupted one on deterministic hardware; the machine kind and batch size are among the
+settings, so a resume elsewhere is refused. The same command on a complete cache with the same
+settings reports it complete. Process 0 holds the output's lease for the whole build, and a
+failing process stops the others between units (:mod:`unidistill.cache_builder.guard`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from tqdm.auto import tqdm
 from unidistill import __version__
 from unidistill.cache_builder.capture import LaunchedBatch, TeacherRunner
 from unidistill.cache_builder.config import BuildConfig
+from unidistill.cache_builder.guard import BuildGuard, discard_if_nothing_committed, with_rerun_command
+from unidistill.cache_builder.hidden_dtype import AUTO, resolve_hidden_dtype
 from unidistill.cache_builder.packed import spool_sequences
 from unidistill.cache_builder.writers import UnitWriters, writer_threads
 from unidistill.distributed import ProcessGroup
@@ -28,6 +33,7 @@ from unidistill.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from unidistill.model_logits import CHECK_SEQUENCES
 from unidistill.models.loading import (
     TeacherSource,
+    device_kind,
     load_config,
     load_model,
     load_tokenizer,
@@ -103,25 +109,37 @@ class _Build:
     layout: CacheLayout
     runner: TeacherRunner
     settings: dict  # what identifies the build (compared on resume)
+    hidden_choice: str  # why the layout's hidden dtype (cache_builder.hidden_dtype)
     writer_threads: int  # this process's (see cache_builder.writers)
     writer: CacheWriter | None = None  # open once the cache exists (see _share_pending)
 
 
 def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dict:
-    error, build, pending = None, None, []
+    error, build, pending, guard = None, None, [], None
     try:
+        # process 0 takes the output's lease before loading anything (cache_builder.guard)
+        guard = BuildGuard.take(cfg.out, group, wait=cfg.wait, log=log)
         build = _set_up(cfg, group, log)
         if group.is_main:  # the only process that creates, overwrites or resumes the cache
-            pending = _open_cache(cfg, build, log)
+            pending = _open_cache(cfg, build, guard, log)
     except BaseException as e:  # told to the other processes at the sync point, then re-raised
         error = e
-    pending = _share_pending(cfg, group, build, error, pending)
-    mine = pending[group.rank::group.world_size]
-    t_start = time.perf_counter()
-    seconds, error = _compute_units(cfg, group, build, mine, progress)
-    stats = group.agree(error, seconds)
-    wall = time.perf_counter() - t_start
-    return _finish(cfg, group, build, stats, pending, wall, log)
+    try:
+        pending = _share_pending(cfg, group, build, error, pending)
+        mine = pending[group.rank::group.world_size]
+        t_start = time.perf_counter()
+        seconds, error = _compute_units(cfg, group, build, mine, progress, guard)
+        try:
+            stats = group.agree(error, seconds)
+        except BaseException:
+            if guard.holds_lease():  # never another build's cache
+                discard_if_nothing_committed(build.writer, log)
+            raise
+        wall = time.perf_counter() - t_start
+        return _finish(cfg, group, build, stats, pending, wall, log)
+    finally:
+        if guard is not None:
+            guard.release()
 
 
 def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
@@ -135,20 +153,26 @@ def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
         + (f" (x{group.world_size} processes)" if group.distributed else ""))
     model = load_model(prepared.source, cfg.dtype, str(device))
     head = model.get_output_embeddings()
+    hidden_dtype, hidden_choice = resolve_hidden_dtype(cfg.hidden_dtype, cfg.logits, model,
+                                                       prepared.layers, ids[:cfg.batch_size])
+    if cfg.hidden_dtype == AUTO:
+        log(f"hidden states stored as {hidden_dtype}: {hidden_choice}")
     layout = CacheLayout(
         n_sequences=int(ids.shape[0]), seq_len=cfg.seq_len, stored_k=cfg.stored_k,
         vocab_size=int(head.weight.shape[0]), hidden_size=int(model_config.hidden_size),
-        layers=tuple(prepared.layers), hidden_dtype=cfg.hidden_dtype, shard_size=cfg.shard_size,
+        layers=tuple(prepared.layers), hidden_dtype=hidden_dtype, shard_size=cfg.shard_size,
         logits_mode=cfg.logits, tail_temperatures=cfg.tail_temperatures,
         sample_logp=logit_codec_class(cfg.logits).draws)
     runner = TeacherRunner(model, prepared.layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
-                           hidden_dtype=cfg.hidden_dtype, mode=cfg.logits,
+                           hidden_dtype=hidden_dtype, mode=cfg.logits,
                            tail_temperatures=layout.tail_temperatures)
     # before anything is written: a teacher we cannot reproduce is refused
     runner.check_logits(np.array(ids[:CHECK_SEQUENCES]))
     settings = _settings(cfg, prepared, model, runner, layout)
+    settings["compute"] = {"device": device_kind(device), "batch_size": cfg.batch_size,
+                           "forward_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     return _Build(ids=ids, device=device, head=head, layout=layout, runner=runner, settings=settings,
-                  writer_threads=threads)
+                  hidden_choice=hidden_choice, writer_threads=threads)
 
 
 def _settings(cfg: BuildConfig, prepared: PreparedBuild, model, runner: TeacherRunner,
@@ -177,9 +201,13 @@ def _settings(cfg: BuildConfig, prepared: PreparedBuild, model, runner: TeacherR
     return settings
 
 
-def _open_cache(cfg: BuildConfig, build: _Build, log) -> list[int]:
-    """Process 0: create or resume the cache (and write an exact cache's head); its pending units."""
+def _open_cache(cfg: BuildConfig, build: _Build, guard: BuildGuard, log) -> list[int]:
+    """Process 0, holding the lease: create or resume the cache (and write an exact cache's
+    head); its pending units (none for a cache already complete with these settings)."""
     build.writer = CacheWriter.open(cfg.out, build.layout, build.settings, overwrite=cfg.overwrite)
+    if build.writer.already_complete:
+        return []
+    guard.clear_failure()
     pending = build.writer.pending_units()
     done_units = build.layout.n_units - len(pending)
     if done_units:
@@ -210,7 +238,7 @@ def _unit_tokens(cfg: BuildConfig, layout: CacheLayout, units) -> int:
 
 
 def _compute_units(cfg: BuildConfig, group: ProcessGroup, build: _Build, units: list[int],
-                   progress: bool) -> tuple[dict, BaseException | None]:
+                   progress: bool, guard: BuildGuard) -> tuple[dict, BaseException | None]:
     """Run the teacher over ``units`` batch by batch, the writer threads writing behind it.
 
     Returns the seconds spent in the teacher, in the writers and waiting for them, and the error
@@ -225,7 +253,7 @@ def _compute_units(cfg: BuildConfig, group: ProcessGroup, build: _Build, units: 
                    desc="cache-build" + (f" (process 0 of {group.world_size})" if group.distributed else ""),
                    disable=not progress, smoothing=0.1)
         writers = UnitWriters(build.writer, threads=build.writer_threads)
-        loop = _BatchLoop(cfg, build, writers, bar)
+        loop = _BatchLoop(cfg, build, writers, bar, guard)
         try:
             loop.run(units)
         finally:
@@ -233,7 +261,8 @@ def _compute_units(cfg: BuildConfig, group: ProcessGroup, build: _Build, units: 
             bar.close()
             writers.close()  # writes what was queued: finished units are never thrown away
     except BaseException as e:
-        error = e
+        error = with_rerun_command(e, cfg, build.writer)
+        guard.flag_failure(error)
     return {"teacher_seconds": loop.teacher_seconds if loop else 0.0,
             "writer_seconds": writers.write_seconds if writers else 0.0,
             "writer_wait_seconds": writers.wait_seconds if writers else 0.0}, error
@@ -245,8 +274,8 @@ class _BatchLoop:
     last batch is collected. Batches are those of a sequential build (each unit cut from its
     start by ``batch_size``; sampled seeds from the batch start), so the cache is the same."""
 
-    def __init__(self, cfg: BuildConfig, build: _Build, writers: UnitWriters, bar):
-        self.cfg, self.build, self.writers, self.bar = cfg, build, writers, bar
+    def __init__(self, cfg: BuildConfig, build: _Build, writers: UnitWriters, bar, guard: BuildGuard):
+        self.cfg, self.build, self.writers, self.bar, self.guard = cfg, build, writers, bar, guard
         self.teacher_seconds = 0.0
         self._parts: list[dict] = []
 
@@ -262,6 +291,8 @@ class _BatchLoop:
         pending = None  # (unit, last, launched batch)
         for unit, s, e, last in self.batches(units):
             try:
+                if s == self.build.layout.unit_range(unit)[0]:
+                    self.guard.check()  # another process failed, or the lease is lost: stop now
                 launched = self._timed(self.build.runner.launch, self.build.ids[s:e],
                                        seed=self.cfg.sample_seed * 1_000_003 + s)
             except BaseException:
@@ -293,27 +324,40 @@ class _BatchLoop:
 
 def _finish(cfg: BuildConfig, group: ProcessGroup, build: _Build, stats: list[dict],
             pending: list[int], wall: float, log) -> dict:
-    """Process 0 records the build statistics and finalizes the manifest; every process gets it."""
+    """Process 0 records the build statistics and finalizes the manifest (or reports a cache
+    that was already complete); every process gets the manifest."""
     manifest = None
     error = None
     if group.is_main:
         try:
-            todo_tokens = _unit_tokens(cfg, build.layout, pending)
-            record = {"units_computed_this_run": len(pending), "wall_seconds": round(wall, 3),
-                      "teacher_seconds": round(sum(s["teacher_seconds"] for s in stats), 3),
-                      "writer_seconds": round(sum(s["writer_seconds"] for s in stats), 3),
-                      "writer_wait_seconds": round(sum(s["writer_wait_seconds"] for s in stats), 3),
-                      "writer_threads": build.writer_threads,
-                      "tokens_per_second": round(todo_tokens / wall, 1) if wall > 0 else None,
-                      "device": str(build.device), "processes": group.world_size,
-                      "unidistill_version": __version__,
-                      "config": {k: v for k, v in asdict(cfg).items() if k != "overwrite"}}
-            extra = {"build": record}
-            if build.layout.logit_codec.has_head:
-                extra["head"] = {"file": HEAD_FILE, "sha256": head_digest(cfg.out)}
-            manifest = build.writer.finalize(extra)
-            log(f"cache complete: {cfg.out} ({build.layout.n_sequences * cfg.seq_len} tokens, "
-                f"fingerprint {manifest['fingerprint'][:16]})")
+            if build.writer.already_complete:
+                manifest = build.writer.manifest
+                log(f"{cfg.out} is already complete with these settings (fingerprint "
+                    f"{manifest.get('fingerprint', '?')[:16]}); nothing to do")
+            else:
+                manifest = _finalize(cfg, group, build, stats, pending, wall, log)
         except BaseException as e:
             error = e
     return group.agree(error, manifest)[0]
+
+
+def _finalize(cfg: BuildConfig, group: ProcessGroup, build: _Build, stats: list[dict],
+              pending: list[int], wall: float, log) -> dict:
+    todo_tokens = _unit_tokens(cfg, build.layout, pending)
+    record = {"units_computed_this_run": len(pending), "wall_seconds": round(wall, 3),
+              "teacher_seconds": round(sum(s["teacher_seconds"] for s in stats), 3),
+              "writer_seconds": round(sum(s["writer_seconds"] for s in stats), 3),
+              "writer_wait_seconds": round(sum(s["writer_wait_seconds"] for s in stats), 3),
+              "writer_threads": build.writer_threads,
+              "tokens_per_second": round(todo_tokens / wall, 1) if wall > 0 else None,
+              "device": str(build.device), "processes": group.world_size,
+              "hidden_dtype_choice": build.hidden_choice,
+              "unidistill_version": __version__,
+              "config": {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "wait")}}
+    extra = {"build": record}
+    if build.layout.logit_codec.has_head:
+        extra["head"] = {"file": HEAD_FILE, "sha256": head_digest(cfg.out)}
+    manifest = build.writer.finalize(extra)
+    log(f"cache complete: {cfg.out} ({build.layout.n_sequences * cfg.seq_len} tokens, "
+        f"fingerprint {manifest['fingerprint'][:16]})")
+    return manifest

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import shlex
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from unidistill.cache_builder.hidden_dtype import AUTO
 from unidistill.errors import ConfigError
 from unidistill.models.layer_map import check_layer_range, teacher_layers_for_students
 from unidistill.storage.codecs import (
@@ -43,9 +45,11 @@ class BuildConfig:
     batch_size: int = 8
     shard_size: int = 16
     dtype: str = "float32"
-    hidden_dtype: str = "float16"
+    hidden_dtype: str = "auto"  # see cache_builder.hidden_dtype
     device: str = "auto"
     overwrite: bool = False
+    wait: bool = field(default=False, metadata={
+        "help": "wait while another build holds the output's lease, instead of being refused"})
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -67,9 +71,11 @@ class BuildConfig:
             raise ConfigError(f"max_sequences must be >= 1 (or unset for all data), got {self.max_sequences}")
         if self.dtype not in TEACHER_DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {TEACHER_DTYPES}")
-        if self.hidden_dtype not in HIDDEN_CODECS:
-            raise ConfigError(f"hidden_dtype {self.hidden_dtype!r} is not one of {sorted(HIDDEN_CODECS)}")
-        logit_codec_class(self.logits).check_hidden_codec(hidden_codec(self.hidden_dtype))
+        if self.hidden_dtype != AUTO:
+            if self.hidden_dtype not in HIDDEN_CODECS:
+                raise ConfigError(f"hidden_dtype {self.hidden_dtype!r} is not one of "
+                                  f"{[AUTO, *sorted(HIDDEN_CODECS)]}")
+            logit_codec_class(self.logits).check_hidden_codec(hidden_codec(self.hidden_dtype))
         if self.student_layers is not None and self.student_layers < 1:
             raise ConfigError(f"student_layers must be >= 1, got {self.student_layers}")
         check_data_split(self.data, self.split, self.heldout_share)
@@ -106,6 +112,22 @@ class BuildConfig:
         if not temps or any(not (t > 0 and math.isfinite(t)) for t in temps):
             raise ConfigError(f"--temperatures {spec!r} must list KD temperatures > 0, like 1,2")
         return tuple(t for t in temps if t != 1.0)
+
+    def command_line(self, **changes) -> str:
+        """The ``unidistill cache-build`` command of these settings with ``changes`` applied:
+        every option that differs from its default (what an error tells the user to run)."""
+        values = {**{f.name: getattr(self, f.name) for f in fields(self)}, **changes}
+        words = ["unidistill", "cache-build"]
+        for f in fields(self):
+            value = values[f.name]
+            if f.name not in ("teacher", "data", "out") and value == f.default:
+                continue
+            option = "--layer-map" if f.name == "layer_maps" else f"--{f.name.replace('_', '-')}"
+            if isinstance(value, bool):
+                words += [option] if value else []
+            else:
+                words += [option, ",".join(value) if isinstance(value, tuple) else str(value)]
+        return shlex.join(words)
 
     @property
     def stored_k(self) -> int:

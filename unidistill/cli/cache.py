@@ -58,13 +58,18 @@ BUILD_OPTIONS = [  # cache-build's options, in --help order
                  help="Sequences per shard (= per work unit)."),
     click.option("--dtype", default="float32", show_default=True,
                  type=click.Choice(["float32", "bfloat16", "float16"]), help="Teacher compute dtype."),
-    click.option("--hidden-dtype", default="float16", show_default=True,
-                 type=click.Choice(["float16", "bfloat16", "int8"]),  # = HIDDEN_CODECS (tested)
-                 help="Stored hidden-state dtype; int8 keeps each sequence's 2 highest-norm tokens in "
+    click.option("--hidden-dtype", default="auto", show_default=True,
+                 type=click.Choice(["auto", "float16", "bfloat16", "int8"]),  # auto + HIDDEN_CODECS (tested)
+                 help="Stored hidden-state dtype. auto: the teacher's own dtype (bfloat16 for a "
+                      "bfloat16 teacher); for a float32 teacher float16 where the first batch's "
+                      "states stay under 65504/4, else bfloat16. int8 keeps each sequence's 2 highest-norm tokens in "
                       "fp16 and one scale per channel and 64 tokens for the rest (about half of fp16, "
                       "robust to massive tokens and outlier channels)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N."),
     click.option("--overwrite", is_flag=True, help="Replace a complete cache at --out."),
+    click.option("--wait", is_flag=True,
+                 help="If another build holds --out's lease, wait for it to end instead of "
+                      "being refused (a cache it finished is then reported complete)."),
     click.option("--quiet", is_flag=True, help="No progress bar."),
 ]
 

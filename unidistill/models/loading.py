@@ -195,3 +195,12 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked, but torch sees no CUDA GPU; use --device cpu")
     return dev
+
+
+def device_kind(device: torch.device) -> str:
+    """The kind of machine a forward runs on, as a build records it: ``cpu``, or the device type
+    and its model name (``cuda:NVIDIA H100 80GB HBM3``); not its index, which changes nothing."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type

@@ -97,3 +97,23 @@ def array_digest(a: np.ndarray) -> str:
     h.update(f"{a.dtype.str}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
+
+
+def create_exclusive_file(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` only if no file is there (``O_CREAT | O_EXCL``, atomic
+    on a local file system: of two processes exactly one creates it); False when one is there.
+    The bytes are fsynced, then the folder. A reader can see the file empty for the moment
+    between its creation and the write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_path(path.parent)
+    return True

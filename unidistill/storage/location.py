@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +49,9 @@ from pathlib import Path
 from fsspec.implementations.local import LocalFileSystem
 
 from unidistill.errors import CacheNotFoundError, ConfigError
-from unidistill.storage.files import atomic_write_bytes, fsync_files, json_bytes
+from unidistill.storage.files import (
+    atomic_write_bytes, create_exclusive_file, fsync_files, json_bytes,
+)
 
 STORAGE_OPTIONS_ENV = "UNIDISTILL_STORAGE_OPTIONS"
 S3_PROTOCOLS = ("s3", "s3a")
@@ -288,9 +291,10 @@ class CacheLocation:
         with self._errors("read"):
             return bool(self.fs.isfile(self._path(key)))
 
-    def is_empty(self) -> bool:
-        """True when no file is stored under the root (empty folders do not count)."""
-        return not self._files()
+    def is_empty(self, ignore: str | None = None) -> bool:
+        """True when no file is stored under the root (empty folders do not count); files under
+        the prefix ``ignore`` (a build's control files) do not count either."""
+        return not [key for key in self._files() if not (ignore and key.startswith(ignore))]
 
     def list_files(self, prefix: str = "") -> list[str]:
         """Keys of every file under ``prefix`` (recursive), relative to the root, sorted."""
@@ -328,6 +332,32 @@ class CacheLocation:
     def write_json(self, key: str, obj) -> None:
         self.write_bytes(key, json_bytes(obj))
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write a new file at ``key`` only if none is there; False (nothing written) if one is.
+
+        Locally ``open(O_CREAT | O_EXCL)``, then the bytes, fsync, and the folder fsynced; on S3
+        a conditional PUT (``If-None-Match: *``, s3fs's ``mode="create"``), which the service
+        applies atomically: of two writers exactly one succeeds. Other fsspec stores get fsspec's
+        ``mode="create"`` (``memory://``: a check then a write, atomic within one process only).
+        """
+        with self._errors("write to"):
+            if self.is_local:
+                return create_exclusive_file(Path(self._path(key)), data)
+            try:
+                self.fs.pipe_file(self._path(key), data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+
+    def modified_seconds_ago(self, key: str) -> float | None:
+        """Seconds since the file at ``key`` was last written (by this machine's clock), or None
+        when there is no file."""
+        with self._errors("read"):
+            try:
+                return time.time() - self.fs.modified(self._path(key)).timestamp()
+            except _NOT_A_FILE:
+                return None
+
     def delete(self, key: str) -> None:
         """Delete the file at ``key``; nothing to do when there is none."""
         with self._errors("delete from"):
@@ -351,13 +381,14 @@ class CacheLocation:
             return fsync_files(Path(self._path()), keys)
 
     # -- whole-cache operations --------------------------------------------------------------------
-    def remove(self) -> None:
+    def remove(self, keep: str | None = None) -> None:
         """Delete the cache and everything under it (``--overwrite``): every file under the root,
-        then the folders left; a bucket itself is never deleted."""
+        then the folders left; a bucket itself is never deleted. Files under the prefix ``keep``
+        (the lease of the build that removes it) stay, with their folders."""
         with self._errors("delete"):
-            files = [self._path(key) for key in self._files()]
+            files = [self._path(key) for key in self._files() if not (keep and key.startswith(keep))]
             if files:
                 self.fs.rm(files)  # one by one (batched by the client): not the bucket
-            if not self._is_bucket_root() and self.fs.isdir(self._path()):
+            if not keep and not self._is_bucket_root() and self.fs.isdir(self._path()):
                 self.fs.rm(self._path(), recursive=True)  # folders, pseudo-folders, folder markers
             self.fs.invalidate_cache()

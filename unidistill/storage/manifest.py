@@ -20,6 +20,14 @@ STATUS_COMPLETE = "complete"
 
 MANIFEST_KEY = "unidistill"
 UNITS_DIR = "_units"
+# A build's control files, not cache content: the builder's lease and a multi-process build's
+# failure flag. They do not make a folder non-empty, and --overwrite keeps the lease.
+CONTROL_DIR = "_control/"
+LEASE_KEY = f"{CONTROL_DIR}lease.json"
+FAILURE_KEY = f"{CONTROL_DIR}failed.json"
+# The settings section that names the machine of a build (device kind, forward dtype, batch
+# size): compared on resume, not when a complete cache is asked for again.
+MACHINE_SETTINGS = "compute"
 
 
 def unit_marker_key(unit: int) -> str:
@@ -80,8 +88,11 @@ def diff_settings(stored: dict, requested: dict, stored_as: str = "in the cache"
 def content_fingerprint(settings: dict, layout: dict, unit_digests: list[dict]) -> str:
     """sha256 over the identifying settings, the layout and every unit's array digests.
 
-    Two caches with the same fingerprint hold the same bytes for the same build settings.
+    Two caches with the same fingerprint hold the same bytes for the same build settings. The
+    machine's section (``MACHINE_SETTINGS``: device kind, batch size) is left out: two machines
+    that compute the same bytes make the same cache, and the unit digests tell when they do not.
     """
+    settings = {k: v for k, v in settings.items() if k != MACHINE_SETTINGS}
     h = hashlib.sha256()
     h.update(json.dumps({"settings": settings, "layout": layout}, sort_keys=True).encode())
     for d in unit_digests:

@@ -25,6 +25,9 @@ from unidistill.storage.files import array_digest, utc_timestamp
 from unidistill.storage.layout import FORMAT_VERSION, CacheLayout
 from unidistill.storage.location import CacheLocation, as_location
 from unidistill.storage.manifest import (
+    CONTROL_DIR,
+    LEASE_KEY,
+    MACHINE_SETTINGS,
     MANIFEST_KEY,
     STATUS_BUILDING,
     STATUS_COMPLETE,
@@ -39,6 +42,37 @@ from unidistill.storage.manifest import (
 ZARR_METADATA = "zarr.json"  # every Zarr v3 node's metadata; the root group's holds the manifest
 
 
+def check_output(loc: CacheLocation) -> dict | None:
+    """The manifest at ``loc`` (None when there is no cache yet); refuses a file, and a folder or
+    prefix holding files that are no unidistill cache (control files aside)."""
+    loc.check_container("write to")
+    if loc.is_file():
+        what = "a file" if loc.is_local else "an object, not a prefix"
+        raise ConfigError(f"output path {loc} is {what}; expected a folder for the cache. "
+                          "Choose another --out.")
+    existing = read_manifest(loc)
+    if existing is None and not loc.is_empty(ignore=CONTROL_DIR):
+        raise ConfigError(f"output {'folder' if loc.is_local else 'prefix'} {loc} is not empty "
+                          "and holds no unidistill cache; refusing to write into it. Choose an "
+                          "empty or new --out.")
+    return existing
+
+
+def _content(manifest_part: dict) -> dict:
+    """Settings and layout without the machine's section: what a finished cache holds."""
+    settings = {k: v for k, v in manifest_part["settings"].items() if k != MACHINE_SETTINGS}
+    return {"settings": settings, "layout": manifest_part["layout"]}
+
+
+def _machine_consequence(differences: list[str]) -> str:
+    prefix = f"settings.{MACHINE_SETTINGS}."
+    if not any(line.startswith(prefix) for line in differences):
+        return ""
+    return (f"\nThe build was started on another kind of machine ({prefix}*: device, forward "
+            "dtype, batch size): the resumed units would not be identical to an uninterrupted "
+            "build (kernels and batch shapes change the teacher's last bits). Resume it on the "
+            "machine kind and with the batch size it started with, or start over with --overwrite.")
+
 class CacheWriter:
     """Writes whole work units into a cache and finishes it. Use :meth:`open`."""
 
@@ -51,6 +85,7 @@ class CacheWriter:
         self.run_id = uuid.uuid4().hex
         self._specs = layout.array_specs()
         self._arrays = {name: group[name] for name in self._specs}
+        self.already_complete = False  # set by open for a finished cache asked for again
 
     @classmethod
     def open(cls, root, layout: CacheLayout, settings: dict, *, overwrite: bool = False) -> "CacheWriter":
@@ -58,39 +93,37 @@ class CacheWriter:
 
         ``root`` is a local folder or an fsspec URL (``s3://bucket/prefix``). Refuses (and writes
         nothing) when ``root`` is a file, a folder / prefix that is not a unidistill cache, a
-        complete cache (unless ``overwrite``), or a build with other settings.
+        build with other settings, or a complete cache with other settings (unless
+        ``overwrite``). A complete cache with the same settings (its machine aside) is opened as
+        it is, :attr:`already_complete`: asking again for a finished cache is not an error. The
+        caller holds the cache's lease (:mod:`unidistill.storage.lease`), whose file stays.
         """
         loc = CacheLocation(root)
-        loc.check_container("write to")
-        if loc.is_file():
-            what = "a file" if loc.is_local else "an object, not a prefix"
-            raise ConfigError(f"output path {loc} is {what}; expected a folder for the cache. "
-                              "Choose another --out.")
-        existing = read_manifest(loc)
-        if existing is None and not loc.is_empty():
-            raise ConfigError(f"output {'folder' if loc.is_local else 'prefix'} {loc} is not empty "
-                              "and holds no unidistill cache; refusing to write into it. Choose an "
-                              "empty or new --out.")
+        existing = check_output(loc)
         if existing is not None and (overwrite or existing.get("status") == STATUS_CREATING):
-            loc.remove()  # a creation cut short holds no committed work: start it again
+            loc.remove(keep=LEASE_KEY)  # a creation cut short holds no committed work: start again
             existing = None
         if existing is None:
             return cls._create(loc, layout, settings)
+        stored = {"settings": existing.get("settings", {}), "layout": existing.get("layout", {})}
+        requested = {"settings": settings, "layout": layout.to_dict()}
         if existing.get("status") == STATUS_COMPLETE:
-            raise CacheError(f"{loc} already holds a complete cache "
-                             f"(fingerprint {existing.get('fingerprint', '?')[:16]}). "
-                             "Pass --overwrite to rebuild it, or choose another --out.")
-        differences = diff_settings(
-            {"settings": existing.get("settings", {}), "layout": existing.get("layout", {})},
-            {"settings": settings, "layout": layout.to_dict()},
-        )
+            if diff_settings(_content(stored), _content(requested)):
+                raise CacheError(
+                    f"{loc} already holds a complete cache (fingerprint "
+                    f"{existing.get('fingerprint', '?')[:16]}) built with other settings:\n  "
+                    + "\n  ".join(diff_settings(_content(stored), _content(requested)))
+                    + "\nPass --overwrite to rebuild it, or choose another --out.")
+            writer = cls(loc, loc.open_group(mode="r"), layout, existing)
+            writer.already_complete = True
+            return writer
+        differences = diff_settings(stored, requested)
         if differences:
             raise CacheMismatchError(
                 f"{loc} holds an unfinished build with other settings:\n  "
-                + "\n  ".join(differences)
+                + "\n  ".join(differences) + _machine_consequence(differences)
                 + "\nRerun with the cache's settings to resume it, pass --overwrite to start over, "
-                "or choose another --out."
-            )
+                "or choose another --out.")
         group = loc.open_group(mode="r+")
         return cls(loc, group, layout, existing)
 
@@ -106,7 +139,8 @@ class CacheWriter:
         }
         # The group is born with the manifest saying "creating", so a build killed before every
         # array exists is recognised as ours and started over, not mistaken for foreign files.
-        group = loc.open_group(mode="w", attributes={MANIFEST_KEY: manifest})
+        # mode "a", not "w": "w" would delete the lease beside it (open checked nothing else is)
+        group = loc.open_group(mode="a", attributes={MANIFEST_KEY: manifest})
         for name, spec in layout.array_specs().items():
             group.create_array(name, **spec)
         manifest = {**manifest, "status": STATUS_BUILDING}
@@ -181,6 +215,22 @@ class CacheWriter:
         self.location.write_json(unit_marker_key(unit), marker)
         return marker
 
+    def _check_digests(self, markers: list[dict]) -> None:
+        """Read every committed unit back and compare it with its marker's digests before the
+        cache is called complete. A unit that differs (written over by another writer, a torn
+        shard) loses its marker, so that rerunning the command redoes it."""
+        bad = []
+        for marker in markers:
+            name = _unit_mismatch(self, marker)
+            if name is not None:
+                bad.append(f"unit {marker['unit']} ({name})")
+                self.location.delete(unit_marker_key(marker["unit"]))
+        if bad:
+            raise CacheError(f"cannot finish {self.root}: the data of {', '.join(bad[:10])} differ "
+                             "from the digests committed for them (another writer, or damage). "
+                             "Their markers were removed and the cache left unfinished: rerun the "
+                             "same cache-build command to redo those units.")
+
     def finalize(self, extra: dict | None = None) -> dict:
         """Check every unit is committed, then write the manifest with ``status: complete``."""
         committed = read_unit_markers(self.location, self.layout.n_units)
@@ -188,6 +238,7 @@ class CacheWriter:
         if missing:
             raise CacheError(f"cannot finish {self.root}: units {missing[:10]} are not committed")
         markers = [committed[u] for u in range(self.layout.n_units)]
+        self._check_digests(markers)
         manifest = dict(self.manifest)
         manifest.update(extra or {})
         manifest["status"] = STATUS_COMPLETE
@@ -198,6 +249,15 @@ class CacheWriter:
         self.location.make_durable([ZARR_METADATA])
         self.manifest = manifest
         return manifest
+
+
+def _unit_mismatch(writer: CacheWriter, marker: dict) -> str | None:
+    """The first array of the marker's unit whose data differ from its committed digest."""
+    start, stop = writer.layout.unit_range(marker["unit"])
+    for name, array in writer._arrays.items():
+        if array_digest(array[start:stop]) != marker["digests"].get(name):
+            return name
+    return None
 
 
 def _all_fill(data: np.ndarray, fill) -> bool:

@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from unidistill.errors import ConfigError
+from unidistill.errors import HiddenRangeError
 from unidistill.storage.codecs.arrays import (
     Grid, hidden_key, hidden_outlier_pos_key, hidden_outliers_key, hidden_scale_key, lz4, zstd,
 )
@@ -75,9 +75,10 @@ def check_float16_range(layer: int, h: torch.Tensor, *stored: torch.Tensor) -> N
     if all(bool(torch.isfinite(t).all()) for t in stored):
         return
     peak = h.float().abs().max().item()
-    raise ConfigError(f"teacher hidden states of layer {layer} reach |x| = {peak:.4g}, beyond "
-                      "float16's range (65504), which float16 and int8 storage (its outlier tokens "
-                      "and scales are float16) cannot hold; rebuild with --hidden-dtype bfloat16")
+    raise HiddenRangeError(f"teacher hidden states of layer {layer} reach |x| = {peak:.4g}, beyond "
+                           "float16's range (65504), which float16 and int8 storage (its outlier "
+                           "tokens and scales are float16) cannot hold; store them as bfloat16 "
+                           "(--hidden-dtype bfloat16)")
 
 
 class HiddenCodec:
