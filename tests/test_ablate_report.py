@@ -100,7 +100,7 @@ def test_ablate_then_report(tmp_path, cache, heldout_cache, student_dir, tiny_te
     assert names == ["teacher", "student (before)", "ce", "ce+kl", "ce+kl+hidden"]
     fingerprint = CacheReader(cache).manifest["fingerprint"]
     assert table["cache_fingerprint"] == fingerprint
-    assert all(json.loads((out / name / RUN_RECORD).read_text())["cache"]["fingerprint"] == fingerprint
+    assert all(json.loads((out / name / RUN_RECORD).read_text())["caches"][0]["fingerprint"] == fingerprint
                for name in names[2:])
     rows = {r["name"]: r for r in table["rows"]}
     assert rows["teacher"]["recovery_pct"] == pytest.approx(100.0)
@@ -372,12 +372,12 @@ def test_an_argument_added_since_a_run_was_recorded_counts_only_off_its_default(
 
     student = {"files": "abc"}
     now = training_settings({"alpha": 1.0, "beta": 0.0, "gamma": 0.0}, {"learning_rate": 3e-4},
-                            "fp", student, None)
+                            ["fp"], student, None)
     # the record an older unidistill wrote, before hidden_warmup_steps existed
     old = {**now, "arguments": {k: v for k, v in now["arguments"].items() if k != "hidden_warmup_steps"}}
     assert old != now and same_training(old, now)
     warm = training_settings({"alpha": 0.4, "beta": 0.4, "gamma": 0.2, "hidden_warmup_steps": 10},
-                             {"learning_rate": 3e-4}, "fp", student, None)
+                             {"learning_rate": 3e-4}, ["fp"], student, None)
     old_warm = {**warm, "arguments": {k: v for k, v in warm["arguments"].items()
                                       if k != "hidden_warmup_steps"}}
     assert not same_training(old_warm, warm)  # set off its default: not what the old run did
