@@ -395,14 +395,13 @@ def test_tokens_per_second_counts_only_the_last_sessions_steps():
 
     from unidistill.ablate.runs import _tokens_per_second
 
-    layout = SimpleNamespace(seq_len=32)
     trainer = SimpleNamespace(
         state=SimpleNamespace(global_step=10, log_history=[
             {"loss": 1.0, "step": 9},
             # 2 steps x 4 sequences in 4.0 s: what transformers logs for that session
             {"train_runtime": 4.0, "train_samples_per_second": 2.0, "train_steps_per_second": 0.5}]),
         args=SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1),
-        train_dataset=SimpleNamespace(reader=SimpleNamespace(layout=layout)))
+        train_dataset=SimpleNamespace(seq_len=32))  # a CacheDataset or several caches' concatenation
     assert _tokens_per_second(trainer) == 2.0 * 32  # the old count gave 10 * 4 * 32 / 4.0 = 320
     trainer.state.log_history = [{"loss": 1.0}]
     assert _tokens_per_second(trainer) is None
