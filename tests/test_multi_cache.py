@@ -271,6 +271,31 @@ def test_a_single_cache_record_of_the_earlier_format_is_still_read(tmp_path):
         check_checkpoint_caches(str(checkpoint), [("/c", "a" * 64)])
 
 
+def test_a_single_cache_run_recorded_in_the_earlier_format_resumes(tmp_path, caches, student_dir):
+    out = tmp_path / "run"
+    first = train_losses(distill_from_cache(caches["A"], str(student_dir), args_for(out, max_steps=2,
+                                                                                    save_steps=1)))
+    for folder in (out, out / "checkpoint-1"):  # as an earlier unidistill wrote them
+        record = json.loads((folder / RUN_RECORD).read_text())
+        entry = record.pop("caches")[0]
+        del record["cache_fingerprints"]
+        (folder / RUN_RECORD).write_text(json.dumps({**record, "cache": entry}))
+    resumed = distill_from_cache(caches["A"], str(student_dir), args_for(out, max_steps=2, save_steps=1),
+                                 resume_from_checkpoint=str(out / "checkpoint-1"))
+    assert [r for r in train_losses(resumed) if r[0] == 2] == [pytest.approx(first[1], rel=1e-5)]
+    with pytest.raises(CacheMismatchError, match=f"trained on the cache {caches['A']}"):
+        distill_from_cache([caches["A"], caches["B"]], str(student_dir), args_for(out, max_steps=2),
+                           resume_from_checkpoint=str(out / "checkpoint-1"))
+
+
+@pytest.mark.parametrize("value", [[], 3, ["a", 3], ""])
+def test_a_variant_cache_that_is_no_path_or_list_is_refused(value):
+    from unidistill.ablate import check_variants
+
+    with pytest.raises(ConfigError, match=f"run 'mix' has cache={value!r}".replace("[", "\\[")):
+        check_variants({}, [{"name": "mix", "cache": value}])
+
+
 def test_ablate_runs_train_on_their_own_cache_lists(tmp_path, caches, student_dir, tiny_teacher_dir,
                                                     text_file):
     common = dict(per_device_train_batch_size=4, max_steps=1, use_cpu=True, report_to=[],

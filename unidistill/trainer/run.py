@@ -113,10 +113,9 @@ def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> D
                                 kd_top_k=args.kd_top_k)
     for each in readers:
         check_logit_settings(each, args)
-        approximated = each.check_request((), args.kd_top_k,
-                                          args.kd_temperature if args.beta > 0 else 1.0,
-                                          args.tail_approximation)
-    if approximated:
+    approximated = [each.check_request((), args.kd_top_k, args.kd_temperature if args.beta > 0 else 1.0,
+                                       args.tail_approximation) for each in readers]
+    if any(approximated):
         logger.warning("KD at T = %g uses the uniform-tail approximation: cache %s stores the exact "
                        "tempered tail for T in %s only. Its error on a real teacher is in the "
                        "README ('Temperatures')", args.kd_temperature, reader.root,
