@@ -100,7 +100,7 @@ def test_ablate_then_report(tmp_path, cache, heldout_cache, student_dir, tiny_te
     assert names == ["teacher", "student (before)", "ce", "ce+kl", "ce+kl+hidden"]
     fingerprint = CacheReader(cache).manifest["fingerprint"]
     assert table["cache_fingerprint"] == fingerprint
-    assert all(json.loads((out / name / RUN_RECORD).read_text())["cache"]["fingerprint"] == fingerprint
+    assert all(json.loads((out / name / RUN_RECORD).read_text())["caches"][0]["fingerprint"] == fingerprint
                for name in names[2:])
     rows = {r["name"]: r for r in table["rows"]}
     assert rows["teacher"]["recovery_pct"] == pytest.approx(100.0)
@@ -372,12 +372,12 @@ def test_an_argument_added_since_a_run_was_recorded_counts_only_off_its_default(
 
     student = {"files": "abc"}
     now = training_settings({"alpha": 1.0, "beta": 0.0, "gamma": 0.0}, {"learning_rate": 3e-4},
-                            "fp", student, None)
+                            ["fp"], student, None)
     # the record an older unidistill wrote, before hidden_warmup_steps existed
     old = {**now, "arguments": {k: v for k, v in now["arguments"].items() if k != "hidden_warmup_steps"}}
     assert old != now and same_training(old, now)
     warm = training_settings({"alpha": 0.4, "beta": 0.4, "gamma": 0.2, "hidden_warmup_steps": 10},
-                             {"learning_rate": 3e-4}, "fp", student, None)
+                             {"learning_rate": 3e-4}, ["fp"], student, None)
     old_warm = {**warm, "arguments": {k: v for k, v in warm["arguments"].items()
                                       if k != "hidden_warmup_steps"}}
     assert not same_training(old_warm, warm)  # set off its default: not what the old run did
@@ -395,14 +395,13 @@ def test_tokens_per_second_counts_only_the_last_sessions_steps():
 
     from unidistill.ablate.runs import _tokens_per_second
 
-    layout = SimpleNamespace(seq_len=32)
     trainer = SimpleNamespace(
         state=SimpleNamespace(global_step=10, log_history=[
             {"loss": 1.0, "step": 9},
             # 2 steps x 4 sequences in 4.0 s: what transformers logs for that session
             {"train_runtime": 4.0, "train_samples_per_second": 2.0, "train_steps_per_second": 0.5}]),
         args=SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1),
-        train_dataset=SimpleNamespace(reader=SimpleNamespace(layout=layout)))
+        train_dataset=SimpleNamespace(seq_len=32))  # a CacheDataset or several caches' concatenation
     assert _tokens_per_second(trainer) == 2.0 * 32  # the old count gave 10 * 4 * 32 / 4.0 = 320
     trainer.state.log_history = [{"loss": 1.0}]
     assert _tokens_per_second(trainer) is None

@@ -51,7 +51,7 @@ def test_golden_run_and_resume(tmp_path, cache, student_dir):
     assert not any(k.startswith("proj") for k in final.state_dict())
     record = json.loads((tmp_path / "run" / RUN_RECORD).read_text())
     assert record["hidden_pairs"] == {"1": 2, "2": 4}
-    assert len(record["cache"]["fingerprint"]) == 64
+    assert len(record["caches"][0]["fingerprint"]) == 64
 
     # resume from checkpoint-2 continues the same loss trajectory
     resumed = distill_from_cache(cache, str(student_dir), args_for(tmp_path / "run"),

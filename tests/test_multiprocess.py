@@ -234,7 +234,7 @@ def test_two_process_training_matches_double_batch_and_saves_once(tmp_path, cach
     assert all(torch.equal(t, rank0[f"model.{n}"]) for n, t in model.state_dict().items())
     record = json.loads((two / RUN_RECORD).read_text())
     assert record["processes"] == 2
-    assert record["cache"]["fingerprint"] == CacheReader(cache).manifest["fingerprint"]
+    assert record["caches"][0]["fingerprint"] == CacheReader(cache).manifest["fingerprint"]
 
     # 2 processes x batch 2 = 1 process x batch 4: same samples per step, same averaged gradient
     def losses(run_dir):

@@ -20,7 +20,7 @@ from unidistill.errors import CacheMismatchError, ConfigError
 from unidistill.storage import CacheReader
 from unidistill.trainer import arguments
 from unidistill.trainer.arguments import DistillationArguments
-from unidistill.trainer.run_record import RUN_RECORD, check_checkpoint_cache
+from unidistill.trainer.run_record import RUN_RECORD, check_checkpoint_caches
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -117,7 +117,7 @@ def test_a_malformed_run_record_is_refused_naming_the_file(tmp_path, text, what)
     path = write_record(tmp_path / "run" / "checkpoint-2", text)
     write_record(tmp_path / "run", json.dumps({"cache": {"path": "c", "fingerprint": "f" * 64}}))
     with pytest.raises(ConfigError, match="run record") as e:
-        check_checkpoint_cache(str(path.parent), "f" * 64)
+        check_checkpoint_caches(str(path.parent), [("c", "f" * 64)])
     assert f"run record {path} is malformed: {what}" in str(e.value)
     assert "copy the run folder's unidistill_run.json over it" in str(e.value)
 
@@ -126,18 +126,18 @@ def test_a_malformed_run_folder_record_is_refused_too(tmp_path):
     (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)  # no record of its own
     path = write_record(tmp_path / "run", "{}")
     with pytest.raises(ConfigError, match=f"run record {path} is malformed"):
-        check_checkpoint_cache(str(tmp_path / "run" / "checkpoint-2"), "f" * 64)
+        check_checkpoint_caches(str(tmp_path / "run" / "checkpoint-2"), [("c", "f" * 64)])
 
 
 def test_well_formed_records_are_still_checked(tmp_path, caplog):
     folder = write_record(tmp_path / "run" / "checkpoint-2",
                           json.dumps({"cache": {"path": "/c", "fingerprint": "a" * 64}})).parent
-    check_checkpoint_cache(str(folder), "a" * 64)
+    check_checkpoint_caches(str(folder), [("/c", "a" * 64)])
     with pytest.raises(CacheMismatchError, match=f"fingerprint {'a' * 16}"):
-        check_checkpoint_cache(str(folder), "b" * 64)
+        check_checkpoint_caches(str(folder), [("/c", "b" * 64)])
     foreign = tmp_path / "elsewhere" / "checkpoint-1"
     foreign.mkdir(parents=True)
-    check_checkpoint_cache(str(foreign), "b" * 64)  # no record at all: nothing to compare ...
+    check_checkpoint_caches(str(foreign), [("/c", "b" * 64)])  # no record at all: nothing to compare ...
     assert "has no unidistill_run.json" in caplog.text  # ... and it says so
 
 
@@ -151,7 +151,7 @@ def test_resume_from_a_checkpoint_with_a_torn_record_is_refused(tmp_path, cache,
     assert run().exit_code == 0
     record = tmp_path / "run" / "checkpoint-1" / RUN_RECORD
     good = json.loads(record.read_text())
-    assert good["cache"]["fingerprint"] == CacheReader(cache).manifest["fingerprint"]
+    assert good["caches"][0]["fingerprint"] == CacheReader(cache).manifest["fingerprint"]
     record.write_text(record.read_text()[:40])  # torn, as a full disk leaves it
     res = run("--resume-from-checkpoint", str(tmp_path / "run" / "checkpoint-1"))
     assert res.exit_code == 2, res.output

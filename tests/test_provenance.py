@@ -32,14 +32,15 @@ def test_run_and_checkpoints_record_the_cache_and_resume_checks_it(tmp_path, cac
     assert result.exit_code == 0, result.output
     for folder in (out, out / "checkpoint-1", out / "checkpoint-2"):
         record = json.loads((folder / RUN_RECORD).read_text())
-        assert record["cache"] == {"path": str(cache), "fingerprint": fingerprint}, folder
+        assert record["caches"] == [{"path": str(cache), "fingerprint": fingerprint}], folder
+        assert record["cache_fingerprints"] == [fingerprint]
         assert record["resumed_from"] is None and record["processes"] == 1
 
     result = train(cache, student_dir, out, "--resume-from-checkpoint", str(out / "checkpoint-1"))
     assert result.exit_code == 0, result.output
     record = json.loads((out / RUN_RECORD).read_text())
     assert record["resumed_from"] == str(out / "checkpoint-1")
-    assert record["cache"]["fingerprint"] == fingerprint
+    assert record["caches"][0]["fingerprint"] == fingerprint
 
     other = tmp_path / "other-cache"
     build_cache(BuildConfig(teacher=str(tiny_teacher_dir), data=str(text_file), out=str(other),
@@ -49,4 +50,4 @@ def test_run_and_checkpoints_record_the_cache_and_resume_checks_it(tmp_path, cac
     assert refused.exit_code == 2, refused.output
     assert f"fingerprint {fingerprint[:16]}" in refused.output
     assert "Resume with the recorded --cache" in refused.output
-    assert json.loads((out / RUN_RECORD).read_text())["cache"]["fingerprint"] == fingerprint  # untouched
+    assert json.loads((out / RUN_RECORD).read_text())["caches"][0]["fingerprint"] == fingerprint  # untouched

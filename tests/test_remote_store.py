@@ -129,7 +129,7 @@ def test_training_from_s3_matches_local(tmp_path, built, student_dir):
     assert [s for s, *_ in runs["url"]] == [1, 2]
     assert runs["url"] == runs["local"]
     record = json.loads((tmp_path / "url" / RUN_RECORD).read_text())
-    assert record["cache"]["path"] == built["url"]
+    assert record["caches"][0]["path"] == built["url"]
 
 
 def test_evaluate_on_s3_cache_matches_local(built, tiny_teacher_dir):

@@ -184,11 +184,11 @@ def test_ablate_refuses_what_a_run_cannot_honour(tmp_path):
 def test_runs_recorded_before_the_recipe_defaults_moved_are_kept():
     """An ablation run recorded while the defaults were the Trainer's (3 epochs,
     remove_unused_columns True) trained as it would now when max_steps bounded it."""
-    now = training_settings({"alpha": 1.0}, {"max_steps": 5}, "fp", {"files": "s"}, None)
+    now = training_settings({"alpha": 1.0}, {"max_steps": 5}, ["fp"], {"files": "s"}, None)
     old = {**now, "arguments": {**now["arguments"], "num_train_epochs": 3.0,
                                 "remove_unused_columns": True}}
     assert same_training(old, now)
-    by_epochs = training_settings({"alpha": 1.0}, {}, "fp", {"files": "s"}, None)
+    by_epochs = training_settings({"alpha": 1.0}, {}, ["fp"], {"files": "s"}, None)
     old_by_epochs = {**by_epochs, "arguments": {**by_epochs["arguments"], "num_train_epochs": 3.0}}
     assert not same_training(old_by_epochs, by_epochs)  # 3 epochs then, 1 now: trained again
     changed = {**now, "arguments": {**now["arguments"], "alpha": 0.5}}

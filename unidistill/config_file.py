@@ -26,7 +26,8 @@ def load_config_option(ctx: click.Context, _param, value):
     """Eager click callback: the file's keys become the command's defaults.
 
     Keys are option names with dashes or underscores (``learning_rate`` or ``learning-rate``,
-    ``out`` or ``output_dir``). Unknown keys, and two keys for one option, are errors that say
+    ``out`` or ``output_dir``). A repeatable option (``cache``) takes a list, or one value.
+    Unknown keys, and two keys for one option, are errors that say
     which keys are valid.
     """
     if not value:
@@ -56,5 +57,8 @@ def load_config_option(ctx: click.Context, _param, value):
     if twice:
         raise click.BadParameter(f"{path} sets one option under several keys: {twice}; keep one key "
                                  "for each", ctx=ctx, param=_param)
-    ctx.default_map = {**(ctx.default_map or {}), **{keys[k]: v for k, v in given.items()}}
+    repeatable = {p.name for p in ctx.command.params if isinstance(p, click.Option) and p.multiple}
+    values = {keys[k]: [v] if keys[k] in repeatable and isinstance(v, str) else v
+              for k, v in given.items()}  # one value of a repeatable option: a list of one
+    ctx.default_map = {**(ctx.default_map or {}), **values}
     return value

@@ -19,7 +19,8 @@ evaluated on the same held-out text, and each run is put next to them three ways
 **What is kept on a rerun, and when it is redone.** Each piece records what produced it:
 ``<run>/ablate_run.json`` the run's training settings (every distill argument, defaults filled
 in, bookkeeping such as logging and saving left out; ``online``; the training cache's
-fingerprint; the student's files), and every ``eval.json`` (``_teacher/``, ``_student/``, each
+fingerprint, or the ``cache_fingerprints`` of a run on several caches in training order; the
+student's files), and every ``eval.json`` (``_teacher/``, ``_student/``, each
 run's) under ``produced_by`` the evaluation's settings (the model's files, ``--heldout`` and its
 split, the held-out file's content, the ``--heldout-cache`` fingerprint, ``--eval-sequences``,
 the metrics version). Rerunning the command keeps every piece whose record matches and redoes
@@ -47,6 +48,11 @@ its own ``produced_by``. Every row of ``ablation.json`` keeps the first set's nu
 level (as with one set) and holds every set's under ``heldout_sets[name]``; the markdown table gets
 one block of columns per set. Each set is refused, like a single one, when it shares documents
 with the training cache.
+
+**Several caches.** ``cache`` may be a list (every run trains on the caches concatenated, in
+that order), and a variant may name its own ``cache`` (one path or a list), e.g. a "mix" run
+beside runs on one cache each; another list or another order retrains that run, and held-out
+text is checked against every cache a run trains on.
 
 A run may also be the **online baseline**: ``online: full`` (or ``online: K``) loads the teacher
 and trains on the same cached token ids with targets from the live teacher (all V ids, or its

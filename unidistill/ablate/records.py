@@ -9,7 +9,7 @@ import re
 import time
 from pathlib import Path
 
-from unidistill.ablate.variants import ONLINE, argument_defaults
+from unidistill.ablate.variants import CACHE, ONLINE, argument_defaults
 from unidistill.storage.files import atomic_write_json
 from unidistill.storage.manifest import diff_settings
 
@@ -62,12 +62,18 @@ def data_identity(data: str) -> dict:
     return {"data": data, "files": path_fingerprint(path) if path.exists() else None}
 
 
-def training_settings(settings: dict, common: dict, cache_fingerprint, student_id: dict,
+def training_settings(settings: dict, common: dict, cache_fingerprints: list, student_id: dict,
                       teacher_id: dict | None) -> dict:
-    """The canonical record of what trains a run (see the package docstring)."""
-    given = {**common, **{k: v for k, v in settings.items() if k != ONLINE}}
+    """The canonical record of what trains a run (see the package docstring).
+
+    ``cache_fingerprints``: of the caches it trains on, in training order. One cache is recorded
+    as ``cache_fingerprint`` (as before runs could have several, so their records still match),
+    several as the ``cache_fingerprints`` list: another list, or another order, retrains."""
+    given = {**common, **{k: v for k, v in settings.items() if k not in (ONLINE, CACHE)}}
     arguments = {k: v for k, v in {**argument_defaults(), **given}.items() if k not in BOOKKEEPING}
-    record = {"arguments": arguments, "cache_fingerprint": cache_fingerprint, "student": student_id}
+    caches = ({"cache_fingerprint": cache_fingerprints[0]} if len(cache_fingerprints) == 1
+              else {"cache_fingerprints": list(cache_fingerprints)})
+    record = {"arguments": arguments, **caches, "student": student_id}
     if ONLINE in settings:
         record.update(online=settings[ONLINE], teacher=teacher_id)
     return _canonical(record)

@@ -22,9 +22,11 @@ from unidistill.ablate.records import (
 )
 from unidistill.ablate.table import ABLATION_JSON, ABLATION_MD, format_table, new_table, row
 from unidistill.ablate.variants import (
+    CACHE,
     ONLINE,
     SHOWN,
     argument_defaults,
+    cache_paths,
     check_variants,
     online_top_k,
     run_arguments,
@@ -60,6 +62,12 @@ class _Evaluations:
         self.fingerprints = {h.name: _fingerprint(h.cache) for h in self.sets}
         self.data_ids = {h.name: data_identity(h.data) for h in self.sets}
 
+    def check_apart(self, caches: list) -> None:
+        """Refuse a held-out set that shares documents with any of a run's training caches."""
+        for cache in caches:
+            for h in self.sets:
+                heldout_apart(cache, h.data, h.cache, h.split)
+
     def __call__(self, folder: Path, label: str, model: str, model_id: dict) -> dict[str, dict]:
         """The model's evaluation on every held-out set, by set name."""
         result = {}
@@ -77,9 +85,10 @@ class _Evaluations:
 
 @dataclasses.dataclass
 class _Ablation:
-    """What every run of one ablation shares."""
+    """What every run of one ablation shares; ``caches``: those a run trains on unless it names
+    its own (``cache``: one path or a list)."""
 
-    cache: object
+    caches: list
     student: str
     teacher: str
     out: Path
@@ -88,7 +97,7 @@ class _Ablation:
     log: Callable[[str], None]
 
     def __post_init__(self):
-        self.fingerprint = _fingerprint(self.cache)  # each run records it too
+        self.fingerprints = [_fingerprint(c) for c in self.caches]  # each run records them too
         self.student_id, self.teacher_id = model_identity(self.student), model_identity(self.teacher)
 
     def references(self) -> tuple[dict, dict]:
@@ -105,17 +114,18 @@ class _Ablation:
         name = variant["name"]
         run_dir = self.out / name
         settings = {k: v for k, v in variant.items() if k != "name"}
-        record = training_settings(settings, self.common, self.fingerprint, self.student_id,
+        caches = cache_paths(settings[CACHE], f"run {name!r}") if CACHE in settings else self.caches
+        fingerprints = [_fingerprint(c) for c in caches] if CACHE in settings else self.fingerprints
+        record = training_settings(settings, self.common, fingerprints, self.student_id,
                                    self.teacher_id if ONLINE in settings else None)
         if not prepare_run(run_dir, name, record, self.out, self.log):
-            train_run(self.cache, self.student, self.teacher, run_dir, name, settings, record, self.common)
+            train_run(caches, self.student, self.teacher, run_dir, name, settings, record, self.common)
         evs = self.evaluations(run_dir, f"run {name!r}", str(run_dir), model_identity(str(run_dir)))
         speed_file = run_dir / TRAIN_SPEED_FILE
         speed = json.loads(speed_file.read_text())["tokens_per_s"] if speed_file.is_file() else None
         defaults = argument_defaults()
         shown = {k: settings.get(k, self.common.get(k, defaults[k])) for k in SHOWN}
-        if ONLINE in settings:
-            shown[ONLINE] = settings[ONLINE]
+        shown.update({k: settings[k] for k in (ONLINE, CACHE) if k in settings})
         return row(name, shown, evs, refs, speed)
 
 
@@ -125,20 +135,28 @@ def ablate(cache, student: str, teacher: str, heldout, out, *, variants: list[di
            device: str = "auto", progress: bool = True, log: Callable[[str], None] = _stderr) -> dict:
     """Run every variant, evaluate it on every held-out set, and write the table; returns it.
 
+    ``cache``: the cache every run trains on, or a list of them (concatenated, in that order); a
+    variant's own ``cache`` (one path or a list) replaces it for that run.
+
     ``heldout``, ``heldout_split``, ``heldout_cache``: one held-out set (str) or several (lists in
     the same order, see :func:`heldout_sets`). Pieces made with the same settings are kept, the
     others redone (see the package docstring); ``log`` gets one line for each piece redone and why.
     A split None: evaluate's default (``heldout`` for built-in text and local files)."""
     common = dict(common or {})
     check_variants(common, variants)
+    caches = [str(c) for c in cache] if isinstance(cache, (list, tuple)) else [cache]
     sets = heldout_sets(heldout, heldout_split, heldout_cache, heldout_names)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    evaluations = _Evaluations(cache, sets, eval_sequences, eval_batch_size, device, progress, log)
-    ablation = _Ablation(cache, student, teacher, out, common, evaluations, log)
+    evaluations = _Evaluations(caches[0], sets, eval_sequences, eval_batch_size, device, progress, log)
+    for train_caches in [caches[1:]] + [cache_paths(v[CACHE], f"run {v['name']!r}")
+                                        for v in variants if CACHE in v]:
+        evaluations.check_apart(train_caches)  # before any run trains
+    ablation = _Ablation(caches, student, teacher, out, common, evaluations, log)
     refs, rows = ablation.references()
-    table = new_table(cache, ablation.fingerprint, teacher, student, sets, evaluations.fingerprints,
-                      eval_sequences, common, refs)
+    one = len(caches) == 1
+    table = new_table(caches[0] if one else caches, ablation.fingerprints[0] if one else ablation.fingerprints,
+                      teacher, student, sets, evaluations.fingerprints, eval_sequences, common, refs)
     table["rows"] = rows
     for variant in variants:
         table["rows"].append(ablation.run(variant, refs))
@@ -147,9 +165,9 @@ def ablate(cache, student: str, teacher: str, heldout, out, *, variants: list[di
     return table
 
 
-def train_run(cache, student: str, teacher: str, run_dir: Path, name: str, settings: dict,
+def train_run(caches: list, student: str, teacher: str, run_dir: Path, name: str, settings: dict,
               record: dict, common: dict) -> None:
-    """Train one run (on the live teacher with ``online``), resuming a checkpoint left under
+    """Train one run on ``caches`` (concatenated) (on the live teacher with ``online``), resuming a checkpoint left under
     the same settings; record its speed and that it finished."""
     from unidistill.trainer.run import distill_from_cache
 
@@ -159,7 +177,7 @@ def train_run(cache, student: str, teacher: str, run_dir: Path, name: str, setti
     if ONLINE in settings:
         online = dict(teacher_model=_load_teacher(teacher),
                       online_top_k=online_top_k(settings[ONLINE], name))
-    trainer = distill_from_cache(cache, student, args, resume_from_checkpoint=resume or None,
+    trainer = distill_from_cache(caches, student, args, resume_from_checkpoint=resume or None,
                                  **online)
     atomic_write_json(run_dir / TRAIN_SPEED_FILE, {"tokens_per_s": _tokens_per_second(trainer),
                                                    "train_seconds": _train_seconds(trainer)})
@@ -184,4 +202,4 @@ def _tokens_per_second(trainer) -> float | None:
     final = [h for h in trainer.state.log_history if "train_samples_per_second" in h]
     if not final:
         return None
-    return final[-1]["train_samples_per_second"] * trainer.train_dataset.reader.layout.seq_len
+    return final[-1]["train_samples_per_second"] * trainer.train_dataset.seq_len

@@ -50,7 +50,9 @@ def new_table(cache, fingerprint, teacher: str, student: str, sets: list[HeldOut
                heldout_fingerprints: dict, eval_sequences, common: dict, refs: dict) -> dict:
     """``ablation.json`` before its rows: what the runs trained on and were evaluated on."""
     first, first_ref = sets[0], refs[sets[0].name]
-    return {"cache": str(cache), "cache_fingerprint": fingerprint, "teacher": teacher, "student": student,
+    # one cache: its path and fingerprint; several (every run's, unless it names its own): lists
+    return {"cache": [str(c) for c in cache] if isinstance(cache, list) else str(cache),
+            "cache_fingerprint": fingerprint, "teacher": teacher, "student": student,
             "heldout": first.data, "heldout_split": first.split, "heldout_cache": first.cache,
             "heldout_cache_fingerprint": heldout_fingerprints[first.name],
             "heldouts": [{"name": h.name, "data": h.data, "split": h.split, "cache": h.cache,
@@ -111,7 +113,8 @@ def format_table(table: dict) -> str:
                           for h in table["heldouts"])
     else:
         where = f"`{table['heldout']}`"
-    lines = [f"# Ablation from cache `{table['cache']}`", "",
+    caches = table["cache"] if isinstance(table["cache"], list) else [table["cache"]]
+    lines = [f"# Ablation from cache{'s' * (len(caches) > 1)} " + ", ".join(f"`{c}`" for c in caches), "",
              f"Teacher `{table['teacher']}`, student `{table['student']}`, held-out {where}.",
              "Perplexity and accuracy ÷ teacher: the run's value over the teacher's. Next-token "
              "accuracy: share of positions whose most likely token is the actual next one. "

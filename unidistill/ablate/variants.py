@@ -14,6 +14,7 @@ SHOWN = ("alpha", "beta", "gamma", "kd_temperature", "kl_direction", "layer_map"
          "hidden_warmup_steps", "kd_top_k", "learning_rate", "lr_scheduler_type")
 
 ONLINE = "online"
+CACHE = "cache"  # a run's own caches (one path or a list), instead of ablate's --cache
 
 
 def online_top_k(value, name: str) -> int | None:
@@ -24,6 +25,15 @@ def online_top_k(value, name: str) -> int | None:
         return value
     raise ConfigError(f"run {name!r} has online={value!r}; expected 'full' (the live teacher's "
                       f"whole distribution) or a positive int K (its top-K)")
+
+
+def cache_paths(value, where: str) -> list[str]:
+    """One cache path or a list of them (trained on concatenated, in that order) as a list."""
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise ConfigError(f"{where} has cache={value!r}; expected a cache path or a non-empty list "
+                          "of them (the run trains on the caches concatenated, in that order)")
+    return list(paths)
 
 
 def argument_defaults() -> dict:
@@ -86,10 +96,10 @@ def plan_from_options(variants_file=None, variant_specs=(), overrides: dict | No
 
 def run_arguments(output_dir, settings: dict, common: dict):
     """The ``DistillationArguments`` one run trains with: ``common``, then the run's own settings
-    (its ``online`` setting is not an argument), in ``output_dir``."""
+    (its ``online`` and ``cache`` settings are not arguments), in ``output_dir``."""
     from unidistill.trainer.arguments import DistillationArguments
 
-    train = {k: v for k, v in settings.items() if k not in ("name", ONLINE)}
+    train = {k: v for k, v in settings.items() if k not in ("name", ONLINE, CACHE)}
     return DistillationArguments(output_dir=str(output_dir), **{**common, **train})
 
 
@@ -106,9 +116,11 @@ def check_variants(common: dict, variants: list[dict]) -> None:
             raise ConfigError(f"run name {name!r} must start with a letter or digit and hold only "
                               "letters, digits and _ . + - (it becomes a folder name)")
         names.append(name)
-        unknown = sorted(set(v) - known - {"name", ONLINE})
+        unknown = sorted(set(v) - known - {"name", ONLINE, CACHE})
         if ONLINE in v:
             online_top_k(v[ONLINE], name)
+        if CACHE in v:
+            cache_paths(v[CACHE], f"run {name!r}")
         if unknown:
             raise ConfigError(f"run {name!r} sets unknown options {unknown}; use distill-from-cache "
                               "argument names such as alpha, beta, gamma, kd_temperature, layer_map, "

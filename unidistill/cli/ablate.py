@@ -12,8 +12,10 @@ OVERRIDES = ("max_steps", "learning_rate", "per_device_train_batch_size", "seed"
 _OVERRIDE_HELP = " (every run; replaces the variants file's common value)"
 
 ABLATE_OPTIONS = [  # ablate's options, in --help order
-    click.option("--cache", required=True, type=click.Path(),
-                 help="The one teacher cache every run trains on."),
+    click.option("--cache", required=True, multiple=True, type=click.Path(),
+                 help="The teacher cache every run trains on; repeatable: the caches concatenated, "
+                      "in the order given. A run in --variants may name its own (cache: a path or "
+                      "a list)."),
     click.option("--student", required=True, help="Student model folder (e.g. from unidistill prune)."),
     click.option("--teacher", required=True, help="The teacher, evaluated for the recovery baseline."),
     click.option("--heldout", required=True, multiple=True,

@@ -15,7 +15,11 @@ from unidistill.cli.training_options import (
 
 @click.command("distill-from-cache", cls=TrainingCommand)
 @config_option
-@click.option("--cache", required=True, type=click.Path(), help="Teacher cache built by cache-build.")
+@click.option("--cache", required=True, multiple=True, type=click.Path(),
+              help="Teacher cache built by cache-build. Repeatable: the run trains on the caches "
+                   "concatenated in the order given (they must share the teacher, tokenizer, logits "
+                   "mode and k, temperatures, seq_len and the hidden layers used); a --config file "
+                   "takes one path or a list.")
 @click.option("--student", required=True, help="Student model folder (same tokenizer as the teacher).")
 @training_options
 @click.option("--resume-from-checkpoint", default=None,
@@ -39,7 +43,7 @@ def distill_from_cache_cmd(ctx, cache, student, resume_from_checkpoint, **_train
 
     args = distillation_arguments(ctx)
     resume = True if resume_from_checkpoint == "last" else resume_from_checkpoint
-    distill_from_cache(cache, student, args, resume_from_checkpoint=resume)
+    distill_from_cache(list(cache), student, args, resume_from_checkpoint=resume)
     if args.should_save:  # once, from the main process of a multi-process run
         click.echo(f"student saved to {args.output_dir} "
                    "(loads with AutoModelForCausalLM.from_pretrained)")

@@ -111,6 +111,10 @@ class CacheDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
+    @property
+    def seq_len(self) -> int:
+        return self.reader.layout.seq_len
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([index])[0]
 

@@ -2,9 +2,10 @@
 
 Every check that can fail on bad input runs before the student is trained: cache complete,
 tokenizer equal to the cache's (pad id aside), head covering its vocabulary, layer map valid and
-its teacher layers cached, k within the stored k. The run folder, and every checkpoint in it, records the command, the
-settings and the cache fingerprint in ``unidistill_run.json`` (:mod:`.run_record`); a resume from a
-checkpoint trained on another cache is refused.
+its teacher layers cached, k within the stored k; several caches agree with one another
+(:mod:`.caches`). The run folder, and every checkpoint in it, records the command, the settings
+and the caches' paths and fingerprints in ``unidistill_run.json`` (:mod:`.run_record`); a resume
+from a checkpoint trained on other caches, or on the same in another order, is refused.
 """
 
 from __future__ import annotations
@@ -27,24 +28,41 @@ from unidistill.models.loading import load_student
 from unidistill.storage import CacheReader
 from unidistill.storage.files import utc_timestamp
 from unidistill.trainer.arguments import DistillationArguments
+from unidistill.trainer.caches import ConcatCacheDataset, check_caches_agree
 from unidistill.trainer.dataset import (
     CacheDataset, check_student_matches_cache, sample_input_ids,
 )
 from unidistill.trainer.losses.divergences import teacher_head_for
 from unidistill.trainer.online_teacher import OnlineTeacher
 from unidistill.trainer.projectors import HiddenProjectors
-from unidistill.trainer.run_record import check_checkpoint_cache, resolve_checkpoint, write_run_record
+from unidistill.trainer.run_record import (
+    cache_entries, check_checkpoint_caches, resolve_checkpoint, write_run_record,
+)
 from unidistill.trainer.student import StudentWithProjectors
 
 logger = logging.getLogger(__name__)
 
 @dataclass
 class DistillPlan:
-    reader: CacheReader
+    readers: list[CacheReader]  # the caches, in training order; they agree (trainer.caches)
     layer_map: dict[int, int]
     hidden_pairs: dict[int, int]
     d_student: int
     d_teacher: int
+
+    @property
+    def reader(self) -> CacheReader:
+        """The first cache: the reference the others were checked against."""
+        return self.readers[0]
+
+
+def cache_list(cache) -> list:
+    """``cache`` as a list: one path (str or path-like) or several (a list or tuple)."""
+    caches = list(cache) if isinstance(cache, (list, tuple)) else [cache]
+    if not caches:
+        raise ConfigError("no cache to train on: give --cache (repeatable), or pass "
+                          "distill_from_cache a cache path or a list of them")
+    return caches
 
 
 def select_hidden_pairs(layer_map: dict[int, int], align: str, cached_layers) -> dict[int, int]:
@@ -86,15 +104,18 @@ def check_logit_settings(reader: CacheReader, args: DistillationArguments) -> No
 
 
 def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> DistillPlan:
-    reader = CacheReader(cache, local_dir=args.cache_local_dir)
+    """The checks of a run's caches against the student and the arguments, and its layer plan;
+    ``cache``: one cache or a list (each checked, and checked to agree with the first)."""
+    readers = [CacheReader(c, local_dir=args.cache_local_dir) for c in cache_list(cache)]
+    reader = readers[0]
     check_student_matches_cache(reader, tokenizer, student_config,
                                 kl_direction=args.kl_direction if args.beta > 0 else None,
                                 kd_top_k=args.kd_top_k)
-    check_logit_settings(reader, args)
-    approximated = reader.check_request((), args.kd_top_k,
-                                        args.kd_temperature if args.beta > 0 else 1.0,
-                                        args.tail_approximation)
-    if approximated:
+    for each in readers:
+        check_logit_settings(each, args)
+    approximated = [each.check_request((), args.kd_top_k, args.kd_temperature if args.beta > 0 else 1.0,
+                                       args.tail_approximation) for each in readers]
+    if any(approximated):
         logger.warning("KD at T = %g uses the uniform-tail approximation: cache %s stores the exact "
                        "tempered tail for T in %s only. Its error on a real teacher is in the "
                        "README ('Temperatures')", args.kd_temperature, reader.root,
@@ -103,7 +124,26 @@ def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> D
     n_s, n_t = student_config.num_hidden_layers, teacher["n_layers"]
     layer_map = parse_layer_map(args.layer_map, n_s, n_t, provenance=provenance_from_config(student_config))
     pairs = select_hidden_pairs(layer_map, args.align_layers, reader.layers) if args.gamma > 0 else {}
-    return DistillPlan(reader, layer_map, pairs, student_config.hidden_size, teacher["hidden_size"])
+    check_caches_agree(readers, kd_top_k=args.kd_top_k, teacher_layers=set(pairs.values()),
+                       reads_hidden=bool(pairs) or reader.layout.logit_codec.has_head)
+    return DistillPlan(readers, layer_map, pairs, student_config.hidden_size, teacher["hidden_size"])
+
+
+def cache_dataset(plan: DistillPlan, args: DistillationArguments, online: bool):
+    """The training data: the cache's :class:`CacheDataset`, or the caches' concatenation in the
+    order given (:class:`ConcatCacheDataset`). With an ``online`` teacher only the ids are read."""
+    parts = [CacheDataset(reader, layers=() if online else sorted(set(plan.hidden_pairs.values())),
+                          kd_top_k=args.kd_top_k, logits=args.beta > 0 and not online,
+                          temperature=args.kd_temperature,
+                          tail_approximation=args.tail_approximation)
+             for reader in plan.readers]
+    return parts[0] if len(parts) == 1 else ConcatCacheDataset(parts)
+
+
+def run_caches(cache, plan: DistillPlan) -> list[tuple[str, str]]:
+    """``[(path, fingerprint)]`` of the run's caches, in training order."""
+    return [(str(path), reader.manifest["fingerprint"])
+            for path, reader in zip(cache_list(cache), plan.readers)]
 
 
 def make_run_record(args: DistillationArguments, plan: DistillPlan, student: str, cache,
@@ -113,7 +153,7 @@ def make_run_record(args: DistillationArguments, plan: DistillPlan, student: str
         "command": sys.argv,
         "started_at": utc_timestamp(),
         "student": str(student),
-        "cache": {"path": str(cache), "fingerprint": plan.reader.manifest["fingerprint"]},
+        **cache_entries(run_caches(cache, plan)),
         "resumed_from": resumed_from,
         "layer_map": {str(i): j for i, j in plan.layer_map.items()},
         "hidden_pairs": {str(i): j for i, j in plan.hidden_pairs.items()},
@@ -163,6 +203,10 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
                        callbacks=None):
     """Train ``student`` on the cache; saves the final model + projectors to ``args.output_dir``.
 
+    ``cache``: a cache path, or a list of them: the run trains on their concatenation, in the
+    order given (one epoch sees every sequence of each once), after checking that they agree
+    (:mod:`~unidistill.trainer.caches`).
+
     With ``teacher_model`` (a loaded causal LM), this is the online baseline instead: only the
     token ids come from the cache (same data, same order), and the targets come from the live
     teacher, full-vocabulary (``online_top_k=None``) or top-k. ``callbacks`` are extra
@@ -176,16 +220,13 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     config = AutoConfig.from_pretrained(student)
     plan = plan_run(cache, tokenizer, config, args)
     checkpoint = resolve_checkpoint(resume_from_checkpoint, args.output_dir)
-    check_checkpoint_cache(checkpoint, plan.reader.manifest["fingerprint"])
-    teacher_layers = sorted(set(plan.hidden_pairs.values()))
+    check_checkpoint_caches(checkpoint, run_caches(cache, plan))
     online_teacher = None
     if teacher_model is not None:
-        online_teacher = OnlineTeacher(teacher_model.to(args.device), layers=teacher_layers,
+        online_teacher = OnlineTeacher(teacher_model.to(args.device),
+                                       layers=sorted(set(plan.hidden_pairs.values())),
                                        kd_top_k=online_top_k, temperature=args.kd_temperature)
-    dataset = CacheDataset(plan.reader, layers=() if online_teacher else teacher_layers,
-                           kd_top_k=args.kd_top_k, logits=args.beta > 0 and online_teacher is None,
-                           temperature=args.kd_temperature,
-                           tail_approximation=args.tail_approximation)
+    dataset = cache_dataset(plan, args, online=online_teacher is not None)
     model = load_student(student, config)  # a GGUF teacher's leftover quantization_config dropped
     student_vocab = student_head_rows(model, online_teacher, online_top_k)
     sample = sample_input_ids(plan.reader)
