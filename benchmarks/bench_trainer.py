@@ -229,17 +229,6 @@ def ratios_of(results: dict) -> dict:
         if "peak_cuda_mib" in b and "peak_cuda_mib" in o:
             ratios[f"peak_cuda_{mine}_over_{other}"] = b["peak_cuda_mib"] / o["peak_cuda_mib"]
     return ratios
-    for other in ("plain", "plain_chunked", "online", "online_topk"):
-        if other not in results:
-            continue
-        o = results[other]
-        ratios[f"throughput_cache_over_{other}"] = b["tokens_per_s"] / o["tokens_per_s"]
-        if other == "online_topk":
-            continue  # the same process as online but for the targets: throughput only
-        ratios[f"peak_rss_cache_over_{other}"] = b["peak_rss_mib"] / o["peak_rss_mib"]
-        if "peak_cuda_mib" in b and "peak_cuda_mib" in o:
-            ratios[f"peak_cuda_cache_over_{other}"] = b["peak_cuda_mib"] / o["peak_cuda_mib"]
-    return ratios
 
 
 def write_results(opts, results: dict) -> None:

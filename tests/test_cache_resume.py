@@ -55,6 +55,15 @@ def read_all(root):
     return {name: reader.group[name][:] for name in reader.layout.array_specs()}
 
 
+def assert_same_cache(got, reference):
+    """Every array equal, and so the content fingerprint."""
+    ref, mine = read_all(reference), read_all(got)
+    assert ref.keys() == mine.keys()
+    for name in ref:
+        np.testing.assert_array_equal(mine[name], ref[name], err_msg=name)
+    assert CacheReader(got).manifest["fingerprint"] == CacheReader(reference).manifest["fingerprint"]
+
+
 def test_sigkill_then_resume_gives_identical_cache(tmp_path, tiny_teacher_dir, text_file):
     reference = tmp_path / "reference"
     assert run_cli(build_args(tiny_teacher_dir, text_file, reference)).exit_code == 0

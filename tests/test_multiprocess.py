@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -27,7 +26,7 @@ from unidistill.storage import CacheReader
 from unidistill.storage.manifest import read_manifest, read_unit_marker
 from unidistill.trainer.run_record import RUN_RECORD
 
-from .test_cache_resume import build_args, read_all
+from .test_cache_resume import assert_same_cache, build_args
 
 REPO = Path(__file__).resolve().parents[1]
 N_UNITS = 12  # build_args: 24 sequences, shard size 2
@@ -129,14 +128,6 @@ def reference_cache(tmp_path_factory, tiny_teacher_dir, text_file):
     result = CliRunner().invoke(main, build_args(tiny_teacher_dir, text_file, out), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out
-
-
-def assert_same_cache(got, reference):
-    ref, mine = read_all(reference), read_all(got)
-    assert ref.keys() == mine.keys()
-    for name in ref:
-        np.testing.assert_array_equal(mine[name], ref[name], err_msg=name)
-    assert CacheReader(got).manifest["fingerprint"] == CacheReader(reference).manifest["fingerprint"]
 
 
 def test_two_process_build_equals_one_process_build(tmp_path, tiny_teacher_dir, text_file,

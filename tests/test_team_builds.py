@@ -26,7 +26,7 @@ from unidistill.storage.manifest import LEASE_KEY, read_manifest, read_unit_mark
 from unidistill.storage.writer import CacheWriter
 
 from .conftest import make_llama
-from .test_cache_resume import build_args, read_all, run_cli, slow_build_driver
+from .test_cache_resume import assert_same_cache, build_args, run_cli, slow_build_driver
 from .test_storage_backends import BUCKET, s3_server  # noqa: F401  (the moto server fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,11 +138,7 @@ def start_builds(args, *extra, n=2):
 
 
 def assert_same_as(out, reference):
-    ref, got = read_all(reference), read_all(out)
-    assert ref.keys() == got.keys()
-    for name in ref:
-        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
-    assert CacheReader(out).manifest["fingerprint"] == CacheReader(reference).manifest["fingerprint"]
+    assert_same_cache(out, reference)
     assert CacheLocation(out).read_bytes(LEASE_KEY) is None
 
 

@@ -72,17 +72,19 @@ def world_size_from_env() -> int:
     return _env_int(_SIZE_VARS, 1, minimum=1)
 
 
-def _timeout_from_env() -> float:
-    value = os.environ.get(TIMEOUT_ENV)
+def seconds_from_env(name: str, default: float) -> float:
+    """A duration in seconds from the environment variable ``name`` (``default`` when unset); a
+    value that is not a finite number > 0 is refused (:class:`~unidistill.errors.ConfigError`)."""
+    value = os.environ.get(name)
     if value is None:
-        return DEFAULT_TIMEOUT_S
+        return default
     try:
         seconds = float(value)
     except ValueError:
         seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ConfigError(f"environment variable {TIMEOUT_ENV}={value!r} is not a number of seconds "
-                          f"> 0; set it to e.g. {DEFAULT_TIMEOUT_S:g}, or unset it for that default")
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"environment variable {name}={value!r} is not a number of seconds "
+                          f"> 0; set it to e.g. {default:g}, or unset it for that default")
     return seconds
 
 
@@ -109,7 +111,7 @@ class ProcessGroup:
             return cls()
         import torch.distributed as dist
 
-        timeout = timedelta(seconds=_timeout_from_env())
+        timeout = timedelta(seconds=seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
         owns = False
         group = None
         if not dist.is_initialized():

@@ -37,7 +37,8 @@ import time
 import uuid
 from pathlib import Path
 
-from unidistill.errors import CacheBusyError, ConfigError, LeaseLostError
+from unidistill.distributed import seconds_from_env
+from unidistill.errors import CacheBusyError, LeaseLostError
 from unidistill.storage.files import utc_timestamp
 from unidistill.storage.location import CacheLocation
 from unidistill.storage.manifest import LEASE_KEY
@@ -48,17 +49,7 @@ STALE_AFTER_BEATS = 4  # a lease not renewed for this many of its holder's heart
 
 
 def heartbeat_from_env() -> float:
-    value = os.environ.get(HEARTBEAT_ENV)
-    if value is None:
-        return DEFAULT_HEARTBEAT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise ConfigError(f"environment variable {HEARTBEAT_ENV}={value!r} is not a number of "
-                          f"seconds > 0; set it to e.g. {DEFAULT_HEARTBEAT_S:g}, or unset it")
-    return seconds
+    return seconds_from_env(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S)
 
 
 def describe_holder(record: dict) -> str:
