@@ -40,8 +40,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # -- the children: run inside one version's tree ----------------------------------------------
 
-def child_read(root: str, n: int | None, batch: int) -> dict:
-    """tokens/s of ``read`` and of a DataLoader with 0 and 2 workers, this version's code."""
+def child_read(root: str, n: int | None, batch: int, passes: int = 1) -> dict:
+    """tokens/s of ``read`` and of a DataLoader with 0 and 2 workers (``passes`` times over the
+    sequences, so the timing lasts), this version's code."""
     from torch.utils.data import DataLoader
 
     import unidistill
@@ -60,7 +61,7 @@ def child_read(root: str, n: int | None, batch: int) -> dict:
     for workers in (0, 2):
         ds = ds_module.CacheDataset(root, layers=list(reader.layout.layers))
         ds[0]
-        loader = DataLoader(ds, batch_size=batch, num_workers=workers, sampler=list(range(n)),
+        loader = DataLoader(ds, batch_size=batch, num_workers=workers, sampler=list(range(n)) * passes,
                             **({"collate_fn": collate} if collate else {}))
         it = iter(loader)
         next(it)
@@ -111,7 +112,7 @@ def read_round(opts, tree: Path, label: str) -> dict:
         if where not in opts.where:
             continue
         r = run_child(tree, [__file__, "--child-read", root, "--sequences", str(opts.sequences or 0),
-                             "--batch-size", str(opts.batch_size)])
+                             "--batch-size", str(opts.batch_size), "--passes", str(opts.passes)])
         check_imported(tree, r.pop("imported"))
         out.update({f"{where}: {k}": v for k, v in r.items()})
         print(f"[versions] {label} {where}: {r}", file=sys.stderr, flush=True)
@@ -185,6 +186,7 @@ def main(argv=None):
     p.add_argument("--cache", help="read: a finished local cache")
     p.add_argument("--sequences", type=int, default=None)
     p.add_argument("--where", default="local,s3 (moto)", help="read: local, s3 (moto) or both")
+    p.add_argument("--passes", type=int, default=1, help="read: DataLoader passes over the sequences")
     p.add_argument("--render", metavar="JSON", help="only write the markdown of a saved result again")
     p.add_argument("--note", default="")
     p.add_argument("--tag", default="cpu")
@@ -197,7 +199,7 @@ def main(argv=None):
         return
     opts.where = [w.strip() for w in opts.where.split(",")]
     if opts.child_read:
-        print(json.dumps(child_read(opts.child_read, opts.sequences, opts.batch_size)))
+        print(json.dumps(child_read(opts.child_read, opts.sequences, opts.batch_size, opts.passes)))
         return
     if not opts.what or not opts.before:
         p.error("name what to measure (trainer or read) and --before")
@@ -234,7 +236,8 @@ def write(opts, trees: dict, runs: dict) -> None:
     settings = (f"{opts.batch_size} x {opts.seq_len}-token batches, {opts.steps} timed steps after "
                 f"{opts.warmup_steps} warm-up, modes {opts.modes}, aligned blocks {opts.align_layers}, "
                 f"cache {opts.work}/cache" if opts.what == "trainer"
-                else f"cache {opts.cache}, batches of {opts.batch_size}")
+                else f"cache {opts.cache}, batches of {opts.batch_size}, DataLoaders {opts.passes} "
+                     "pass(es) over the sequences")
     result = {"what": opts.what, "tag": opts.tag, "command": "python " + shlex.join(sys.argv),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine("cpu"),
               "before": {"tree": str(trees["before"]), "commit": tree_commit(trees["before"])},
