@@ -75,6 +75,7 @@ if rank == 0:
     safetensors.torch.save_file({n: t.detach().contiguous() for n, t in ref.state_dict().items()},
                                 os.path.join(out, "reference.safetensors"))
     print("sharded:", type(model).__name__, type(next(model.parameters())).__name__)
+dist.barrier()  # rank 1 must not tear gloo down while rank 0 is still saving (it aborted once)
 dist.destroy_process_group()
 """
 
