@@ -189,6 +189,23 @@ def test_finalize_checks_every_unit_against_its_digest(tmp_path):
     assert read_manifest(tmp_path / "c")["status"] == "building"
 
 
+def test_finalize_drops_the_marker_of_a_unit_that_no_longer_decodes(tmp_path):
+    """A torn shard behind a marker (its bytes overwritten) is found at finalize like a changed
+    one, through the same per-unit check as cache-verify, not left as a raw decode error."""
+    layout = CacheLayout(n_sequences=4, seq_len=8, stored_k=4, vocab_size=100, hidden_size=8,
+                         layers=(1,), shard_size=2)
+    writer = CacheWriter.open(tmp_path / "c", layout, {"teacher": {"source": "a"}})
+    for unit in range(2):
+        writer.write_unit(unit, {name: np.ones((2,) + tuple(spec["shape"][1:]), spec["dtype"])
+                                 for name, spec in layout.array_specs().items()})
+    shard = tmp_path / "c" / "input_ids" / "c" / "1" / "0"
+    shard.write_bytes(b"\x00" * shard.stat().st_size)
+    with pytest.raises(CacheError, match=r"unit 1 \(input_ids\) differ from the digests"):
+        writer.finalize()
+    assert read_unit_marker(tmp_path / "c", 1) is None and read_unit_marker(tmp_path / "c", 0)
+    assert read_manifest(tmp_path / "c")["status"] == "building"
+
+
 # -- the hidden dtype ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ from unidistill.models.loading import (
 from unidistill.storage.codecs.registry import logit_codec_class
 from unidistill.storage.head import head_digest, write_head
 from unidistill.storage.layout import HEAD_FILE, CacheLayout, index_dtype_for
+from unidistill.storage.manifest import MACHINE_SETTINGS
 from unidistill.storage.writer import CacheWriter
 from unidistill.text.data import iter_documents, iter_packed, resolve_heldout_share
 
@@ -169,8 +170,8 @@ def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
     # before anything is written: a teacher we cannot reproduce is refused
     runner.check_logits(np.array(ids[:CHECK_SEQUENCES]))
     settings = _settings(cfg, prepared, model, runner, layout)
-    settings["compute"] = {"device": device_kind(device), "batch_size": cfg.batch_size,
-                           "forward_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    settings[MACHINE_SETTINGS] = {"device": device_kind(device), "batch_size": cfg.batch_size,
+                                  "forward_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     return _Build(ids=ids, device=device, head=head, layout=layout, runner=runner, settings=settings,
                   hidden_choice=hidden_choice, writer_threads=threads)
 
@@ -280,18 +281,19 @@ class _BatchLoop:
         self._parts: list[dict] = []
 
     def batches(self, units):
-        """(unit, batch start, batch stop, last batch of its unit) in build order."""
+        """(unit, batch start, batch stop, first batch of its unit, last batch of its unit) in
+        build order."""
         size = self.cfg.batch_size
         for unit in units:
             start, stop = self.build.layout.unit_range(unit)
             for s in range(start, stop, size):
-                yield unit, s, min(s + size, stop), s + size >= stop
+                yield unit, s, min(s + size, stop), s == start, s + size >= stop
 
     def run(self, units):
         pending = None  # (unit, last, launched batch)
-        for unit, s, e, last in self.batches(units):
+        for unit, s, e, first, last in self.batches(units):
             try:
-                if s == self.build.layout.unit_range(unit)[0]:
+                if first:
                     self.guard.check()  # another process failed, or the lease is lost: stop now
                 launched = self._timed(self.build.runner.launch, self.build.ids[s:e],
                                        seed=self.cfg.sample_seed * 1_000_003 + s)

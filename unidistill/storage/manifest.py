@@ -85,6 +85,12 @@ def diff_settings(stored: dict, requested: dict, stored_as: str = "in the cache"
     return lines
 
 
+def content_settings(settings: dict) -> dict:
+    """The settings that decide a cache's content: all but the machine's section
+    (``MACHINE_SETTINGS``), which a resume compares and a finished cache does not."""
+    return {k: v for k, v in settings.items() if k != MACHINE_SETTINGS}
+
+
 def content_fingerprint(settings: dict, layout: dict, unit_digests: list[dict]) -> str:
     """sha256 over the identifying settings, the layout and every unit's array digests.
 
@@ -92,7 +98,7 @@ def content_fingerprint(settings: dict, layout: dict, unit_digests: list[dict]) 
     machine's section (``MACHINE_SETTINGS``: device kind, batch size) is left out: two machines
     that compute the same bytes make the same cache, and the unit digests tell when they do not.
     """
-    settings = {k: v for k, v in settings.items() if k != MACHINE_SETTINGS}
+    settings = content_settings(settings)
     h = hashlib.sha256()
     h.update(json.dumps({"settings": settings, "layout": layout}, sort_keys=True).encode())
     for d in unit_digests:

@@ -34,16 +34,37 @@ class VerifyReport:
         return not self.problems and self.status == "complete"
 
 
-def _locate_bad_chunks(reader: CacheReader, name: str, start: int, stop: int) -> list[str]:
+def _locate_bad_chunks(source, name: str, start: int, stop: int) -> list[str]:
     """Read sequence by sequence to name the chunks that fail to decode."""
     bad = []
-    arr = reader.group[name]
+    arr = source.group[name]
     for i in range(start, stop):
         try:
             arr[i]
         except Exception as e:  # zarr raises codec-specific errors on checksum failure
             bad.append(f"sequence {i} ({type(e).__name__}: {e})")
     return bad
+
+
+def unit_problems(source, unit: int, marker: dict) -> list[Problem]:
+    """A committed unit read back against its marker: every array that fails to decode or whose
+    data differ from the committed digest. ``source``: a :class:`CacheReader`, or a
+    :class:`~unidistill.storage.writer.CacheWriter` checking its units before it finishes (both
+    have ``layout``, ``group`` and ``read_array_unit``)."""
+    start, stop = source.layout.unit_range(unit)
+    problems = []
+    for name in source.layout.array_specs():
+        try:
+            data = source.read_array_unit(name, unit)
+        except Exception as e:
+            chunks = _locate_bad_chunks(source, name, start, stop)
+            detail = "; ".join(chunks) if chunks else f"{type(e).__name__}: {e}"
+            problems.append(Problem(unit, name, f"unreadable: {detail}"))
+            continue
+        if array_digest(data) != marker["digests"].get(name):
+            problems.append(Problem(
+                unit, name, f"content differs from its committed digest (sequences {start}..{stop - 1})"))
+    return problems
 
 
 def verify_cache(root, progress=None) -> VerifyReport:
@@ -54,7 +75,6 @@ def verify_cache(root, progress=None) -> VerifyReport:
     loc = reader.location
     layout = reader.layout
     report = VerifyReport(str(reader.root), layout.n_units, reader.manifest.get("status", "?"))
-    names = list(layout.array_specs())
     units = range(layout.n_units)
     markers = read_unit_markers(loc, layout.n_units)
     for unit in progress(units) if progress else units:
@@ -63,18 +83,7 @@ def verify_cache(root, progress=None) -> VerifyReport:
             report.problems.append(Problem(unit, None, "not committed (no marker): rerun "
                                                        "`unidistill cache-build` to redo it"))
             continue
-        start, stop = layout.unit_range(unit)
-        for name in names:
-            try:
-                data = reader.read_array_unit(name, unit)
-            except Exception as e:
-                chunks = _locate_bad_chunks(reader, name, start, stop)
-                detail = "; ".join(chunks) if chunks else f"{type(e).__name__}: {e}"
-                report.problems.append(Problem(unit, name, f"unreadable: {detail}"))
-                continue
-            if array_digest(data) != marker["digests"].get(name):
-                report.problems.append(Problem(
-                    unit, name, f"content differs from its committed digest (sequences {start}..{stop - 1})"))
+        report.problems += unit_problems(reader, unit, marker)
     expected_head = reader.manifest.get("head")
     if reader.layout.logit_codec.has_head and expected_head is not None:
         data = loc.read_bytes(expected_head["file"])

@@ -33,11 +33,13 @@ from unidistill.storage.manifest import (
     STATUS_COMPLETE,
     STATUS_CREATING,
     content_fingerprint,
+    content_settings,
     diff_settings,
     read_manifest,
     read_unit_markers,
     unit_marker_key,
 )
+from unidistill.storage.verify import unit_problems
 
 ZARR_METADATA = "zarr.json"  # every Zarr v3 node's metadata; the root group's holds the manifest
 
@@ -60,8 +62,7 @@ def check_output(loc: CacheLocation) -> dict | None:
 
 def _content(manifest_part: dict) -> dict:
     """Settings and layout without the machine's section: what a finished cache holds."""
-    settings = {k: v for k, v in manifest_part["settings"].items() if k != MACHINE_SETTINGS}
-    return {"settings": settings, "layout": manifest_part["layout"]}
+    return {"settings": content_settings(manifest_part["settings"]), "layout": manifest_part["layout"]}
 
 
 def _machine_consequence(differences: list[str]) -> str:
@@ -108,11 +109,12 @@ class CacheWriter:
         stored = {"settings": existing.get("settings", {}), "layout": existing.get("layout", {})}
         requested = {"settings": settings, "layout": layout.to_dict()}
         if existing.get("status") == STATUS_COMPLETE:
-            if diff_settings(_content(stored), _content(requested)):
+            content_differences = diff_settings(_content(stored), _content(requested))
+            if content_differences:
                 raise CacheError(
                     f"{loc} already holds a complete cache (fingerprint "
                     f"{existing.get('fingerprint', '?')[:16]}) built with other settings:\n  "
-                    + "\n  ".join(diff_settings(_content(stored), _content(requested)))
+                    + "\n  ".join(content_differences)
                     + "\nPass --overwrite to rebuild it, or choose another --out.")
             writer = cls(loc, loc.open_group(mode="r"), layout, existing)
             writer.already_complete = True
@@ -215,15 +217,20 @@ class CacheWriter:
         self.location.write_json(unit_marker_key(unit), marker)
         return marker
 
+    def read_array_unit(self, name: str, unit: int) -> np.ndarray:
+        start, stop = self.layout.unit_range(unit)
+        return self._arrays[name][start:stop]
+
     def _check_digests(self, markers: list[dict]) -> None:
-        """Read every committed unit back and compare it with its marker's digests before the
+        """Read every committed unit back and compare it with its marker's digests
+        (:func:`~unidistill.storage.verify.unit_problems`, as ``cache-verify`` does) before the
         cache is called complete. A unit that differs (written over by another writer, a torn
         shard) loses its marker, so that rerunning the command redoes it."""
         bad = []
         for marker in markers:
-            name = _unit_mismatch(self, marker)
-            if name is not None:
-                bad.append(f"unit {marker['unit']} ({name})")
+            problems = unit_problems(self, marker["unit"], marker)
+            if problems:
+                bad.append(f"unit {marker['unit']} ({problems[0].array})")
                 self.location.delete(unit_marker_key(marker["unit"]))
         if bad:
             raise CacheError(f"cannot finish {self.root}: the data of {', '.join(bad[:10])} differ "
@@ -249,15 +256,6 @@ class CacheWriter:
         self.location.make_durable([ZARR_METADATA])
         self.manifest = manifest
         return manifest
-
-
-def _unit_mismatch(writer: CacheWriter, marker: dict) -> str | None:
-    """The first array of the marker's unit whose data differ from its committed digest."""
-    start, stop = writer.layout.unit_range(marker["unit"])
-    for name, array in writer._arrays.items():
-        if array_digest(array[start:stop]) != marker["digests"].get(name):
-            return name
-    return None
 
 
 def _all_fill(data: np.ndarray, fill) -> bool:
