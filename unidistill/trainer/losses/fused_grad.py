@@ -38,11 +38,23 @@ from unidistill.trainer.losses.divergences import (
 TAIL_FLOOR = 1e-20  # a tail mass below this is taken in log space (its fp32 terms may underflow)
 
 
-def _ce(z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, weight: float):
-    """(sum, count, gradient (N, V) of ``weight * sum``) of CE over the rows with a next token."""
+def _ce_sums(z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor):
+    """(normaliser lse (N,), labels as gather indices (N, 1), CE sum, count) over ``rows``."""
     lse = torch.logsumexp(z, -1)                                            # (N,)
     safe = labels.clamp(min=0).unsqueeze(-1)                                # (N, 1)
     total, count = masked_sum(lse - z.gather(-1, safe).squeeze(-1), rows)
+    return lse, safe, total, count
+
+
+def _kl_sums(per_position: torch.Tensor, targets: TeacherTargets | None, keep: torch.Tensor):
+    """(KL sum, count) over ``keep``; a sampled cache's offset makes the sum its unbiased estimate."""
+    kl, kl_n = masked_sum(per_position, keep)
+    return minus_kl_offset(kl, None if targets is None else targets.kl_offset, keep), kl_n
+
+
+def _ce(z: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, weight: float):
+    """(sum, count, gradient (N, V) of ``weight * sum``) of CE over the rows with a next token."""
+    lse, safe, total, count = _ce_sums(z, labels, rows)
     grad = torch.exp(z - lse.unsqueeze(-1))                                 # (N, V) softmax
     grad.scatter_add_(-1, safe, torch.full_like(safe, -1.0, dtype=grad.dtype))
     return total, count, grad.mul_(torch.where(rows, weight, 0.0).unsqueeze(-1))
@@ -111,9 +123,7 @@ def _ce_and_kl_at_t1(z, labels, ce_rows, keep, targets, ce_weight: float, kl_wei
     Per row, with a = the CE weight and b = the KL weight (0 where the row is left out),
     d/dz_v = a (p_v - [v = label]) + b p_v (1 - t_tail / q_tail) off the ids, and
     (a + b) p_v - b Σ_slots t at the ids."""
-    lse = torch.logsumexp(z, -1)
-    safe = labels.clamp(min=0).unsqueeze(-1)
-    ce, ce_n = masked_sum(lse - z.gather(-1, safe).squeeze(-1), ce_rows)
+    lse, safe, ce, ce_n = _ce_sums(z, labels, ce_rows)
     parts = _kl_parts(z, lse, targets, 1.0)
     grad, ids = parts.p, parts.ids
     a = torch.where(ce_rows, ce_weight, 0.0)
@@ -143,8 +153,7 @@ def _kl_term(z, targets, temperature: float, keep, kl_weight: float, teacher_log
         per_position, g = _kl_full(zt, lse, teacher_logits, temperature)
     else:
         per_position, g = _kl_sparse(zt, lse, targets, temperature)
-    kl, kl_n = masked_sum(per_position, keep)
-    kl = minus_kl_offset(kl, None if targets is None else targets.kl_offset, keep)
+    kl, kl_n = _kl_sums(per_position, targets, keep)
     return kl, kl_n, g.mul_(torch.where(keep, kl_weight / temperature, 0.0).unsqueeze(-1))
 
 
@@ -170,8 +179,7 @@ def ce_and_forward_kl(raw: torch.Tensor, transform: LogitTransform | None, label
     if ce_weight != 0 and kl_weight != 0 and temperature == 1.0 and teacher_logits is None:
         ce, ce_n, per_position, grad = _ce_and_kl_at_t1(z, flat_labels, ce_rows, keep, targets,
                                                         ce_weight, kl_weight)
-        kl, kl_n = masked_sum(per_position, keep)
-        kl = minus_kl_offset(kl, targets.kl_offset, keep)
+        kl, kl_n = _kl_sums(per_position, targets, keep)
     else:
         if ce_weight != 0:
             ce, ce_n, grad = _ce(z, flat_labels, ce_rows, ce_weight)
