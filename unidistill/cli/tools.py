@@ -14,18 +14,39 @@ from unidistill.cli.common import config_option, friendly_errors
               help="NAME=PATH (repeatable): a model folder, hub id, .gguf file or builtin:smollm2.")
 @click.option("--prompt", default=None, help="Prompt text (or --data for a held-out document).")
 @click.option("--data", default=None,
-              help="Text source whose held-out split's first document starts the prompt.")
+              help="Text source whose held-out split's first document starts the prompt; with "
+                   "--messages-field, a source of conversations (builtin:python_qa, a file, a hub id).")
 @click.option("--split", default="heldout", show_default=True)
-@click.option("--prompt-tokens", type=int, default=48, show_default=True,
-              help="With --data: how many tokens of the document make the prompt.")
-@click.option("--max-new-tokens", type=int, default=40, show_default=True)
+@click.option("--prompt-tokens", type=int, default=None,
+              help="With --data (plain text): how many tokens of the document make the prompt "
+                   "[default: 48].")
+@click.option("--messages-field", default=None,
+              help="The column holding each row's conversation: each model answers the held-out "
+                   "conversations' last assistant turn, beside the reference answer.")
+@click.option("--n-prompts", type=int, default=None,
+              help="With --messages-field: how many held-out conversations (the first N) "
+                   "[default: 3].")
+@click.option("--max-new-tokens", type=int, default=40, show_default=True,
+              help="At most this many new tokens; a chat answer stops earlier at its stop token.")
 @click.option("--device", default="auto", show_default=True)
 @friendly_errors
 def generate_cmd(models, **kwargs):
-    """Continue one held-out prompt with several models (greedy), side by side."""
-    from unidistill.generate import format_side_by_side, generate_side_by_side, parse_model_specs
+    """Continue one held-out prompt with several models (greedy), side by side; with
+    --messages-field, answer held-out conversations beside their reference answers."""
+    from unidistill.generate import (
+        DEFAULT_N_PROMPTS,
+        format_chat_side_by_side,
+        format_side_by_side,
+        generate_side_by_side,
+        parse_model_specs,
+    )
 
-    prompt, continuations = generate_side_by_side(parse_model_specs(list(models)), **kwargs)
+    result = generate_side_by_side(parse_model_specs(list(models)), **kwargs)
+    if kwargs["messages_field"] is not None:
+        click.echo(format_chat_side_by_side(result, asked=kwargs["n_prompts"] or DEFAULT_N_PROMPTS),
+                   nl=False)
+        return
+    prompt, continuations = result
     click.echo(format_side_by_side(prompt, continuations), nl=False)
 
 
