@@ -48,6 +48,12 @@ def cache_info(root) -> dict:
         "n_sequences": layout.n_sequences,
         "seq_len": layout.seq_len,
         "n_tokens": n_tokens,
+        "packing": layout.packing,
+        # packed caches: the build's target / padding / segment counts and the trained share
+        "tokens": (manifest.get("build") or {}).get("tokens"),
+        "packing_description": layout.token_codec.describe(
+            (manifest.get("build") or {}).get("tokens"), n_tokens,
+            ((manifest.get("settings") or {}).get("data") or {}).get("train_on")),
         STORED_K_KEY: layout.stored_k,
         "logits_mode": layout.logits_mode,
         "logits_description": layout.logit_codec.describe(),
