@@ -201,6 +201,20 @@ def student_head_rows(model, online_teacher: OnlineTeacher | None, online_top_k)
     return rows
 
 
+def check_start_up(reader: CacheReader, model, online_teacher: OnlineTeacher | None) -> None:
+    """Before training: the student's (and online teacher's) logits are their head + known
+    transform, and on a packed cache both keep the documents of a row apart."""
+    sample = sample_input_ids(reader)
+    check_logit_transform(model, sample, role="student")  # its logits as the fused loss builds them
+    documents = sample_document_ids(reader)
+    if documents is not None:
+        check_segment_isolation(model, sample[:1], documents, role="student")
+    if online_teacher is not None:
+        online_teacher.check_logits(sample)
+        if documents is not None:
+            check_segment_isolation(online_teacher.model, sample[:1], documents, role="online teacher")
+
+
 def distill_from_cache(cache, student: str, args: DistillationArguments, *,
                        resume_from_checkpoint=None, teacher_model=None, online_top_k=None,
                        callbacks=None):
@@ -232,15 +246,7 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     dataset = cache_dataset(plan, args, online=online_teacher is not None)
     model = load_student(student, config)  # a GGUF teacher's leftover quantization_config dropped
     student_vocab = student_head_rows(model, online_teacher, online_top_k)
-    sample = sample_input_ids(plan.reader)
-    check_logit_transform(model, sample, role="student")  # its logits as the fused loss builds them
-    documents = sample_document_ids(plan.reader)
-    if documents is not None:  # a packed cache: the student must keep its documents apart
-        check_segment_isolation(model, sample[:1], documents, role="student")
-    if online_teacher is not None:
-        online_teacher.check_logits(sample)
-        if documents is not None:
-            check_segment_isolation(online_teacher.model, sample[:1], documents, role="online teacher")
+    check_start_up(plan.reader, model, online_teacher)
     set_seed(args.seed)  # projector initialisation is part of the run's reproducible state
     init, channels = projector_init(args.projector_init, config, plan.d_student, plan.d_teacher)
     projectors = HiddenProjectors(plan.hidden_pairs or plan.layer_map, plan.d_student, plan.d_teacher,
