@@ -154,3 +154,22 @@ def test_builtin_python_qa_builds_through_the_cli(tmp_path, chat_teacher_dir):
     assert refused.exit_code == 2 and "--train-on assistant with plain text" in refused.output
     assert not (tmp_path / "no").exists()
     assert json.loads(json.dumps(manifest))  # the manifest is plain JSON
+
+
+def test_documents_and_none_caches_train_together_but_not_with_a_stream_one(tmp_path, chat_cache,
+                                                                           chat_teacher_dir, chat_file,
+                                                                           text_file):
+    from unidistill.trainer.caches import check_caches_agree
+
+    none = tmp_path / "none"
+    build_cache(chat_build_config(chat_teacher_dir, chat_file, none, packing="none", max_sequences=4),
+                progress=False, log=lambda m: None)
+    stream = tmp_path / "stream"
+    build_cache(chat_build_config(chat_teacher_dir, text_file, stream, messages_field=None,
+                                  max_sequences=4), progress=False, log=lambda m: None)
+    assert CacheReader(stream).manifest["format_version"] == 1
+    check_caches_agree([CacheReader(chat_cache), CacheReader(none)], kd_top_k=None,
+                       teacher_layers=set(), reads_hidden=False)
+    with pytest.raises(CacheMismatchError, match="packing"):
+        check_caches_agree([CacheReader(chat_cache), CacheReader(stream)], kd_top_k=None,
+                           teacher_layers=set(), reads_hidden=False)
