@@ -120,7 +120,9 @@ def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
     model = load_model(prepared.source, cfg.dtype, str(device))
     head = model.get_output_embeddings()
     hidden_dtype, hidden_choice = resolve_hidden_dtype(cfg.hidden_dtype, cfg.logits, model,
-                                                       prepared.layers, ids[:cfg.batch_size])
+                                                       prepared.layers, ids[:cfg.batch_size],
+                                                       None if tokens.document_ids is None
+                                                       else tokens.document_ids[:cfg.batch_size])
     if cfg.hidden_dtype == AUTO:
         log(f"hidden states stored as {hidden_dtype}: {hidden_choice}")
     layout = CacheLayout(
