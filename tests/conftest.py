@@ -120,3 +120,83 @@ def args_for(out, **kw):
 def train_losses(trainer):
     return [(h["step"], h["loss"], h["loss_ce"], h["loss_kl"], h["loss_hidden"])
             for h in trainer.state.log_history if "loss_ce" in h]
+
+
+# -- conversations: a ChatML teacher (BPE on the test words + <|im_start|>, <|im_end|>) ----------
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    """n conversations of the test words: system, then 1-2 user/assistant exchanges."""
+    rng = random.Random(seed)
+
+    def words(lo, hi):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+    out = []
+    for _ in range(n):
+        turns = [{"role": "system", "content": words(2, 5)}]
+        for _ in range(rng.randint(1, 2)):
+            turns += [{"role": "user", "content": words(3, 10)},
+                      {"role": "assistant", "content": words(2, 12)}]
+        out.append(turns)
+    return out
+
+
+def make_chat_tokenizer(docs, vocab_size=420):
+    tok = make_tokenizer(docs, vocab_size)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML
+    return tok
+
+
+@pytest.fixture(scope="session")
+def conversations():
+    return make_conversations(24)
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory, conversations):
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    with open(path, "w") as f:
+        for c in conversations:
+            f.write(json.dumps({"messages": c}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_teacher_dir(tmp_path_factory, documents):
+    path = tmp_path_factory.mktemp("chat_teacher")
+    tok = make_chat_tokenizer(documents)
+    make_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_student_dir(tmp_path_factory, chat_teacher_dir):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("chat_student")
+    tok = AutoTokenizer.from_pretrained(chat_teacher_dir)
+    make_llama(len(tok), hidden=24, layers=2, intermediate=48, heads=4, kv_heads=2, seed=1).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def chat_build_config(teacher, data, out, **kw) -> BuildConfig:
+    base = dict(teacher=str(teacher), data=str(data), out=str(out), messages_field="messages",
+                split="all", seq_len=128, top_k=8, layers="2,4", batch_size=2, shard_size=2,
+                device="cpu")
+    base.update(kw)
+    return BuildConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def chat_cache(tmp_path_factory, chat_teacher_dir, chat_file):
+    """Conversations packed by best-fit decreasing (--packing documents, --train-on assistant)."""
+    out = tmp_path_factory.mktemp("chat_cache") / "c"
+    build_cache(chat_build_config(chat_teacher_dir, chat_file, out), progress=False, log=lambda m: None)
+    return out

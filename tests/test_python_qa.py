@@ -121,8 +121,9 @@ def test_plain_text_readers_refuse_the_conversations():
 
     from unidistill.cli import main
 
-    refused = CliRunner().invoke(main, ["cache-build", "--teacher", "no-such-model", "--data",
-                                        "builtin:python_qa", "--out", "unused"])
+    # (cache-build reads conversations since step 2b: tests/test_chat_cache.py)
+    refused = CliRunner().invoke(main, ["evaluate", "--model", "no-such-model", "--data",
+                                        "builtin:python_qa"])
     assert refused.exit_code == 2 and "holds conversations" in refused.output, refused.output
 
 

@@ -11,6 +11,11 @@
   model's hidden states with each cached teacher layer (a student-layer x teacher-layer matrix).
   Cosines need equal widths, or the projectors a distillation run trained (found beside the
   model); rows without either are left empty (``None``).
+- On a **packed cache** (``--packing documents|none``: documents kept apart, a target mask) the
+  model runs each row's documents apart, as the teacher did, and every cache metric counts the
+  trained positions only (``models.batch`` loss mask: the next token is a target of the same
+  document): the perplexity is on held-out target (for a chat cache, assistant) tokens, and KL,
+  top-1 agreement and the layer cosines are over the same positions.
 
 All of it streams: logits are built a chunk of positions at a time, never for a whole batch.
 They are each model's own logits: its head and then its softcap or scale
@@ -32,16 +37,18 @@ from tqdm.auto import tqdm
 
 from unidistill.errors import ConfigError
 from unidistill.model_logits import OutputHead, check_logit_transform
+from unidistill.models.batch import TokenFields
+from unidistill.models.packing import check_segment_isolation
 from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader
-from unidistill.trainer.dataset import CacheDataset, sample_input_ids
+from unidistill.trainer.dataset import CacheDataset, sample_document_ids, sample_input_ids
 from unidistill.trainer.losses import LogitSums, LossConfig, logit_sums, next_token_labels
 from unidistill.trainer.losses.divergences import teacher_head_for
 
 DEFAULT_SEQ_LEN = 256
 # Bumped whenever a metric is added or computed differently: an evaluation recorded under another
 # version is stale (``unidistill ablate`` redoes it).
-METRICS_VERSION = 2
+METRICS_VERSION = 3  # 3: packed caches score their trained positions only, documents apart
 _CHUNK = 128  # positions per logits chunk
 DEFAULT_WORKERS = 1  # DataLoader workers reading a cache ahead of the scoring
 
@@ -66,6 +73,8 @@ class Evaluation:
     cache_accuracy: float | None = None      # next-token accuracy on the cache's sequences
     kl_to_teacher: float | None = None       # KL(teacher || model), T = 1, top-k + tail buckets
     top1_agreement: float | None = None      # share of positions where argmax == teacher's top-1
+    scored_positions: int | None = None      # cache positions the metrics count (packed: trained ones)
+    target_share: float | None = None        # scored_positions / the cache tokens read
     student_layers: list[int] = field(default_factory=list)
     teacher_layers: list[int] = field(default_factory=list)
     layer_cosine: list[list[float | None]] = field(default_factory=list)  # [student][teacher]
@@ -81,6 +90,7 @@ class _Totals(LogitSums):
         super().__init__()
         self.cos = np.zeros((n_student, n_teacher))
         self.cos_n = 0
+        self.positions = 0  # positions scored (a packed cache's trained ones; else all)
 
 
 def _batches(n: int, batch_size: int):
@@ -95,24 +105,32 @@ _WITH_TEACHER = LossConfig(alpha=1.0, beta=1.0, temperature=1.0, kl_direction="f
 
 
 @torch.no_grad()
-def _score_batch(model, input_ids, totals: _Totals, targets: TeacherTargets | None,
+def _score_batch(model, tokens: TokenFields, totals: _Totals, targets: TeacherTargets | None,
                  pairs: dict[int, object] | None, teacher_layers: list[int]) -> None:
-    """Add one batch's CE and accuracy (and teacher metrics) to ``totals``. input_ids (B, L)
-    int64; ``targets`` the teacher's (an exact cache's carry its head: the KL is then over the
-    whole vocabulary), through the same chunked loss that trains."""
+    """Add one batch's CE and accuracy (and teacher metrics) to ``totals``. ``tokens``: ids
+    (B, L) int64, and a packed cache's target mask and document ids (the documents run apart
+    and only the loss mask's positions count); ``targets`` the teacher's (an exact cache's
+    carry its head: the KL is then over the whole vocabulary), through the same chunked loss
+    that trains."""
+    input_ids = tokens.input_ids
+    mask = tokens.loss_mask()                                              # (B, L) or None: all
     out = model(input_ids=input_ids, output_hidden_states=True,
-                logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
+                logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
+                **tokens.forward_kwargs(model))
     cfg = _CE_ONLY if targets is None or not targets.has_logits else _WITH_TEACHER
     totals.add(logit_sums(out.hidden_states[-1], OutputHead.of(model), next_token_labels(input_ids),
-                          targets, cfg))
+                          targets, cfg, mask=mask))
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
+    totals.positions += int(keep.sum())
     if pairs:
         for i, project in pairs.items():
             h_s = out.hidden_states[i]                                     # (B, L, D_s)
             h_s = (project(h_s) if project is not None else h_s).float()   # (B, L, D_t)
             for col, j in enumerate(teacher_layers):
                 h_t = targets.hidden[j].float()                            # (B, L, D_t)
-                totals.cos[i, col] += float(F.cosine_similarity(h_s, h_t, dim=-1).sum())
-        totals.cos_n += input_ids.numel()
+                cos = F.cosine_similarity(h_s, h_t, dim=-1)                # (B, L)
+                totals.cos[i, col] += float(torch.where(keep, cos, 0.0).sum())
+        totals.cos_n += int(keep.sum())
 
 
 def _projector_rows(model_dir: str, n_student: int, d_student: int, d_teacher: int
@@ -149,7 +167,7 @@ def evaluate_on_ids(model, ids: np.ndarray, *, batch_size: int, device, progress
     totals = _Totals(0, 0)
     for rows in tqdm(list(_batches(len(ids), batch_size)), desc="perplexity", disable=not progress):
         batch = torch.from_numpy(ids[rows.start:rows.stop].astype(np.int64)).to(device)
-        _score_batch(model, batch, totals, None, None, [])
+        _score_batch(model, TokenFields(batch), totals, None, None, [])
     return (*_perplexity(totals.ce, totals.ce_n), totals.mean("correct"))
 
 
@@ -172,18 +190,24 @@ def evaluate_on_cache(model, reader: CacheReader, result: Evaluation, *, model_d
     head = teacher_head_for(OutputHead(*reader.head(device)),  # padded to a padded student head
                             model.get_output_embeddings().weight.shape[0]) \
         if reader.layout.logit_codec.has_head else None
-    check_logit_transform(model, sample_input_ids(reader), role="evaluated model")
+    sample = sample_input_ids(reader)
+    check_logit_transform(model, sample, role="evaluated model")
+    documents = sample_document_ids(reader)
+    if documents is not None:  # a packed cache: the model must keep its documents apart
+        check_segment_isolation(model, sample[:1], documents, role="evaluated model")
     loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=default_collate,
                         pin_memory=torch.device(device).type == "cuda")
     for batch in tqdm(loader, desc="teacher agreement", disable=not progress):
         batch = {k: v.to(device) for k, v in batch.items()}
         targets = TeacherTargets.from_fields(batch, head=head)
-        _score_batch(model, batch["input_ids"], totals, targets, pairs, layers)
+        _score_batch(model, TokenFields.from_fields(batch), totals, targets, pairs, layers)
     result.cache_nll, result.cache_perplexity = _perplexity(totals.ce, totals.ce_n)
     result.cache_accuracy = totals.mean("correct")
     result.kl_to_teacher = totals.mean("kl")
     result.top1_agreement = totals.mean("agree")
+    result.scored_positions = totals.positions
+    result.target_share = totals.positions / (n * reader.layout.seq_len) if n else None
     result.student_layers = list(range(cfg.num_hidden_layers + 1))
     result.teacher_layers = teacher_layers
     result.layer_cosine = [[float(totals.cos[i, c] / totals.cos_n) if (i in pairs and totals.cos_n) else None
@@ -267,7 +291,9 @@ def format_evaluation(result: Evaluation) -> str:
                   f"cache perplexity {num(result.cache_perplexity, '.3f')}",
                   f"cache accuracy   {num(result.cache_accuracy, '.2%')}",
                   f"KL to teacher    {num(result.kl_to_teacher, '.4f')}  (T=1, top-k + tail)",
-                  f"top-1 agreement  {num(result.top1_agreement, '.2%')}"]
+                  f"top-1 agreement  {num(result.top1_agreement, '.2%')}",
+                  f"scored positions {num(result.scored_positions, 'd')}  "
+                  f"({num(result.target_share, '.1%')} of the cache tokens read)"]
         rows = [(i, row) for i, row in zip(result.student_layers, result.layer_cosine)
                 if any(v is not None for v in row)]
         if rows:

@@ -15,6 +15,7 @@ import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,61 +26,20 @@ from unidistill.cache_builder.capture import LaunchedBatch, TeacherRunner
 from unidistill.cache_builder.config import BuildConfig
 from unidistill.cache_builder.guard import BuildGuard, discard_if_nothing_committed, with_rerun_command
 from unidistill.cache_builder.hidden_dtype import AUTO, resolve_hidden_dtype
-from unidistill.cache_builder.packed import spool_sequences
+from unidistill.cache_builder.inputs import PreparedBuild, prepare  # noqa: F401  (re-exported)
 from unidistill.cache_builder.writers import UnitWriters, writer_threads
 from unidistill.distributed import ProcessGroup
 from unidistill.errors import ConfigError
 from unidistill.fingerprint import tokenizer_fingerprint, weights_fingerprint
 from unidistill.model_logits import CHECK_SEQUENCES
-from unidistill.models.loading import (
-    TeacherSource,
-    device_kind,
-    load_config,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    resolve_model_source,
-)
+from unidistill.models.loading import device_kind, load_model
+from unidistill.models.packing import check_segment_isolation
 from unidistill.storage.codecs.registry import logit_codec_class
 from unidistill.storage.head import head_digest, write_head
 from unidistill.storage.layout import HEAD_FILE, CacheLayout, index_dtype_for
 from unidistill.storage.manifest import MACHINE_SETTINGS
 from unidistill.storage.writer import CacheWriter
-from unidistill.text.data import iter_documents, iter_packed, resolve_heldout_share
-
-
-@dataclass
-class PreparedBuild:
-    """What :func:`prepare` checked and loaded: everything but the teacher's weights."""
-
-    source: TeacherSource
-    device: torch.device
-    model_config: object  # the teacher's transformers config
-    layers: list[int]  # teacher hidden_states indices to cache
-    tokenizer: object
-    ids: np.ndarray  # the packed sequences (N, seq_len): a read-only map of a temporary file
-    ids_fingerprint: str  # sha256 of ``ids`` (fingerprint.ids_fingerprint), hashed as they came
-
-
-def prepare(cfg: BuildConfig, log=print) -> PreparedBuild:
-    """Everything that can fail on bad input, before any output is written."""
-    source = resolve_model_source(cfg.teacher, cfg.gguf_file)
-    device = resolve_device(cfg.device)
-    model_config = load_config(source)
-    n_layers = model_config.num_hidden_layers
-    vocab = model_config.vocab_size
-    layers = cfg.resolve_layers(n_layers)
-    if logit_codec_class(cfg.logits).has_top_k and cfg.top_k > vocab:
-        raise ConfigError(f"top_k={cfg.top_k} is larger than the teacher's vocabulary ({vocab}); "
-                          f"use 1 <= --top-k <= {vocab}")
-    tokenizer = load_tokenizer(source)
-    log(f"packing {cfg.data} into sequences of {cfg.seq_len} tokens ...")
-    docs = iter_documents(cfg.data, data_config=cfg.data_config, split=cfg.split,
-                          text_field=cfg.text_field, heldout_share=cfg.heldout_share)
-    # one streaming pass: count, hash and spool the packed ids (see cache_builder.packed)
-    ids, fingerprint = spool_sequences(iter_packed(docs, tokenizer, cfg.seq_len, cfg.max_sequences),
-                                       cfg.seq_len)
-    return PreparedBuild(source, device, model_config, layers, tokenizer, ids, fingerprint)
+from unidistill.text.packing import PackedTokens
 
 
 def build_cache(cfg: BuildConfig, *, progress: bool = True, log=print) -> dict:
@@ -102,9 +62,13 @@ def build_cache(cfg: BuildConfig, *, progress: bool = True, log=print) -> dict:
 
 @dataclass
 class _Build:
-    """One process's share of a build once set up: the loaded teacher and the cache it fills."""
+    """One process's share of a build once set up: the loaded teacher and the cache it fills.
 
-    ids: np.ndarray
+    ``unit_rows(start, stop)`` gives the rows ``[start, stop)`` of a unit: the packed data's
+    (``tokens.rows``), or rows a unit makes itself (the seam for teacher-generated caches)."""
+
+    tokens: PackedTokens  # the packed rows (their sample runs the start-up checks)
+    unit_rows: Callable[[int, int], PackedTokens]
     device: torch.device
     head: torch.nn.Module  # the teacher's output head (stored once in an exact cache)
     layout: CacheLayout
@@ -147,7 +111,8 @@ def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
     """Check the input, load the teacher, fix the layout and the settings; nothing written."""
     threads = writer_threads(int(os.environ.get("LOCAL_WORLD_SIZE", group.world_size)))
     prepared = prepare(cfg, log)
-    ids, device, model_config = prepared.ids, prepared.device, prepared.model_config
+    tokens, device, model_config = prepared.tokens, prepared.device, prepared.model_config
+    ids = tokens.input_ids
     if group.distributed and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", group.local_rank % torch.cuda.device_count())
     log(f"{ids.shape[0]} sequences x {cfg.seq_len} tokens; loading teacher {prepared.source.path} on {device} ..."
@@ -155,7 +120,9 @@ def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
     model = load_model(prepared.source, cfg.dtype, str(device))
     head = model.get_output_embeddings()
     hidden_dtype, hidden_choice = resolve_hidden_dtype(cfg.hidden_dtype, cfg.logits, model,
-                                                       prepared.layers, ids[:cfg.batch_size])
+                                                       prepared.layers, ids[:cfg.batch_size],
+                                                       None if tokens.document_ids is None
+                                                       else tokens.document_ids[:cfg.batch_size])
     if cfg.hidden_dtype == AUTO:
         log(f"hidden states stored as {hidden_dtype}: {hidden_choice}")
     layout = CacheLayout(
@@ -163,16 +130,19 @@ def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
         vocab_size=int(head.weight.shape[0]), hidden_size=int(model_config.hidden_size),
         layers=tuple(prepared.layers), hidden_dtype=hidden_dtype, shard_size=cfg.shard_size,
         logits_mode=cfg.logits, tail_temperatures=cfg.tail_temperatures,
-        sample_logp=logit_codec_class(cfg.logits).draws)
+        sample_logp=logit_codec_class(cfg.logits).draws, packing=cfg.resolved_packing)
     runner = TeacherRunner(model, prepared.layers, cfg.stored_k, index_dtype=index_dtype_for(layout.vocab_size),
                            hidden_dtype=hidden_dtype, mode=cfg.logits,
-                           tail_temperatures=layout.tail_temperatures)
+                           tail_temperatures=layout.tail_temperatures, packing=layout.packing)
     # before anything is written: a teacher we cannot reproduce is refused
     runner.check_logits(np.array(ids[:CHECK_SEQUENCES]))
+    if layout.token_codec.packed:  # ... and one that lets packed documents see each other
+        check_segment_isolation(model, np.array(ids[:1]), np.array(tokens.document_ids[:1]),
+                                role="teacher")
     settings = _settings(cfg, prepared, model, runner, layout)
     settings[MACHINE_SETTINGS] = {"device": device_kind(device), "batch_size": cfg.batch_size,
                                   "forward_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-    return _Build(ids=ids, device=device, head=head, layout=layout, runner=runner, settings=settings,
+    return _Build(tokens=tokens, unit_rows=tokens.rows, device=device, head=head, layout=layout, runner=runner, settings=settings,
                   hidden_choice=hidden_choice, writer_threads=threads)
 
 
@@ -191,11 +161,7 @@ def _settings(cfg: BuildConfig, prepared: PreparedBuild, model, runner: TeacherR
                     "dtype": cfg.dtype},
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
                       "eos_token_id": tokenizer.eos_token_id},
-        "data": {"source": cfg.data, "config": cfg.data_config, "split": cfg.split,
-                 "heldout_share": resolve_heldout_share(cfg.data, cfg.heldout_share),
-                 "text_field": cfg.text_field, "max_sequences": cfg.max_sequences,
-                 "packing": "documents joined with EOS, remainder dropped",
-                 "ids_fingerprint": prepared.ids_fingerprint},
+        "data": prepared.data_settings,
     }
     if logit_codec_class(cfg.logits).draws:
         settings["sampling"] = {"temperature": 1.0, "seed": cfg.sample_seed}
@@ -291,12 +257,17 @@ class _BatchLoop:
 
     def run(self, units):
         pending = None  # (unit, last, launched batch)
+        rows, start = None, 0  # the current unit's rows and its first row
         for unit, s, e, first, last in self.batches(units):
             try:
                 if first:
                     self.guard.check()  # another process failed, or the lease is lost: stop now
-                launched = self._timed(self.build.runner.launch, self.build.ids[s:e],
-                                       seed=self.cfg.sample_seed * 1_000_003 + s)
+                    start = self.build.layout.unit_range(unit)[0]
+                    rows = self.build.unit_rows(*self.build.layout.unit_range(unit))
+                batch = rows.rows(s - start, e - start)
+                launched = self._timed(self.build.runner.launch, batch.input_ids,
+                                       seed=self.cfg.sample_seed * 1_000_003 + s,
+                                       target_mask=batch.target_mask, document_ids=batch.document_ids)
             except BaseException:
                 if pending is not None:  # its forward is done: keep its work (and its unit's)
                     with contextlib.suppress(Exception):

@@ -24,19 +24,22 @@ import torch
 
 from unidistill.models.teacher import HookedTeacher
 from unidistill.storage.codecs import hidden_codec, logit_codec_class
-from unidistill.storage.layout import INPUT_IDS
+from unidistill.storage.codecs.tokens import STREAM, TokenCodec
 
 
 @dataclass
 class LaunchedBatch:
-    """A batch whose forward is queued: its ids, seed and the forward's outputs on the teacher's
-    device; on a GPU, ``ready`` is the event recorded after the forward on the main stream."""
+    """A batch whose forward is queued: its token arrays, seed and the forward's outputs on the
+    teacher's device; on a GPU, ``ready`` is the event recorded after the forward on the main
+    stream."""
 
     input_ids: np.ndarray
     seed: int
     final: torch.Tensor
     captured: dict[int, torch.Tensor]
     ready: torch.cuda.Event | None = None
+    target_mask: np.ndarray | None = None  # packed caches (see codecs.tokens)
+    document_ids: np.ndarray | None = None
 
 
 class TeacherRunner(HookedTeacher):
@@ -45,17 +48,20 @@ class TeacherRunner(HookedTeacher):
     ``mode`` is the cache's logit representation and ``hidden_dtype`` its hidden one (see
     :mod:`unidistill.storage.codecs`): ``topk`` (``stored_k`` ids + tail), ``topk-q8`` (the same,
     compact), ``sampled`` (``stored_k`` draws per position, seeded per call) or ``exact`` (no
-    logit arrays; the final layer is among ``layers``). The codecs do the encoding.
+    logit arrays; the final layer is among ``layers``). ``packing`` is the layout's: a packed
+    batch comes with its target mask and document ids, and its segments are run apart. The
+    codecs do the encoding.
     """
 
     def __init__(self, model, layers, stored_k: int | None, *, index_dtype: np.dtype = np.int32,
                  hidden_dtype: str = "float16", rows_per_chunk: int = 1024, mode: str = "topk",
-                 tail_temperatures: tuple[float, ...] = ()):
+                 tail_temperatures: tuple[float, ...] = (), packing: str = STREAM):
         codec = logit_codec_class(mode)  # an unknown mode is refused before the hooks go on
         self.mode = mode
         self.index_dtype = np.dtype(index_dtype)
         self.hidden_dtype = hidden_dtype
         self.hidden_codec = hidden_codec(hidden_dtype)
+        self.token_codec = TokenCodec(packing)
         super().__init__(model, layers, stored_k, rows_per_chunk=rows_per_chunk,
                          tail_temperatures=tail_temperatures)
         # new sampled caches always store the draws' teacher log-prob (layout.sample_logp)
@@ -63,24 +69,35 @@ class TeacherRunner(HookedTeacher):
                                  sample_logp=codec.draws, index_dtype=self.index_dtype)
         self._side_stream = None  # made on the first GPU batch
 
-    def __call__(self, input_ids: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-        """One batch in storage dtypes; ``seed`` seeds the draws of a sampled cache."""
-        return self.collect(self.launch(input_ids, seed))
+    def __call__(self, input_ids: np.ndarray, seed: int = 0, *, target_mask: np.ndarray | None = None,
+                 document_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One batch in storage dtypes; ``seed`` seeds the draws of a sampled cache;
+        ``target_mask`` and ``document_ids`` (B, L) come with the rows of a packed cache."""
+        return self.collect(self.launch(input_ids, seed, target_mask=target_mask,
+                                        document_ids=document_ids))
 
     @torch.inference_mode()
-    def launch(self, input_ids: np.ndarray, seed: int = 0) -> LaunchedBatch:
+    def launch(self, input_ids: np.ndarray, seed: int = 0, *, target_mask: np.ndarray | None = None,
+               document_ids: np.ndarray | None = None) -> LaunchedBatch:
         """Copy the ids to the teacher's device and run (on a GPU: queue) its forward."""
         device = self.head.weight.device
+        if (document_ids is not None) != self.token_codec.packed:
+            raise ValueError(f"a {self.token_codec.packing} cache's batch "
+                             f"{'needs' if self.token_codec.packed else 'has no'} document ids")
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
+        docs = None if document_ids is None else torch.from_numpy(np.asarray(document_ids, dtype=np.int64))
         ready = None
         if device.type == "cuda":  # pinned, so the copy in does not wait for the previous batch
             ids = ids.pin_memory().to(device, non_blocking=True)
-            final, captured = self.forward(ids)
+            docs = None if docs is None else docs.pin_memory().to(device, non_blocking=True)
+            final, captured = self.forward(ids, docs)
             ready = torch.cuda.Event()
             ready.record()
         else:
-            final, captured = self.forward(ids.to(device))
-        return LaunchedBatch(np.asarray(input_ids), seed, final, captured, ready)
+            final, captured = self.forward(ids.to(device), None if docs is None else docs.to(device))
+        return LaunchedBatch(np.asarray(input_ids), seed, final, captured, ready,
+                             None if target_mask is None else np.asarray(target_mask),
+                             None if document_ids is None else np.asarray(document_ids))
 
     @torch.inference_mode()
     def collect(self, batch: LaunchedBatch) -> dict[str, np.ndarray]:
@@ -88,7 +105,7 @@ class TeacherRunner(HookedTeacher):
         casts and copies run on a side stream that waits for this batch's forward only, so a
         forward launched after it keeps the GPU busy meanwhile; this returns once they are done."""
         with self._on_side_stream(batch):
-            out = {INPUT_IDS: np.array(batch.input_ids, dtype=np.int32)}
+            out = self.token_codec.encode(batch.input_ids, batch.target_mask, batch.document_ids)
             out.update(self.logit_codec.encode(self, batch.final, batch.seed))
             for j in self.layers:
                 out.update(self.hidden_codec.encode(j, batch.captured[j]))

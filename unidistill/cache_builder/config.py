@@ -15,7 +15,9 @@ from unidistill.storage.codecs import (
 )
 from unidistill.storage.layout import MAX_SAMPLES
 from unidistill.storage.location import CacheLocation, is_url
-from unidistill.text.data import check_data_split
+from unidistill.storage.codecs.arrays import PACKINGS
+from unidistill.text.chat import TRAIN_ON
+from unidistill.text.data import check_conversation_split, check_data_split, is_conversation_source
 
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TEMPERATURES = "1,2"  # the KD temperatures a top-k cache serves exactly by default
@@ -32,6 +34,15 @@ class BuildConfig:
     heldout_share: float | None = field(default=None, metadata={
         "help": "share of a local source's documents held out (None: the default, 0.05)"})
     text_field: str = "text"
+    messages_field: str | None = field(default=None, metadata={
+        "help": "the column holding conversations (built-in conversations: messages); set: the "
+                "data are conversations, rendered with the teacher's chat template"})
+    train_on: str | None = field(default=None, metadata={
+        "help": "assistant | all: which tokens are targets (default: assistant for conversations, "
+                "all for text)"})
+    packing: str | None = field(default=None, metadata={
+        "help": "stream | documents | none (default: stream for text, documents for conversations)"})
+    pack_window: int = 1024  # examples per best-fit-decreasing window (--packing documents)
     seq_len: int = 512
     top_k: int = 64
     logits: str = "topk"
@@ -78,7 +89,7 @@ class BuildConfig:
             logit_codec_class(self.logits).check_hidden_codec(hidden_codec(self.hidden_dtype))
         if self.student_layers is not None and self.student_layers < 1:
             raise ConfigError(f"student_layers must be >= 1, got {self.student_layers}")
-        check_data_split(self.data, self.split, self.heldout_share)
+        self._check_packing()
         if is_url(self.out):
             # Bad scheme, missing s3fs, missing bucket or credentials: said now, before the
             # teacher is loaded (one request to the storage service).
@@ -88,6 +99,56 @@ class BuildConfig:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output path {out} is a file; expected a folder for the cache. "
                               "Choose another --out.")
+
+    @property
+    def conversations(self) -> bool:
+        """True when the data are conversations: ``messages_field`` given, or a built-in source
+        of conversations."""
+        return self.messages_field is not None or is_conversation_source(self.data)
+
+    @property
+    def resolved_packing(self) -> str:
+        return self.packing or ("documents" if self.conversations else "stream")
+
+    @property
+    def resolved_train_on(self) -> str:
+        return self.train_on or ("assistant" if self.conversations else "all")
+
+    @property
+    def resolved_messages_field(self) -> str | None:
+        return self.messages_field or ("messages" if self.conversations else None)
+
+    def _check_packing(self) -> None:
+        """The data format, packing and targets fit together (said before anything loads)."""
+        kind = "conversations" if self.conversations else "plain text"
+        if self.conversations:
+            check_conversation_split(self.data, self.split, self.heldout_share)
+        else:
+            check_data_split(self.data, self.split, self.heldout_share)
+        if self.packing is not None and self.packing not in PACKINGS:
+            raise ConfigError(f"--packing {self.packing!r} is not one of {PACKINGS}")
+        if self.train_on is not None and self.train_on not in TRAIN_ON:
+            raise ConfigError(f"--train-on {self.train_on!r} is not one of {TRAIN_ON}")
+        if self.pack_window < 1:
+            raise ConfigError(f"pack_window must be >= 1 example, got {self.pack_window}")
+        if self.conversations and self.resolved_packing == "stream":
+            raise ConfigError(f"--packing stream with {kind} ({self.data}): stream joins documents "
+                              "and lets them attend to each other, which would mix conversations "
+                              "and lose their targets. Use --packing documents (the default for "
+                              "conversations) or none")
+        if not self.conversations and self.resolved_train_on == "assistant":
+            raise ConfigError(f"--train-on assistant with {kind} ({self.data}): plain text has no "
+                              "assistant turns. Use --train-on all, or pass --messages-field with "
+                              "the column that holds conversations")
+        if not self.conversations and self.train_on is not None and self.resolved_packing == "stream":
+            raise ConfigError(f"--train-on {self.train_on} with --packing stream: a stream cache "
+                              "trains every token and stores no targets. Drop --train-on, or use "
+                              "--packing documents or none")
+        if self.hidden_dtype == "int8" and self.resolved_packing == "documents":
+            raise ConfigError("--hidden-dtype int8 with --packing documents: every document start "
+                              "is a massive activation, and int8 keeps only 2 such tokens per row "
+                              "in fp16 (docs/proposals/instruction-data.md, 1.6). Use "
+                              "--hidden-dtype float16 or bfloat16, or --packing none")
 
     @property
     def tail_temperatures(self) -> tuple[float, ...]:

@@ -41,19 +41,22 @@ def _accepted(logits_mode: str, dtype: str) -> bool:
     return True
 
 
-def calibration_peak(model, layers, ids: np.ndarray) -> float:
-    """The largest |hidden state| over ``layers`` on the batch ``ids`` (B, L)."""
+def calibration_peak(model, layers, ids: np.ndarray, document_ids: np.ndarray | None = None) -> float:
+    """The largest |hidden state| over ``layers`` on the batch ``ids`` (B, L), run as the build
+    runs it (a packed batch's documents apart: each document start is a massive token)."""
     teacher = HookedTeacher(model, layers, None)
     try:
         device = teacher.head.weight.device
-        _, captured = teacher.forward(torch.as_tensor(np.array(ids), dtype=torch.long).to(device))
+        docs = None if document_ids is None else torch.as_tensor(np.array(document_ids)).long().to(device)
+        _, captured = teacher.forward(torch.as_tensor(np.array(ids), dtype=torch.long).to(device), docs)
     finally:
         teacher.close()
     return max(float(t.float().abs().max()) for t in captured.values())
 
 
 def resolve_hidden_dtype(requested: str, logits_mode: str, model, layers,
-                         calibration_ids: np.ndarray) -> tuple[str, str]:
+                         calibration_ids: np.ndarray,
+                         calibration_documents: np.ndarray | None = None) -> tuple[str, str]:
     """(storage dtype, why) for ``--hidden-dtype requested``; ``auto`` as the module says."""
     if requested != AUTO:
         return requested, f"--hidden-dtype {requested}"
@@ -65,7 +68,7 @@ def resolve_hidden_dtype(requested: str, logits_mode: str, model, layers,
     own = _OWN_DTYPES.get(next(model.parameters()).dtype)
     if own is not None:
         return own, f"the teacher computes in {own}"
-    peak = calibration_peak(model, layers, calibration_ids)
+    peak = calibration_peak(model, layers, calibration_ids, calibration_documents)
     safe = FLOAT16_MAX / SAFETY_MARGIN
     if peak <= safe:
         return "float16", f"float32 teacher, calibration batch peak |x| = {peak:.4g} <= {safe:g}"

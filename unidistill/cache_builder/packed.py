@@ -11,6 +11,9 @@ hundreds to thousands) and in the page cache, which the kernel may drop. The tex
 and tokenized once, as before, so a streamed hub data set is not downloaded twice and a source
 that changes during the build cannot put other text in the cache than the fingerprint names.
 
+Packed caches (``--packing documents`` or ``none``) spool three arrays per row the same way
+(:func:`spool_packed_rows`).
+
 The file is made with :func:`tempfile.TemporaryFile` (``$TMPDIR``, else ``/tmp``) and unlinked at
 once: it goes away with the map, or with the process if it is killed.
 """
@@ -24,6 +27,7 @@ from typing import Iterable
 import numpy as np
 
 from unidistill.errors import DataError
+from unidistill.text.packing import PackedTokens
 
 
 def spool_sequences(sequences: Iterable[np.ndarray], seq_len: int) -> tuple[np.ndarray, str]:
@@ -53,3 +57,37 @@ def spool_sequences(sequences: Iterable[np.ndarray], seq_len: int) -> tuple[np.n
             raise DataError(f"no packed sequences of seq_len={seq_len}; add text or lower --seq-len")
         ids = np.memmap(f, dtype=np.int32, mode="r", shape=(n, seq_len))  # the map keeps the file
     return ids, digest.hexdigest()
+
+
+def spool_packed_rows(rows: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], seq_len: int
+                      ) -> tuple[PackedTokens, str]:
+    """:func:`spool_sequences` for rows that keep documents apart: each row is ``(input_ids,
+    target_mask, document_ids)``, ``(seq_len,)`` each, spooled together as one (3, seq_len)
+    int32 record. Returns read-only views of the three arrays and their fingerprint: the sha256,
+    row by row, of ``input_ids`` (int32) ‖ ``target_mask`` (uint8) ‖ ``document_ids`` (int32)
+    bytes (:func:`packed_fingerprint`)."""
+    digest = hashlib.sha256()
+
+    def records():
+        for ids, target, docs in rows:
+            _hash_row(digest, ids, target, docs)
+            yield np.stack([np.asarray(ids, np.int32), np.asarray(target, np.int32),
+                            np.asarray(docs, np.int32)]).reshape(-1)
+
+    spooled, _ = spool_sequences(records(), 3 * seq_len)
+    spooled = spooled.reshape(-1, 3, seq_len)
+    return PackedTokens(spooled[:, 0], spooled[:, 1], spooled[:, 2]), digest.hexdigest()
+
+
+def _hash_row(digest, ids, target, docs) -> None:
+    digest.update(np.ascontiguousarray(ids, dtype=np.int32).data)
+    digest.update(np.ascontiguousarray(target, dtype=np.uint8).data)
+    digest.update(np.ascontiguousarray(docs, dtype=np.int32).data)
+
+
+def packed_fingerprint(tokens: PackedTokens) -> str:
+    """The fingerprint :func:`spool_packed_rows` gives, of rows held in memory."""
+    digest = hashlib.sha256()
+    for row in zip(tokens.input_ids, tokens.target_mask, tokens.document_ids):
+        _hash_row(digest, *row)
+    return digest.hexdigest()

@@ -28,6 +28,21 @@ BUILD_OPTIONS = [  # cache-build's options, in --help order
                  help="Local files and folders: share of documents held out [default: 0.05]. "
                       "Build the held-out cache with the same value."),
     click.option("--text-field", default="text", show_default=True),
+    click.option("--messages-field", default=None,
+                 help="The column holding conversations (lists of {role, content} messages): the "
+                      "data are then conversations, rendered with the teacher's chat template. "
+                      "Built-in conversations (builtin:python_qa) need none."),
+    click.option("--train-on", default=None, type=click.Choice(["assistant", "all"]),
+                 help="Which tokens the student learns to produce: the assistant turns, or every "
+                      "token but each example's first [default: assistant for conversations, all "
+                      "for text]."),
+    click.option("--packing", default=None, type=click.Choice(["stream", "documents", "none"]),
+                 help="stream: documents joined with EOS and attending to each other (text only); "
+                      "documents: best-fit-decreasing rows whose documents are kept apart; none: "
+                      "one example per row [default: stream for text, documents for "
+                      "conversations]."),
+    click.option("--pack-window", type=int, default=1024, show_default=True,
+                 help="With --packing documents: examples per best-fit-decreasing window."),
     click.option("--out", required=True,
                  help="Cache folder or URL (s3://bucket/prefix) to create, or to resume."),
     click.option("--seq-len", type=int, default=512, show_default=True),
@@ -78,7 +93,7 @@ BUILD_OPTIONS = [  # cache-build's options, in --help order
 @with_options(BUILD_OPTIONS)
 @friendly_errors
 def cache_build(layer_maps, deprecated_map, quiet, **kwargs):
-    """Run the teacher once over packed text and write the cache (resumable).
+    """Run the teacher once over packed text or conversations and write the cache (resumable).
 
     \b
     Several processes split the work units (same cache as one process):
@@ -132,6 +147,7 @@ def cache_info_cmd(path, as_json):
                + (f" heldout_share={s['data']['heldout_share']}"
                   if s['data'].get('heldout_share') is not None else ""))
     click.echo(f"tokens       {info['n_sequences']} sequences x {info['seq_len']} = {info['n_tokens']}")
+    click.echo(f"packing      {info['packing_description']}")
     click.echo(f"logits       {info['logits_description']}")
     click.echo(f"layers       {info['layers']} ({info['hidden_dtype']})")
     click.echo(f"bytes/token  logits {bpt['logits_disk']:.1f} on disk ({bpt['logits_raw']:.1f} raw), "

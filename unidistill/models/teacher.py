@@ -26,6 +26,7 @@ from unidistill.model_logits import (
     head_logits,
 )
 from unidistill.models.layer_map import check_layer_range
+from unidistill.models.packing import segment_kwargs
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -149,15 +150,18 @@ class HookedTeacher:
         check_logit_transform(self.model, ids, self.transform, role="teacher", final_hidden=final)
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Teacher forward without gradients -> final normed hidden state (B, L, D) and the
-        chosen layers ``{j: (B, L, D)}``, in the model's dtype, on its device.
+        chosen layers ``{j: (B, L, D)}``, in the model's dtype, on its device. With
+        ``document_ids`` (B, L) the row's segments are kept apart (:mod:`unidistill.models.packing`).
 
         ``no_grad`` rather than ``inference_mode``: the online baseline feeds these tensors into
         the student's loss, which must be able to save them for its backward pass.
         """
         self._captured.clear()
-        final = self.base(input_ids=input_ids).last_hidden_state            # (B, L, D)
+        kwargs = segment_kwargs(self.model, document_ids)
+        final = self.base(input_ids=input_ids, **kwargs).last_hidden_state  # (B, L, D)
         captured = dict(self._captured)
         self._captured.clear()
         if self.n_layers in self.layers:

@@ -7,6 +7,15 @@ from unidistill.storage.reader import CacheReader
 from unidistill.storage.manifest import read_unit_markers
 
 
+def _packing(layout, manifest: dict, n_tokens: int) -> dict:
+    """The packing, and for a packed cache the build's target / padding / segment counts (absent
+    until it is complete) and the line with the share of trained tokens."""
+    tokens = manifest.get("build", {}).get("tokens")
+    train_on = manifest.get("settings", {}).get("data", {}).get("train_on")
+    return {"packing": layout.packing, "tokens": tokens,
+            "packing_description": layout.token_codec.describe(tokens, n_tokens, train_on)}
+
+
 def cache_info(root) -> dict:
     """``root``: a local folder or a URL (``s3://bucket/prefix``); sizes are bytes on disk or
     object sizes in the bucket, from one listing."""
@@ -48,6 +57,7 @@ def cache_info(root) -> dict:
         "n_sequences": layout.n_sequences,
         "seq_len": layout.seq_len,
         "n_tokens": n_tokens,
+        **_packing(layout, manifest, n_tokens),
         STORED_K_KEY: layout.stored_k,
         "logits_mode": layout.logits_mode,
         "logits_description": layout.logit_codec.describe(),

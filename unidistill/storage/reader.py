@@ -22,7 +22,7 @@ from unidistill.storage.codecs.sampled import counts_to_buckets, sample_kl_offse
 from unidistill.storage.codecs.topk import (  # noqa: F401  (re-exported: tests and benchmarks import them here)
     TAIL_APPROXIMATIONS, truncate_top_k, uniform_tail,
 )
-from unidistill.storage.layout import FORMAT_VERSION, INPUT_IDS, CacheLayout
+from unidistill.storage.layout import READABLE_FORMAT_VERSIONS, CacheLayout
 from unidistill.storage.location import as_location
 from unidistill.storage.manifest import STATUS_COMPLETE, read_manifest
 from unidistill.storage.prefetch import UnitPrefetcher, check_depth
@@ -44,6 +44,17 @@ def _async_array(array: zarr.Array):
     if hasattr(type(array), "async_array"):
         return array.async_array
     return array._async_array
+
+
+def check_format_version(manifest: dict, where, readable=READABLE_FORMAT_VERSIONS) -> None:
+    """Refuse a cache whose format this unidistill cannot read (a newer one's, before its layout
+    keys are looked at)."""
+    version = manifest.get("format_version")
+    if version not in readable:
+        raise CacheMismatchError(f"cache {where} has format version {version}, this unidistill reads "
+                                 f"version{'s' if len(readable) > 1 else ''} "
+                                 f"{', '.join(map(str, readable))}; use the unidistill that built "
+                                 "it (see the manifest's package_version), or rebuild the cache")
 
 
 class CacheReader:
@@ -69,10 +80,7 @@ class CacheReader:
             raise CacheNotFoundError(f"no unidistill cache at {self.root} (no manifest found); "
                                      "check the path or URL, or build one with "
                                      "`unidistill cache-build`")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheMismatchError(f"cache {self.root} has format version "
-                                     f"{manifest.get('format_version')}, this unidistill reads "
-                                     f"version {FORMAT_VERSION}")
+        check_format_version(manifest, self.root)
         if require_complete and manifest.get("status") != STATUS_COMPLETE:
             raise CacheIncompleteError(
                 f"cache {self.root} is not complete (status {manifest.get('status')!r}); "
@@ -190,10 +198,16 @@ class CacheReader:
             return False
         return self.layout.logit_codec.check_temperature(temperature, tail_approximation, self.root)
 
+    @property
+    def packed(self) -> bool:
+        """True when the cache keeps documents apart (``target_mask`` and ``document_ids``)."""
+        return self.layout.token_codec.packed
+
     def read(self, index: int, *, layers=None, kd_top_k: int | None = None,
              logits: bool = True, temperature: float = 1.0,
              tail_approximation: str | None = None) -> dict:
-        """One sequence: ``input_ids (L,)``, the teacher's logit targets and ``hidden`` =
+        """One sequence: ``input_ids (L,)`` (and for a packed cache ``target_mask (L,)`` bool and
+        ``document_ids (L,)`` int32), the teacher's logit targets and ``hidden`` =
         {layer: (L, D) stored dtype; int8 comes back dequantized to float32}.
 
         Logit targets: ``teacher_ids/teacher_logp (L, k)`` and ``teacher_log_tail (L,)`` for top-k
@@ -221,8 +235,8 @@ class CacheReader:
         for index in indices:
             if not 0 <= index < self.layout.n_sequences:
                 raise IndexError(f"sequence {index} out of range 0..{self.layout.n_sequences - 1}")
-        codec, hidden = self.layout.logit_codec, self.layout.hidden_codec
-        names = [INPUT_IDS]
+        codec, hidden, tokens = self.layout.logit_codec, self.layout.hidden_codec, self.layout.token_codec
+        names = tokens.read_names()
         extra = codec.hidden_layers(self.final_layer) if logits else []
         if logits:
             names += codec.read_names(temperature)
@@ -230,7 +244,7 @@ class CacheReader:
             names += hidden.names(j)
         out = []
         for got in self.fetch_many(names, indices):
-            seq = {"input_ids": got[INPUT_IDS]}
+            seq = tokens.decode(got)
             if logits:
                 seq.update(codec.decode(got, kd_top_k=kd_top_k, temperature=temperature,
                                         hidden={j: hidden.decode(j, got) for j in extra}))

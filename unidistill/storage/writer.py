@@ -22,7 +22,7 @@ import zarr
 from unidistill import __version__
 from unidistill.errors import CacheError, CacheMismatchError, ConfigError
 from unidistill.storage.files import array_digest, utc_timestamp
-from unidistill.storage.layout import FORMAT_VERSION, CacheLayout
+from unidistill.storage.layout import CacheLayout
 from unidistill.storage.location import CacheLocation, as_location
 from unidistill.storage.manifest import (
     CONTROL_DIR,
@@ -132,7 +132,7 @@ class CacheWriter:
     @classmethod
     def _create(cls, loc: CacheLocation, layout: CacheLayout, settings: dict) -> "CacheWriter":
         manifest = {
-            "format_version": FORMAT_VERSION,
+            "format_version": layout.format_version,
             "package_version": __version__,
             "status": STATUS_CREATING,
             "created_at": utc_timestamp(),
@@ -214,6 +214,9 @@ class CacheWriter:
         marker = {"unit": unit, "start": start, "stop": stop, "digests": digests,
                   "run_id": self.run_id,
                   "committed_at": utc_timestamp()}
+        counts = self.layout.token_codec.unit_counts(arrays)
+        if counts is not None:  # packed caches: targets, padding and segments of the unit
+            marker["tokens"] = counts
         self.location.write_json(unit_marker_key(unit), marker)
         return marker
 
@@ -248,6 +251,9 @@ class CacheWriter:
         self._check_digests(markers)
         manifest = dict(self.manifest)
         manifest.update(extra or {})
+        if self.layout.token_codec.packed:  # the units' counts summed: what cache-info shows
+            tokens = {k: sum(m["tokens"][k] for m in markers) for k in markers[0]["tokens"]}
+            manifest["build"] = {**manifest.get("build", {}), "tokens": tokens}
         manifest["status"] = STATUS_COMPLETE
         manifest["completed_at"] = utc_timestamp()
         manifest["fingerprint"] = content_fingerprint(

@@ -93,8 +93,8 @@ def check_plain_text(data: str, reader: str = "this command") -> None:
                         f"{{role, content}} messages), not plain text, and {reader} reads plain text "
                         f"documents; it would train or score on the conversations turned into "
                         f"strings, without their chat template. Pass a text source ({', '.join(plain)}, "
-                        "a file or a hub data set); conversations are read by "
-                        "unidistill.text.data.iter_conversations, not yet by the cache build")
+                        "a file or a hub data set); cache-build reads conversations (it renders them "
+                        "with the teacher's chat template)")
 
 
 def builtin_documents(data: str, split: str) -> list[str]:

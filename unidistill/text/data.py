@@ -95,6 +95,22 @@ def check_data_split(data: str, split: str, heldout_share: float | None = None) 
         check_plain_text(data)
 
 
+def is_conversation_source(data: str) -> bool:
+    """True for a built-in source of conversations (``builtin:python_qa``); other sources hold
+    conversations when ``--messages-field`` names the column."""
+    return source_kind(data) == "builtin" and builtin_text(data).kind == CONVERSATIONS
+
+
+def check_conversation_split(data: str, split: str, heldout_share: float | None = None) -> None:
+    """Refuse, before anything is loaded, a split or held-out share ``data`` cannot have, and a
+    built-in source of plain text read as conversations."""
+    _check_source_split(data, split, heldout_share)
+    if source_kind(data) == "builtin" and not is_conversation_source(data):
+        raise DataError(f"{data} is plain text, not conversations; drop --messages-field, or pass "
+                        f"one of {sorted(n for n, t in BUILTIN_TEXTS.items() if t.kind == CONVERSATIONS)} "
+                        "or a file or hub data set whose rows hold a list of messages")
+
+
 def _check_source_split(data: str, split: str, heldout_share: float | None) -> None:
     resolve_heldout_share(data, heldout_share)
     kind = source_kind(data)

@@ -68,8 +68,10 @@ def agreements(*, kd_top_k: int | None, reads_hidden: bool) -> list[_Agreement]:
                    "rebuild the older sampled cache with this unidistill"),
         _Agreement("sequence length", lambda r: r.layout.seq_len,
                    "rebuild one of them with the other's cache-build --seq-len"),
-        _Agreement("packing", lambda r: r.manifest["layout"].get("packing"),
-                   "rebuild one of them with the other's cache-build --packing"),
+        # documents and none collate together (the same token fields); stream has none of them
+        _Agreement("packing (documents kept apart or not)",
+                   lambda r: "kept apart" if r.packed else "stream",
+                   "rebuild the stream one with cache-build --packing documents or none"),
     ]
     if reads_hidden:
         fields.append(_Agreement("hidden dtype", lambda r: r.layout.hidden_dtype,

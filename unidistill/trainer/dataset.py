@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from unidistill.errors import CacheMismatchError, ConfigError
 from unidistill.fingerprint import tokenizer_fingerprint, tokenizer_matches
 from unidistill.model_logits import CHECK_SEQUENCES
+from unidistill.models.batch import TokenFields
 from unidistill.models.targets import TeacherTargets
 from unidistill.storage import CacheReader, decode_hidden
 
@@ -73,8 +74,49 @@ def sample_input_ids(reader: CacheReader, n: int = CHECK_SEQUENCES) -> np.ndarra
                      for i in range(min(n, len(reader)))])
 
 
+def sample_document_ids(reader: CacheReader) -> np.ndarray | None:
+    """The first cached row's document ids (1, L), None for a stream cache: what the start-up
+    segment-isolation check runs on."""
+    if not reader.packed:
+        return None
+    return reader.read(0, layers=[], logits=False)["document_ids"][None]
+
+
+def check_student_template(reader: CacheReader, tokenizer) -> None:
+    """Refuse a student whose chat template renders the probe conversation to other ids than the
+    teacher's did when the cache was built (a chat cache's ``settings.data.probe_ids``): it would
+    be trained on one format and prompted in another. Equal ids pass, whatever the template's
+    text; a student made by ``unidistill prune`` keeps the teacher's tokenizer and passes."""
+    from unidistill.text.chat import ChatTemplateError, template_probe
+
+    cached = reader.manifest["settings"]["data"].get("probe_ids")
+    if cached is None:  # not a chat cache
+        return
+    fix = ("Save the student with the teacher's tokenizer (its chat template included: "
+           "tokenizer.chat_template = <the cache's settings.data.chat_template>, then "
+           "save_pretrained), or rebuild the cache with a teacher of the student's template")
+    try:
+        mine = template_probe(tokenizer)
+    except ChatTemplateError as e:
+        raise CacheMismatchError(f"cache {reader.root} holds conversations rendered with the "
+                                 f"teacher's chat template, but the student's tokenizer cannot "
+                                 f"render them: {e}. {fix}") from e
+    if mine == list(cached):
+        return
+    at = next((i for i, (a, b) in enumerate(zip(mine, cached)) if a != b), min(len(mine), len(cached)))
+    got = mine[at] if at < len(mine) else "<end>"
+    want = cached[at] if at < len(cached) else "<end>"
+    shown = tokenizer.convert_ids_to_tokens([t for t in (got, want) if t != "<end>"])
+    raise CacheMismatchError(
+        f"the student's chat template renders the probe conversation differently from the "
+        f"teacher's that built cache {reader.root}: first difference at token {at}, id {got} "
+        f"from the student, {want} in the cache (tokens {shown}); {len(mine)} vs {len(cached)} "
+        f"tokens in all. The student would learn one chat format and be prompted in another. {fix}")
+
+
 class CacheDataset(Dataset):
-    """Items: ``input_ids (L,)`` and the teacher's targets for the sequence as the flat fields of
+    """Items: the token fields of :class:`~unidistill.models.batch.TokenFields` (``input_ids (L,)``,
+    and for a packed cache ``target_mask`` and ``document_ids``) and the teacher's targets for the sequence as the flat fields of
     :meth:`TeacherTargets.to_fields <unidistill.models.targets.TeacherTargets.to_fields>`: the
     sparse ids, log-probs and tail at the KD ``temperature`` (see ``CacheReader.read``) of top-k
     and sampled caches, or the final teacher state of exact caches (whose head the trainer takes
@@ -137,5 +179,8 @@ class CacheDataset(Dataset):
             targets.log_tail = torch.from_numpy(seq["teacher_log_tail"])
             if "teacher_kl_offset" in seq:  # sampled caches: turns the logged KL unbiased
                 targets.kl_offset = torch.from_numpy(seq["teacher_kl_offset"])
-        return {"input_ids": torch.from_numpy(seq["input_ids"].astype(np.int64)),
-                **targets.to_fields()}
+        tokens = TokenFields(torch.from_numpy(seq["input_ids"].astype(np.int64)))
+        if "document_ids" in seq:  # a packed cache (CacheReader.read)
+            tokens.target_mask = torch.from_numpy(seq["target_mask"])
+            tokens.document_ids = torch.from_numpy(seq["document_ids"])
+        return {**tokens.to_fields(), **targets.to_fields()}

@@ -18,6 +18,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from unidistill.model_logits import OutputHead
+from unidistill.models.batch import TokenFields
 from unidistill.models.targets import TeacherTargets
 from unidistill.trainer.losses import (
     LossConfig,
@@ -81,29 +82,33 @@ class UniversalDistillationTrainer(Trainer):
         return optimizer
 
     # -- loss -----------------------------------------------------------------------------------
-    def _targets(self, inputs: dict) -> TeacherTargets:
+    def _targets(self, inputs: dict, tokens: TokenFields) -> TeacherTargets:
         """The batch's teacher targets: from the live teacher, or from the cached fields."""
         if self.online_teacher is not None:
-            return self.online_teacher(inputs["input_ids"])
+            return self.online_teacher(tokens.input_ids, tokens.document_ids)
         return TeacherTargets.from_fields(inputs, head=self.teacher_head)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.loss_config
-        targets = self._targets(inputs)
-        input_ids = inputs["input_ids"]                                     # (B, L)
+        tokens = TokenFields.from_fields(inputs)
+        targets = self._targets(inputs, tokens)
+        input_ids = tokens.input_ids                                        # (B, L)
+        mask = tokens.loss_mask()  # (B, L) bool for a packed cache; None: every position (stream)
         want_hidden = cfg.gamma > 0 and bool(self.hidden_pairs)
         out = model(input_ids=input_ids, output_hidden_states=True,
                     logits_to_keep=self._no_logits.to(input_ids.device),
-                    project_layers=tuple(self.hidden_pairs) if want_hidden else ())
+                    project_layers=tuple(self.hidden_pairs) if want_hidden else (),
+                    **tokens.forward_kwargs(self._wrapper(model).student))
         if want_hidden and self.in_hidden_warmup():
             # the warm-up: hidden alignment alone, no head and no logit terms
-            loss = hidden_alignment_loss(out.projected, targets, self.hidden_pairs, cfg.hidden_loss)
+            loss = hidden_alignment_loss(out.projected, targets, self.hidden_pairs, cfg.hidden_loss,
+                                         mask)
             terms = {"hidden": loss}
         else:
             loss, all_terms = distillation_loss(
                 out.hidden_states[-1], OutputHead.of(self._wrapper(model).student),
                 next_token_labels(input_ids), targets, cfg, projected=out.projected,
-                hidden_pairs=self.hidden_pairs)
+                hidden_pairs=self.hidden_pairs, mask=mask)
             terms = {name: getattr(all_terms, name) for name in self._term_sums}
         if model.training:
             self._add_terms(**terms)

@@ -56,10 +56,14 @@ class OnlineTeacher:
     def device(self) -> torch.device:
         return self.head_weight.device
 
-    def __call__(self, input_ids: torch.Tensor) -> TeacherTargets:
+    def __call__(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None
+                 ) -> TeacherTargets:
+        """The targets of a batch (B, L); with ``document_ids`` (a packed cache's) the teacher
+        runs the row's segments apart, as the cache's teacher did."""
         if not self.checked:
             self.check_logits(input_ids)
-        final, captured = self.runner.forward(input_ids.to(self.device))
+        docs = None if document_ids is None else document_ids.to(self.device)
+        final, captured = self.runner.forward(input_ids.to(self.device), docs)
         if self.kd_top_k is None:
             return TeacherTargets(final_hidden=final, hidden=captured,
                                   head=OutputHead(self.head_weight, self.head_bias,

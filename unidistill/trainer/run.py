@@ -25,12 +25,14 @@ from unidistill.models.layer_map import (
     PROVENANCE_KEY, check_layers_in_cache, parse_layer_map, provenance_from_config, provenance_record,
 )
 from unidistill.models.loading import load_student
+from unidistill.models.packing import check_segment_isolation
 from unidistill.storage import CacheReader
 from unidistill.storage.files import utc_timestamp
 from unidistill.trainer.arguments import DistillationArguments
 from unidistill.trainer.caches import ConcatCacheDataset, check_caches_agree
 from unidistill.trainer.dataset import (
-    CacheDataset, check_student_matches_cache, sample_input_ids,
+    CacheDataset, check_student_matches_cache, check_student_template, sample_document_ids,
+    sample_input_ids,
 )
 from unidistill.trainer.losses.divergences import teacher_head_for
 from unidistill.trainer.online_teacher import OnlineTeacher
@@ -112,6 +114,7 @@ def plan_run(cache, tokenizer, student_config, args: DistillationArguments) -> D
                                 kl_direction=args.kl_direction if args.beta > 0 else None,
                                 kd_top_k=args.kd_top_k)
     for each in readers:
+        check_student_template(each, tokenizer)
         check_logit_settings(each, args)
     approximated = [each.check_request((), args.kd_top_k, args.kd_temperature if args.beta > 0 else 1.0,
                                        args.tail_approximation) for each in readers]
@@ -198,6 +201,20 @@ def student_head_rows(model, online_teacher: OnlineTeacher | None, online_top_k)
     return rows
 
 
+def check_start_up(reader: CacheReader, model, online_teacher: OnlineTeacher | None) -> None:
+    """Before training: the student's (and online teacher's) logits are their head + known
+    transform, and on a packed cache both keep the documents of a row apart."""
+    sample = sample_input_ids(reader)
+    check_logit_transform(model, sample, role="student")  # its logits as the fused loss builds them
+    documents = sample_document_ids(reader)
+    if documents is not None:
+        check_segment_isolation(model, sample[:1], documents, role="student")
+    if online_teacher is not None:
+        online_teacher.check_logits(sample)
+        if documents is not None:
+            check_segment_isolation(online_teacher.model, sample[:1], documents, role="online teacher")
+
+
 def distill_from_cache(cache, student: str, args: DistillationArguments, *,
                        resume_from_checkpoint=None, teacher_model=None, online_top_k=None,
                        callbacks=None):
@@ -229,10 +246,7 @@ def distill_from_cache(cache, student: str, args: DistillationArguments, *,
     dataset = cache_dataset(plan, args, online=online_teacher is not None)
     model = load_student(student, config)  # a GGUF teacher's leftover quantization_config dropped
     student_vocab = student_head_rows(model, online_teacher, online_top_k)
-    sample = sample_input_ids(plan.reader)
-    check_logit_transform(model, sample, role="student")  # its logits as the fused loss builds them
-    if online_teacher is not None:
-        online_teacher.check_logits(sample)
+    check_start_up(plan.reader, model, online_teacher)
     set_seed(args.seed)  # projector initialisation is part of the run's reproducible state
     init, channels = projector_init(args.projector_init, config, plan.d_student, plan.d_teacher)
     projectors = HiddenProjectors(plan.hidden_pairs or plan.layer_map, plan.d_student, plan.d_teacher,

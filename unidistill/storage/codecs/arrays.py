@@ -1,4 +1,4 @@
-"""The array names of cache format v1 and the one recipe every array follows.
+"""The array names of the cache format (v1, and v2's token arrays) and the one recipe every array follows.
 
 Each array is chunked one sequence per inner chunk and sharded ``shard_size`` sequences per
 shard (:meth:`Grid.spec`), so shard index u of every array forms work unit u. The codecs of
@@ -14,6 +14,10 @@ import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 INPUT_IDS = "input_ids"
+TARGET_MASK = "target_mask"  # format v2: 1 = the token is a training target, 0 = context or padding
+DOCUMENT_IDS = "document_ids"  # format v2: one id per segment, in data order
+PAD_DOCUMENT = -2  # document_ids of padding (-1 is the fill value)
+PACKINGS = ("stream", "documents", "none")  # how examples share the rows of a cache
 LOGIT_INDICES = "logits/indices"
 LOGIT_VALUES = "logits/values"
 LOGIT_TAIL = "logits/tail"
