@@ -58,8 +58,8 @@ PRUNE = ["--drop-layers", "10", "--depth-method", "kl"]
 CALIB_DATA = "builtin:stdlib_docs"
 TOP_K = 64
 PRESETS = {
-    "cpu": dict(device="cpu", seq_len=256, train_conversations=120, heldout_conversations=40,
-                max_new_tokens=96, gen_batch_size=16, batch_size=4, calib_sequences=32,
+    "cpu": dict(device="cpu", seq_len=320, train_conversations=96, heldout_conversations=32,
+                max_new_tokens=96, build_batch_size=16, batch_size=4, calib_sequences=32,
                 learning_rate=3e-4),
 }
 # name -> (alpha, beta, caches, epochs): every run sees each training conversation twice
@@ -92,6 +92,17 @@ def write_conversations(path: Path, split: str, n: int) -> int:
     return len(rows)
 
 
+def run_order() -> list[tuple[str, int]]:
+    """(run, seed): those on the reference cache alone first, so they need no generated cache."""
+    runs = [(n, 0) for n in RUNS] + [(n, 1) for n in REPEATS]
+    return sorted(runs, key=lambda r: RUNS[r[0]][2] != ["R"])
+
+
+def table_order() -> list[str]:
+    """Run labels as the table lists them: each recipe, its seed-1 repeat after it."""
+    return [label for n in RUNS for label in (n, *([n + SEED_SUFFIX] if n in REPEATS else []))]
+
+
 def model_complete(folder: Path) -> bool:
     """distill-from-cache writes the final model folder last: config and weights."""
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
@@ -115,20 +126,25 @@ def run(opts) -> dict:
         "--calib-sequences", str(opts.calib_sequences), "--device", opts.device),
         student, pruned_student_complete)
     common = ["--teacher", TEACHER, "--seq-len", str(opts.seq_len), "--logits", "topk", "--top-k",
-              str(TOP_K), "--layers", "none", "--batch-size", "8", "--device", opts.device,
-              "--quiet", "--split", "all", "--messages-field", "messages"]
+              str(TOP_K), "--layers", "none", "--batch-size", str(opts.build_batch_size),
+              "--device", opts.device, "--quiet", "--split", "all", "--messages-field", "messages"]
     reference = ["--packing", "documents", "--train-on", "assistant"]
-    generated = ["--generate", "--max-new-tokens", str(opts.max_new_tokens),
-                 "--gen-batch-size", str(opts.gen_batch_size)]
-    caches = {"R": ("train", reference), "G": ("train", generated),
-              "HR": ("heldout", reference), "HG": ("heldout", generated)}
-    for name, (split, options) in caches.items():
+    generated = ["--generate", "--max-new-tokens", str(opts.max_new_tokens)]
+    caches = {"R": ("train", reference), "HR": ("heldout", reference),
+              "G": ("train", generated), "HG": ("heldout", generated)}
+
+    def cache(name: str) -> str:
+        """The cache ``name``, built (or continued) the first time a stage needs it: the runs on
+        the reference caches need no generation."""
+        split, options = caches[name]
         stages.run(f"cache_{name}", unidistill(
             "cache-build", *common, "--data", str(out / f"{split}.jsonl"), *options,
             "--out", str(out / f"cache-{name}")), out / f"cache-{name}", cache_complete,
             resumable=True)
+        return str(out / f"cache-{name}")
+
     models = {"teacher": TEACHER, "student (before)": str(student)}
-    for name, seed in [(n, 0) for n in RUNS] + [(n, 1) for n in REPEATS]:
+    for name, seed in run_order():
         alpha, beta, sources, epochs = RUNS[name]
         label = name + (SEED_SUFFIX if seed else "")
         folder = out / "runs" / label
@@ -138,18 +154,19 @@ def run(opts) -> dict:
                 "--learning-rate", str(opts.learning_rate), "--seed", str(seed),
                 "--data-seed", str(seed), "--save-strategy", "no", "--report-to", "none"]
         for source in sources:
-            argv += ["--cache", str(out / f"cache-{source}")]
+            argv += ["--cache", cache(source)]
         if opts.device == "cpu":
             argv.append("--use-cpu")
         stages.run(f"run_{label}", unidistill(*argv), folder, model_complete)
         models[label] = str(folder)
+    models = {label: models[label] for label in [*REFERENCE_ROWS, *table_order()]}
     evaluations: dict = {}
     for label, model in models.items():
         for held in HELDOUT:
             path = out / "eval" / f"{label.replace(' ', '_')}.{held}.json"
             path.parent.mkdir(exist_ok=True)
             stages.run(f"eval_{label}_{held}", unidistill(
-                "evaluate", "--model", model, "--cache", str(out / f"cache-{held}"),
+                "evaluate", "--model", model, "--cache", cache(held),
                 "--max-sequences", "0", "--batch-size", "8", "--device", opts.device,
                 "--output", str(path)), path, eval_complete)
             evaluations.setdefault(label, {})[held] = json.loads(path.read_text())
