@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from unidistill import __version__
 from unidistill.cache_builder.capture import LaunchedBatch, TeacherRunner
 from unidistill.cache_builder.config import BuildConfig
+from unidistill.cache_builder.generated_rows import TeacherGeneration
 from unidistill.cache_builder.guard import BuildGuard, discard_if_nothing_committed, with_rerun_command
 from unidistill.cache_builder.hidden_dtype import AUTO, resolve_hidden_dtype
 from unidistill.cache_builder.inputs import PreparedBuild, prepare  # noqa: F401  (re-exported)
@@ -77,6 +78,7 @@ class _Build:
     hidden_choice: str  # why the layout's hidden dtype (cache_builder.hidden_dtype)
     writer_threads: int  # this process's (see cache_builder.writers)
     writer: CacheWriter | None = None  # open once the cache exists (see _share_pending)
+    generation_check: dict | None = None  # --generate: generate's logits vs the forward's
 
 
 def _build(cfg: BuildConfig, group: ProcessGroup, *, progress: bool, log) -> dict:
@@ -142,8 +144,14 @@ def _set_up(cfg: BuildConfig, group: ProcessGroup, log) -> _Build:
     settings = _settings(cfg, prepared, model, runner, layout)
     settings[MACHINE_SETTINGS] = {"device": device_kind(device), "batch_size": cfg.batch_size,
                                   "forward_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-    return _Build(tokens=tokens, unit_rows=tokens.rows, device=device, head=head, layout=layout, runner=runner, settings=settings,
-                  hidden_choice=hidden_choice, writer_threads=threads)
+    build = _Build(tokens=tokens, unit_rows=tokens.rows, device=device, head=head, layout=layout,
+                   runner=runner, settings=settings, hidden_choice=hidden_choice,
+                   writer_threads=threads)
+    if prepared.prompts is not None:
+        teacher = TeacherGeneration(cfg, prepared, model, device)
+        settings["generation"] = teacher.settings
+        build.unit_rows, build.generation_check = teacher.unit_rows, teacher.check(log)
+    return build
 
 
 def _settings(cfg: BuildConfig, prepared: PreparedBuild, model, runner: TeacherRunner,
@@ -231,6 +239,7 @@ def _compute_units(cfg: BuildConfig, group: ProcessGroup, build: _Build, units: 
         error = with_rerun_command(e, cfg, build.writer)
         guard.flag_failure(error)
     return {"teacher_seconds": loop.teacher_seconds if loop else 0.0,
+            **(loop.generated if loop else {}),
             "writer_seconds": writers.write_seconds if writers else 0.0,
             "writer_wait_seconds": writers.wait_seconds if writers else 0.0}, error
 
@@ -244,6 +253,7 @@ class _BatchLoop:
     def __init__(self, cfg: BuildConfig, build: _Build, writers: UnitWriters, bar, guard: BuildGuard):
         self.cfg, self.build, self.writers, self.bar, self.guard = cfg, build, writers, bar, guard
         self.teacher_seconds = 0.0
+        self.generated = {"answer_tokens": 0, "unfinished": 0}  # --generate: this run's units
         self._parts: list[dict] = []
 
     def batches(self, units):
@@ -263,7 +273,9 @@ class _BatchLoop:
                 if first:
                     self.guard.check()  # another process failed, or the lease is lost: stop now
                     start = self.build.layout.unit_range(unit)[0]
-                    rows = self.build.unit_rows(*self.build.layout.unit_range(unit))
+                    rows = self._timed(self.build.unit_rows, *self.build.layout.unit_range(unit))
+                    for key in self.generated.keys() & rows.stats.keys():
+                        self.generated[key] += rows.stats[key]
                 batch = rows.rows(s - start, e - start)
                 launched = self._timed(self.build.runner.launch, batch.input_ids,
                                        seed=self.cfg.sample_seed * 1_000_003 + s,
@@ -327,6 +339,10 @@ def _finalize(cfg: BuildConfig, group: ProcessGroup, build: _Build, stats: list[
               "hidden_dtype_choice": build.hidden_choice,
               "unidistill_version": __version__,
               "config": {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "wait")}}
+    if build.generation_check is not None:
+        record["generation"] = {**build.generation_check, **{
+            f"{key}_this_run": sum(s.get(key, 0) for s in stats)
+            for key in ("answer_tokens", "unfinished")}}
     extra = {"build": record}
     if build.layout.logit_codec.has_head:
         extra["head"] = {"file": HEAD_FILE, "sha256": head_digest(cfg.out)}

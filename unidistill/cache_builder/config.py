@@ -7,6 +7,7 @@ import shlex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from unidistill.cache_builder.generation import DecodingSettings
 from unidistill.cache_builder.hidden_dtype import AUTO
 from unidistill.errors import ConfigError
 from unidistill.models.layer_map import check_layer_range, teacher_layers_for_students
@@ -20,6 +21,8 @@ from unidistill.text.chat import TRAIN_ON
 from unidistill.text.data import check_conversation_split, check_data_split, is_conversation_source
 
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+_GENERATION_OPTIONS = ("max_new_tokens", "sample", "gen_temperature", "gen_top_p", "gen_top_k",
+                       "gen_repetition_penalty", "gen_seed")
 DEFAULT_TEMPERATURES = "1,2"  # the KD temperatures a top-k cache serves exactly by default
 
 
@@ -61,6 +64,16 @@ class BuildConfig:
     overwrite: bool = False
     wait: bool = field(default=False, metadata={
         "help": "wait while another build holds the output's lease, instead of being refused"})
+    generate: bool = field(default=False, metadata={
+        "help": "the teacher answers each conversation's last assistant turn itself (greedy "
+                "unless sample); one conversation per row (packing none)"})
+    max_new_tokens: int = 256  # --generate: the longest answer
+    sample: bool = False  # --generate: sample instead of greedy decoding
+    gen_temperature: float = 1.0
+    gen_top_p: float = 1.0
+    gen_top_k: int = 0  # 0 = off
+    gen_repetition_penalty: float = 1.0
+    gen_seed: int = 0  # seeds each generation batch (seed * 1 000 003 + its first row)
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -90,6 +103,7 @@ class BuildConfig:
         if self.student_layers is not None and self.student_layers < 1:
             raise ConfigError(f"student_layers must be >= 1, got {self.student_layers}")
         self._check_packing()
+        self._check_generation()
         if is_url(self.out):
             # Bad scheme, missing s3fs, missing bucket or credentials: said now, before the
             # teacher is loaded (one request to the storage service).
@@ -108,7 +122,39 @@ class BuildConfig:
 
     @property
     def resolved_packing(self) -> str:
+        if self.generate:
+            return "none"
         return self.packing or ("documents" if self.conversations else "stream")
+
+    @property
+    def decoding(self) -> DecodingSettings:
+        """``--generate``'s decoding settings (checked); the generation batch is ``--batch-size``."""
+        return DecodingSettings(
+            max_new_tokens=self.max_new_tokens, do_sample=self.sample, temperature=self.gen_temperature,
+            top_p=self.gen_top_p, top_k=self.gen_top_k, repetition_penalty=self.gen_repetition_penalty,
+            seed=self.gen_seed, batch_size=self.batch_size)
+
+    def _check_generation(self) -> None:
+        """``--generate`` and its options fit together (said before anything loads)."""
+        if not self.generate:
+            changed = [f"--{f.name.replace('_', '-')}" for f in fields(self)
+                       if f.name in _GENERATION_OPTIONS and getattr(self, f.name) != f.default]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} without --generate: these choose how the "
+                                  "teacher answers, and without --generate it answers nothing. Add "
+                                  "--generate, or drop them")
+            return
+        if not self.conversations:
+            raise ConfigError(f"--generate with plain text ({self.data}): the teacher answers the "
+                              "prompts of conversations (everything before each conversation's last "
+                              "assistant message). Pass --messages-field with the column that holds "
+                              "conversations, or use builtin:python_qa")
+        if self.packing not in (None, "none"):
+            raise ConfigError(f"--generate with --packing {self.packing}: a generated cache holds one "
+                              "conversation per row, so its rows are known before anything is "
+                              "generated and a stopped build resumes per unit. Drop --packing (it "
+                              "is none with --generate)")
+        self.decoding  # checked now
 
     @property
     def resolved_train_on(self) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from unidistill.cache_builder.config import BuildConfig
+from unidistill.cache_builder.generation import Prompts, conversation_prompts, unit_rows, usable_prompts
 from unidistill.cache_builder.packed import spool_packed_rows, spool_sequences
 from unidistill.errors import ConfigError
 from unidistill.models.loading import (
@@ -47,6 +48,7 @@ class PreparedBuild:
     tokens: PackedTokens  # the rows (N, seq_len): read-only maps of a temporary file
     ids_fingerprint: str  # sha256 of the rows (packed.spool_sequences / spool_packed_rows)
     data_settings: dict  # settings.data (compared on resume, part of the fingerprint)
+    prompts: Prompts | None = None  # --generate: the prompts the teacher answers, one per row
 
     @property
     def ids(self) -> np.ndarray:
@@ -69,6 +71,11 @@ def prepare(cfg: BuildConfig, log=print) -> PreparedBuild:
     settings = {"source": cfg.data, "config": cfg.data_config, "split": cfg.split,
                 "heldout_share": resolve_heldout_share(cfg.data, cfg.heldout_share),
                 "text_field": cfg.text_field, "max_sequences": cfg.max_sequences}
+    if cfg.generate:
+        tokens, fingerprint, packed, prompts = _generation_prompts(cfg, tokenizer, log)
+        settings.update(packed, ids_fingerprint=fingerprint)
+        return PreparedBuild(source, device, model_config, layers, tokenizer, tokens, fingerprint,
+                             settings, prompts)
     if packing == "stream":
         docs = iter_documents(cfg.data, data_config=cfg.data_config, split=cfg.split,
                               text_field=cfg.text_field, heldout_share=cfg.heldout_share)
@@ -91,16 +98,8 @@ def _pack_examples(cfg: BuildConfig, tokenizer, log) -> tuple[PackedTokens, str,
                 "packing": cfg.resolved_packing, "pack_window": cfg.pack_window,
                 "long_examples": "truncate" if cfg.conversations else "split"}
     if cfg.conversations:
-        check_chat_tokenizer(tokenizer)
-        template = tokenizer.chat_template
-        method = EVERY_TOKEN if train_on == "all" else (
-            GENERATION_MARKERS if has_generation_markers(tokenizer) else PREFIX_DIFF)
-        settings.update(chat_template=template, mask_method=method,
-                        chat_template_sha256=hashlib.sha256(template.encode()).hexdigest(),
-                        probe_ids=template_probe(tokenizer))
-        conversations = iter_conversations(cfg.data, data_config=cfg.data_config, split=cfg.split,
-                                           messages_field=cfg.resolved_messages_field,
-                                           heldout_share=cfg.heldout_share)
+        settings.update(_chat_settings(tokenizer, train_on))
+        conversations = _conversations(cfg)
         examples = conversation_examples(conversations, tokenizer, train_on)
     else:
         settings["mask_method"] = EVERY_TOKEN
@@ -119,3 +118,48 @@ def _pack_examples(cfg: BuildConfig, tokenizer, log) -> tuple[PackedTokens, str,
         f"{stats.dropped} dropped")
     return PackedTokens(tokens.input_ids, tokens.target_mask, tokens.document_ids,
                         settings["stats"]), fingerprint, settings
+
+
+def _chat_settings(tokenizer, train_on: str) -> dict:
+    """The teacher's chat template and how targets are found in it (settings.data)."""
+    check_chat_tokenizer(tokenizer)
+    template = tokenizer.chat_template
+    method = EVERY_TOKEN if train_on == "all" else (
+        GENERATION_MARKERS if has_generation_markers(tokenizer) else PREFIX_DIFF)
+    return {"chat_template": template, "mask_method": method,
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+            "probe_ids": template_probe(tokenizer)}
+
+
+def _conversations(cfg: BuildConfig):
+    return iter_conversations(cfg.data, data_config=cfg.data_config, split=cfg.split,
+                              messages_field=cfg.resolved_messages_field,
+                              heldout_share=cfg.heldout_share)
+
+
+def _generation_prompts(cfg: BuildConfig, tokenizer, log) -> tuple[PackedTokens, str, dict, Prompts]:
+    """``--generate``: every conversation's prompt (the messages before its last assistant
+    message, with the generation prompt), those too long for an answer of ``--max-new-tokens``
+    dropped; the first ``--max-sequences`` of the rest, one per row. The rows of the start-up
+    checks are the prompts alone; the fingerprint covers the prompt ids (the answers are the
+    build's output)."""
+    settings = {"format": "conversations", "messages_field": cfg.resolved_messages_field,
+                "train_on": cfg.resolved_train_on, "packing": "none",
+                "prompts": "the messages before each conversation's last assistant message",
+                **_chat_settings(tokenizer, cfg.resolved_train_on)}
+    found = conversation_prompts(tokenizer, _conversations(cfg))
+    prompts = usable_prompts(found, cfg.seq_len, cfg.max_new_tokens)
+    if cfg.max_sequences is not None and len(prompts.ids) > cfg.max_sequences:
+        prompts = Prompts(prompts.ids[:cfg.max_sequences], prompts.source_index[:cfg.max_sequences],
+                          prompts.dropped)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, target, docs = unit_rows(prompts.ids, [()] * len(prompts.ids), 0, cfg.seq_len, pad_id,
+                                  cfg.resolved_train_on)
+    digest = hashlib.sha256()
+    for p in prompts.ids:
+        digest.update(np.asarray(p, dtype=np.int64).tobytes() + b"|")
+    settings["stats"] = {"conversations": len(found), "prompts": len(prompts.ids),
+                         "dropped": prompts.dropped}
+    log(f"{len(found)} conversations: {len(prompts.ids)} prompts to answer, {prompts.dropped} "
+        f"dropped (longer than --seq-len {cfg.seq_len} - --max-new-tokens {cfg.max_new_tokens})")
+    return PackedTokens(ids, target, docs), digest.hexdigest(), settings, prompts

@@ -43,6 +43,27 @@ BUILD_OPTIONS = [  # cache-build's options, in --help order
                       "conversations]."),
     click.option("--pack-window", type=int, default=1024, show_default=True,
                  help="With --packing documents: examples per best-fit-decreasing window."),
+    click.option("--generate", is_flag=True,
+                 help="The teacher answers each conversation itself: the prompt is everything "
+                      "before its last assistant message, the answer the teacher's (greedy unless "
+                      "--sample), and the cache holds prompt + answer, one conversation per row "
+                      "(--packing none), with the answer tokens as targets. Resumable; the "
+                      "decoding settings are part of the cache's fingerprint."),
+    click.option("--max-new-tokens", type=int, default=256, show_default=True,
+                 help="--generate: the longest answer; prompts longer than --seq-len minus this "
+                      "are dropped (counted)."),
+    click.option("--sample", is_flag=True, help="--generate: sample the answers instead of greedy."),
+    click.option("--gen-temperature", type=float, default=1.0, show_default=True,
+                 help="--generate --sample: the sampling temperature (the cached log-probs are "
+                      "the teacher's own, at T = 1, whatever this is)."),
+    click.option("--gen-top-p", type=float, default=1.0, show_default=True,
+                 help="--generate --sample: nucleus sampling (1 = off)."),
+    click.option("--gen-top-k", type=int, default=0, show_default=True,
+                 help="--generate --sample: sample among the k most likely (0 = off)."),
+    click.option("--gen-repetition-penalty", type=float, default=1.0, show_default=True,
+                 help="--generate: transformers' repetition penalty (1 = off)."),
+    click.option("--gen-seed", type=int, default=0, show_default=True,
+                 help="--generate: seeds each batch of answers (seed x 1000003 + its first row)."),
     click.option("--out", required=True,
                  help="Cache folder or URL (s3://bucket/prefix) to create, or to resume."),
     click.option("--seq-len", type=int, default=512, show_default=True),
@@ -68,7 +89,8 @@ BUILD_OPTIONS = [  # cache-build's options, in --help order
     click.option("--map", "deprecated_map", default=None, hidden=True,
                  help="Deprecated name of --layer-map."),
     click.option("--max-sequences", type=int, default=None, help="Stop after this many sequences."),
-    click.option("--batch-size", type=int, default=8, show_default=True),
+    click.option("--batch-size", type=int, default=8, show_default=True,
+                 help="Rows per teacher forward (and per generation batch with --generate)."),
     click.option("--shard-size", type=int, default=16, show_default=True,
                  help="Sequences per shard (= per work unit)."),
     click.option("--dtype", default="float32", show_default=True,
@@ -148,6 +170,8 @@ def cache_info_cmd(path, as_json):
                   if s['data'].get('heldout_share') is not None else ""))
     click.echo(f"tokens       {info['n_sequences']} sequences x {info['seq_len']} = {info['n_tokens']}")
     click.echo(f"packing      {info['packing_description']}")
+    if info["generation_description"]:
+        click.echo(f"generation   {info['generation_description']}")
     click.echo(f"logits       {info['logits_description']}")
     click.echo(f"layers       {info['layers']} ({info['hidden_dtype']})")
     click.echo(f"bytes/token  logits {bpt['logits_disk']:.1f} on disk ({bpt['logits_raw']:.1f} raw), "

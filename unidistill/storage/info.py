@@ -7,13 +7,32 @@ from unidistill.storage.reader import CacheReader
 from unidistill.storage.manifest import read_unit_markers
 
 
-def _packing(layout, manifest: dict, n_tokens: int) -> dict:
-    """The packing, and for a packed cache the build's target / padding / segment counts (absent
-    until it is complete) and the line with the share of trained tokens."""
+def _rows(layout, manifest: dict, n_tokens: int) -> dict:
+    """How the rows were made: the packing, and for a packed cache the build's target / padding /
+    segment counts (absent until it is complete) and the line with the share of trained tokens;
+    for a generated cache, how the teacher answered."""
     tokens = manifest.get("build", {}).get("tokens")
     train_on = manifest.get("settings", {}).get("data", {}).get("train_on")
     return {"packing": layout.packing, "tokens": tokens,
-            "packing_description": layout.token_codec.describe(tokens, n_tokens, train_on)}
+            "packing_description": layout.token_codec.describe(tokens, n_tokens, train_on),
+            "generation_description": generation_description(manifest)}
+
+
+def generation_description(manifest: dict) -> str | None:
+    """``cache-build --generate``: how the teacher answered, and what came of it (None for a
+    reference cache)."""
+    g = manifest.get("settings", {}).get("generation")
+    if g is None:
+        return None
+    how = (f"sampled (temperature {g['temperature']}, top-p {g['top_p']}, top-k "
+           f"{g['top_k'] or 'off'})" if g["do_sample"] else "greedy")
+    line = (f"the teacher's answers: {how}, at most {g['max_new_tokens']} new tokens, seed "
+            f"{g['seed']}, batch {g['batch_size']}")
+    done = manifest.get("build", {}).get("generation")
+    if done:
+        line += (f"; {done['prompts']} prompts ({done['dropped_prompts']} too long, dropped); "
+                 f"generate vs forward max |delta log p| {done['max_abs_logp']:.1e}")
+    return line
 
 
 def cache_info(root) -> dict:
@@ -57,7 +76,7 @@ def cache_info(root) -> dict:
         "n_sequences": layout.n_sequences,
         "seq_len": layout.seq_len,
         "n_tokens": n_tokens,
-        **_packing(layout, manifest, n_tokens),
+        **_rows(layout, manifest, n_tokens),
         STORED_K_KEY: layout.stored_k,
         "logits_mode": layout.logits_mode,
         "logits_description": layout.logit_codec.describe(),
