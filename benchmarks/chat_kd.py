@@ -196,7 +196,8 @@ def cache_summary(folder: Path) -> dict:
     manifest = read_manifest(folder)
     build = manifest.get("build", {})
     return {"sequences": manifest["layout"]["n_sequences"], "seq_len": manifest["layout"]["seq_len"],
-            "tokens": build.get("tokens"), "generation": manifest["settings"].get("generation")}
+            "tokens": build.get("tokens"), "generation": manifest["settings"].get("generation"),
+            "generation_check": build.get("generation")}
 
 
 # ---- the analysis ------------------------------------------------------------------------------
