@@ -49,7 +49,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from machine import machine  # noqa: E402
-from recovery import Stages, cache_complete, pruned_student_complete, unidistill  # noqa: E402
+from recovery import (  # noqa: E402
+    Stages, apply_preset, cache_complete, pruned_student_complete, unidistill,
+)
 
 RESULTS = HERE / "results"
 TEACHER = "builtin:smollm2"
@@ -314,12 +316,7 @@ def parse_options(argv=None):
     p.add_argument("--results", default=str(RESULTS))
     for key, value in PRESETS["cpu"].items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None)
-    opts = p.parse_args(argv)
-    for key, value in PRESETS[opts.preset].items():
-        if getattr(opts, key) is None:
-            setattr(opts, key, value)
-    opts.tag = opts.tag or opts.preset
-    return opts
+    return apply_preset(p.parse_args(argv), PRESETS)
 
 
 def main(argv=None):

@@ -482,6 +482,15 @@ def plot(students: dict, texts: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def apply_preset(opts, presets: dict):
+    """Every option left unset takes the chosen preset's value; the tag defaults to the preset."""
+    for key, value in presets[opts.preset].items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    opts.tag = opts.tag or opts.preset
+    return opts
+
+
 def parse_options(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -502,11 +511,7 @@ def parse_options(argv=None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             p.add_argument(flag, type=type(value), default=None)
-    opts = p.parse_args(argv)
-    for key, value in PRESETS[opts.preset].items():
-        if getattr(opts, key) is None:
-            setattr(opts, key, value)
-    opts.tag = opts.tag or opts.preset
+    opts = apply_preset(p.parse_args(argv), PRESETS)
     opts.variants = opts.variants or str(HERE / VARIANTS.get(opts.preset, "recovery_variants.yaml"))
     return opts
 

@@ -96,10 +96,14 @@ def cache(tmp_path_factory, tiny_teacher_dir, text_file):
 @pytest.fixture(scope="session")
 def student_dir(tmp_path_factory, tiny_teacher_dir):
     """2 blocks of width 24 (teacher: 4 blocks of width 32), same tokenizer."""
-    path = tmp_path_factory.mktemp("student")
+    return save_small_student(tmp_path_factory.mktemp("student"), tiny_teacher_dir)
+
+
+def save_small_student(path, teacher_dir):
+    """2 blocks of width 24 with the teacher's tokenizer, saved in ``path``."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
     make_llama(len(tok), hidden=24, layers=2, intermediate=48, heads=4, kv_heads=2, seed=1).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -177,13 +181,7 @@ def chat_teacher_dir(tmp_path_factory, documents):
 
 @pytest.fixture(scope="session")
 def chat_student_dir(tmp_path_factory, chat_teacher_dir):
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("chat_student")
-    tok = AutoTokenizer.from_pretrained(chat_teacher_dir)
-    make_llama(len(tok), hidden=24, layers=2, intermediate=48, heads=4, kv_heads=2, seed=1).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_small_student(tmp_path_factory.mktemp("chat_student"), chat_teacher_dir)
 
 
 def chat_build_config(teacher, data, out, **kw) -> BuildConfig:
