@@ -58,12 +58,13 @@ def stored_rows(cache) -> dict[int, tuple[list, list]]:
     return rows_by_prompt(group["input_ids"][:], group["target_mask"][:], group["document_ids"][:])
 
 
-def teacher_answers(teacher_dir, data, *, seed=0, do_sample=False, **sampling):
+def teacher_answers(teacher_dir, data, *, seed=0, do_sample=False, conversations=None, **sampling):
     """What a user gets from the teacher's own generate: the same prompts (the conversations'
     prompts that fit), batched as the build batches them (BATCH rows from each unit's start)."""
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    conversations = list(iter_conversations(str(data), split="all", messages_field="messages"))
+    if conversations is None:
+        conversations = list(iter_conversations(str(data), split="all", messages_field="messages"))
     prompts = usable_prompts(conversation_prompts(tok, conversations), SEQ_LEN, MAX_NEW).ids
     stops = stop_token_ids(tok, model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
@@ -180,3 +181,29 @@ def test_cache_info_says_how_the_teacher_answered(greedy_cache):
     line = next(l for l in result.output.splitlines() if l.startswith("generation"))
     assert f"greedy, at most {MAX_NEW} new tokens, seed 0, batch {BATCH}" in line
     assert "dropped" in line and "max |delta log p|" in line
+
+
+def test_prompts_from_a_plain_column_are_asked_as_one_user_message(tmp_path, chat_teacher_dir,
+                                                                   conversations):
+    """``--prompt-field``: each row's prompt is one user message; the cache holds the teacher's
+    own answers to exactly that (and --messages-field or built-in text with it is refused)."""
+    import json
+
+    questions = [c[1]["content"] for c in conversations]  # each conversation's first user turn
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
+    out = tmp_path / "from-column"
+    build(chat_teacher_dir, data, out, messages_field=None, prompt_field="question")
+    expected = teacher_answers(chat_teacher_dir, data,
+                               conversations=[[{"role": "user", "content": q}] for q in questions])
+    assert stored_rows(out) == expected
+    settings = CacheReader(out).manifest["settings"]["data"]
+    assert settings["format"] == "prompts" and settings["prompt_field"] == "question"
+    with pytest.raises(ConfigError, match="read as conversations"):
+        generated_config(chat_teacher_dir, data, tmp_path / "x", prompt_field="question")
+    with pytest.raises(ConfigError, match="built-in text has no columns"):
+        generated_config(chat_teacher_dir, "builtin:pydoc_topics", tmp_path / "x",
+                         messages_field=None, prompt_field="question")
+    with pytest.raises(ConfigError, match="--prompt-field without --generate"):
+        chat_build_config(chat_teacher_dir, data, tmp_path / "x", messages_field=None,
+                          prompt_field="question")

@@ -21,7 +21,7 @@ from unidistill.text.chat import TRAIN_ON
 from unidistill.text.data import check_conversation_split, check_data_split, is_conversation_source
 
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
-_GENERATION_OPTIONS = ("max_new_tokens", "sample", "gen_temperature", "gen_top_p", "gen_top_k",
+_GENERATION_OPTIONS = ("prompt_field", "max_new_tokens", "sample", "gen_temperature", "gen_top_p", "gen_top_k",
                        "gen_repetition_penalty", "gen_seed")
 DEFAULT_TEMPERATURES = "1,2"  # the KD temperatures a top-k cache serves exactly by default
 
@@ -67,6 +67,9 @@ class BuildConfig:
     generate: bool = field(default=False, metadata={
         "help": "the teacher answers each conversation's last assistant turn itself (greedy "
                 "unless sample); one conversation per row (packing none)"})
+    prompt_field: str | None = field(default=None, metadata={
+        "help": "--generate on plain rows: the column holding each prompt, asked as one user "
+                "message"})
     max_new_tokens: int = 256  # --generate: the longest answer
     sample: bool = False  # --generate: sample instead of greedy decoding
     gen_temperature: float = 1.0
@@ -144,11 +147,19 @@ class BuildConfig:
                                   "teacher answers, and without --generate it answers nothing. Add "
                                   "--generate, or drop them")
             return
-        if not self.conversations:
+        if self.prompt_field is not None and (self.conversations or self.data.startswith("builtin:")):
+            raise ConfigError(f"--prompt-field {self.prompt_field} with {self.data}"
+                              + (f" read as conversations: the prompts are then each conversation's "
+                                 "messages before its last assistant message. Drop --prompt-field, "
+                                 "or --messages-field" if self.conversations else
+                                 ": built-in text has no columns. Use a local file or hub data set "
+                                 "whose rows hold a prompt column"))
+        if not self.chat:
             raise ConfigError(f"--generate with plain text ({self.data}): the teacher answers the "
                               "prompts of conversations (everything before each conversation's last "
-                              "assistant message). Pass --messages-field with the column that holds "
-                              "conversations, or use builtin:python_qa")
+                              "assistant message) or of a prompt column. Pass --messages-field with "
+                              "the column that holds conversations, --prompt-field with the one "
+                              "that holds prompts, or use builtin:python_qa")
         if self.packing not in (None, "none"):
             raise ConfigError(f"--generate with --packing {self.packing}: a generated cache holds one "
                               "conversation per row, so its rows are known before anything is "
@@ -157,8 +168,14 @@ class BuildConfig:
         self.decoding  # checked now
 
     @property
+    def chat(self) -> bool:
+        """Rendered with the teacher's chat template: conversations, or ``--generate`` prompts
+        from a ``--prompt-field`` column."""
+        return self.conversations or (self.generate and self.prompt_field is not None)
+
+    @property
     def resolved_train_on(self) -> str:
-        return self.train_on or ("assistant" if self.conversations else "all")
+        return self.train_on or ("assistant" if self.chat else "all")
 
     @property
     def resolved_messages_field(self) -> str | None:
@@ -182,7 +199,7 @@ class BuildConfig:
                               "and lets them attend to each other, which would mix conversations "
                               "and lose their targets. Use --packing documents (the default for "
                               "conversations) or none")
-        if not self.conversations and self.resolved_train_on == "assistant":
+        if not self.chat and self.resolved_train_on == "assistant":
             raise ConfigError(f"--train-on assistant with {kind} ({self.data}): plain text has no "
                               "assistant turns. Use --train-on all, or pass --messages-field with "
                               "the column that holds conversations")

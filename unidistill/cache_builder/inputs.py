@@ -145,9 +145,17 @@ def _generation_prompts(cfg: BuildConfig, tokenizer, log) -> tuple[PackedTokens,
     build's output)."""
     settings = {"format": "conversations", "messages_field": cfg.resolved_messages_field,
                 "train_on": cfg.resolved_train_on, "packing": "none",
-                "prompts": "the messages before each conversation's last assistant message",
                 **_chat_settings(tokenizer, cfg.resolved_train_on)}
-    found = conversation_prompts(tokenizer, _conversations(cfg))
+    if cfg.prompt_field is None:
+        settings["prompts"] = "the messages before each conversation's last assistant message"
+        conversations = _conversations(cfg)
+    else:
+        settings.update(format="prompts", prompt_field=cfg.prompt_field,
+                        prompts=f"column {cfg.prompt_field!r} as one user message")
+        conversations = ([{"role": "user", "content": text}] for text in iter_documents(
+            cfg.data, data_config=cfg.data_config, split=cfg.split, text_field=cfg.prompt_field,
+            heldout_share=cfg.heldout_share))
+    found = conversation_prompts(tokenizer, conversations)
     prompts = usable_prompts(found, cfg.seq_len, cfg.max_new_tokens)
     if cfg.max_sequences is not None and len(prompts.ids) > cfg.max_sequences:
         prompts = Prompts(prompts.ids[:cfg.max_sequences], prompts.source_index[:cfg.max_sequences],
@@ -160,6 +168,6 @@ def _generation_prompts(cfg: BuildConfig, tokenizer, log) -> tuple[PackedTokens,
         digest.update(np.asarray(p, dtype=np.int64).tobytes() + b"|")
     settings["stats"] = {"conversations": len(found), "prompts": len(prompts.ids),
                          "dropped": prompts.dropped}
-    log(f"{len(found)} conversations: {len(prompts.ids)} prompts to answer, {prompts.dropped} "
+    log(f"{len(found)} {'conversations' if cfg.prompt_field is None else 'prompts'}: {len(prompts.ids)} prompts to answer, {prompts.dropped} "
         f"dropped (longer than --seq-len {cfg.seq_len} - --max-new-tokens {cfg.max_new_tokens})")
     return PackedTokens(ids, target, docs), digest.hexdigest(), settings, prompts

@@ -49,6 +49,9 @@ BUILD_OPTIONS = [  # cache-build's options, in --help order
                       "--sample), and the cache holds prompt + answer, one conversation per row "
                       "(--packing none), with the answer tokens as targets. Resumable; the "
                       "decoding settings are part of the cache's fingerprint."),
+    click.option("--prompt-field", default=None,
+                 help="--generate on rows of plain prompts (a local file or hub data set): the "
+                      "column holding each prompt, asked as one user message."),
     click.option("--max-new-tokens", type=int, default=256, show_default=True,
                  help="--generate: the longest answer; prompts longer than --seq-len minus this "
                       "are dropped (counted)."),
