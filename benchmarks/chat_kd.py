@@ -139,6 +139,8 @@ def run(opts) -> dict:
         """The cache ``name``, built (or continued) the first time a stage needs it: the runs on
         the reference caches need no generation."""
         split, options = caches[name]
+        if f"cache_{name}" in stages.times:  # checked (and made) once per invocation
+            return str(out / f"cache-{name}")
         stages.run(f"cache_{name}", unidistill(
             "cache-build", *common, "--data", str(out / f"{split}.jsonl"), *options,
             "--out", str(out / f"cache-{name}")), out / f"cache-{name}", cache_complete,
@@ -185,7 +187,9 @@ def run(opts) -> dict:
         side.write_text(text)
         stages.recorded["side_by_side"] = argv
         stages.path.write_text(json.dumps(stages.recorded, indent=2) + "\n")
-    return {"times_s": {**stages.times, "total": round(time.perf_counter() - t0, 1)},
+    total = round(time.perf_counter() - t0, 1)
+    skipped = any(v is None for v in stages.times.values())  # then the total is of no whole run
+    return {"times_s": {**stages.times, "total": None if skipped else total},
             "conversations": counts, "evaluations": evaluations,
             "caches": {name: cache_summary(out / f"cache-{name}") for name in caches},
             "side_by_side": side.read_text()}
@@ -218,7 +222,7 @@ def compare(evaluations: dict, a: str, b: str, held: str, metric: str, spread: d
     """b minus a on one metric, and whether it exceeds the seed spread (twice it counts as clear)."""
     diff = evaluations[b][held][metric] - evaluations[a][held][metric]
     noise = spread["max"][held][metric]
-    return {"difference": diff, "spread": noise,
+    return {"which": f"{b} − {a}, {held} {metric}", "difference": diff, "spread": noise,
             "measurable": noise is not None and abs(diff) > noise,
             "clear": noise is not None and abs(diff) > 2 * noise}
 
@@ -250,6 +254,11 @@ def write_results(opts, result: dict) -> None:
            "readings": readings(result["evaluations"], spread)}
     results = Path(opts.results)
     results.mkdir(parents=True, exist_ok=True)
+    previous = results / f"chat_kd_{opts.tag}.json"
+    if previous.is_file():  # a stage this invocation skipped keeps the time of the one that ran it
+        before = json.loads(previous.read_text()).get("times_s", {})
+        out["times_s"] = {k: before.get(k) if v is None and k != "total" else v
+                          for k, v in out["times_s"].items()}
     (results / f"chat_kd_{opts.tag}.json").write_text(json.dumps(out, indent=2) + "\n")
     md = markdown(opts, out)
     (results / f"chat_kd_{opts.tag}.md").write_text(md)
@@ -296,7 +305,7 @@ def markdown(opts, out: dict) -> str:
         verdict = ("clear (more than twice the spread)" if r["clear"] else
                    "measurable (more than the spread)" if r["measurable"] else
                    "no measurable difference")
-        lines.append(f"- {question.replace('_', ' ')}: {r['difference']:+.3f} ({verdict}; spread "
+        lines.append(f"- {question.replace('_', ' ')}: {r['which']} = {r['difference']:+.3f} ({verdict}; spread "
                      f"{_num(r['spread'], '.3f')})")
     lines += ["", "## Side by side (greedy, 64 new tokens)", ""]
     lines.append("```")
@@ -304,7 +313,9 @@ def markdown(opts, out: dict) -> str:
     lines.append("```")
     minutes = ", ".join(f"{k} {_num(None if v is None else v / 60, '.1f')}"
                         for k, v in out["times_s"].items())
-    lines += ["", f"Wall time (minutes): {minutes}."]
+    lines += ["", f"Wall time (minutes) of each stage, in the invocation that ran it ('-': run by an "
+              f"invocation before the results file existed; 2 cores shared with the test suite): "
+              f"{minutes}."]
     return "\n".join(lines) + "\n"
 
 
