@@ -198,3 +198,16 @@ def chat_cache(tmp_path_factory, chat_teacher_dir, chat_file):
     out = tmp_path_factory.mktemp("chat_cache") / "c"
     build_cache(chat_build_config(chat_teacher_dir, chat_file, out), progress=False, log=lambda m: None)
     return out
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` imported as a module (they are not a package)."""
+    import importlib.util
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,20 +3,14 @@ the verdict of each comparison against it, and the order in which runs need thei
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-CHAT_KD = Path(__file__).resolve().parents[1] / "benchmarks" / "chat_kd.py"
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def chat_kd():
-    spec = importlib.util.spec_from_file_location("chat_kd_benchmark", CHAT_KD)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("chat_kd")
 
 
 def metrics(ppl, top1, kl):

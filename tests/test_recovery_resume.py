@@ -7,7 +7,6 @@ completeness checks are also run on a real cache and a real pruned student."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,15 +16,12 @@ import pytest
 from unidistill.storage.manifest import STATUS_BUILDING, STATUS_COMPLETE
 from unidistill.storage.manifest import MANIFEST_KEY, read_manifest
 
-RECOVERY = Path(__file__).resolve().parents[1] / "benchmarks" / "recovery.py"
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def recovery():
-    spec = importlib.util.spec_from_file_location("recovery_benchmark", RECOVERY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("recovery")
 
 
 def _write_manifest(folder: Path, status: str, options: dict) -> None:
