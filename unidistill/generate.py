@@ -207,15 +207,11 @@ def held_out_conversations(data: str, *, split: str = "heldout", messages_field:
     return convs
 
 
-def _cut(messages: list[dict]) -> int:
-    """The index of the last assistant message (len(messages) when there is none)."""
-    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    return answers[-1] if answers else len(messages)
-
-
 def question_and_reference(messages: list[dict]) -> tuple[str | None, str | None]:
     """(the last user message before the last assistant message, that assistant message)."""
-    cut = _cut(messages)
+    from unidistill.text.chat import last_answer_index
+
+    cut = last_answer_index(messages)
     users = [m["content"] for m in messages[:cut] if m["role"] == "user"]
     return (users[-1] if users else None), (messages[cut]["content"] if cut < len(messages) else None)
 
@@ -240,6 +236,8 @@ def answer_greedily(model, tokenizer, prompt_ids: list[int], max_new_tokens: int
     (a hub config's repetition penalty or n-gram ban would make "greedy" something else)."""
     from transformers import GenerationConfig
 
+    from unidistill.cache_builder.generation import cut_answer
+
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
@@ -250,11 +248,7 @@ def answer_greedily(model, tokenizer, prompt_ids: list[int], max_new_tokens: int
                              pad_token_id=pad)
     finally:
         model.generation_config = own
-    new = out[0, ids.shape[1]:].tolist()
-    for t, token in enumerate(new):
-        if token in stop_ids:
-            return new[:t + 1], True
-    return new, False
+    return cut_answer(out[0, ids.shape[1]:].tolist(), stop_ids)
 
 
 def generate_chat_side_by_side(models: dict[str, str], *, data: str, split: str = "heldout",

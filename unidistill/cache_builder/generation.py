@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from unidistill.errors import ConfigError, DataError
+from unidistill.storage.codecs.arrays import PAD_DOCUMENT  # noqa: F401  (rows' padding; tests read it here)
+from unidistill.text.chat import TRAIN_ON
+from unidistill.text.packing import Example, PackStats, pack_row
 
 SEED_STRIDE = 1_000_003  # seed of a batch = seed * SEED_STRIDE + its first prompt index
-PAD_DOCUMENT = -2        # document_ids of padding (design 2.2; storage's codecs will own the name)
 MAX_SEED = 2 ** 32 - 1
-TRAIN_ON = ("assistant", "all")
 
 # GenerationConfig fields whose neutral value is None: generate() takes them from the model's
 # generation_config.json when the config passed leaves them None, so a model that sets one is
@@ -323,25 +324,27 @@ class GeneratedUnit:
 
 
 def unit_rows(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], start: int,
-              seq_len: int, pad_id: int, train_on: str = "assistant") -> tuple[np.ndarray, ...]:
-    """Rows ``prompt + answer`` right-padded with ``pad_id`` to ``seq_len``: ids int32 (n, L),
-    target uint8 (n, L) (the answer's tokens; ``train_on="all"``: every real token but the
-    first), document_ids int32 (n, L) (``start + r`` on row r's real tokens, PAD_DOCUMENT on
-    padding)."""
+              seq_len: int, pad_id: int, train_on: str = "assistant",
+              stats: PackStats | None = None) -> tuple[np.ndarray, ...]:
+    """Rows ``prompt + answer`` right-padded with ``pad_id`` to ``seq_len`` (``text.packing``'s
+    rows of one segment each): ids int32 (n, L), target uint8 (n, L) (the answer's tokens;
+    ``train_on="all"``: every real token but the first), document_ids int32 (n, L) (``start + r``
+    on row r's real tokens, PAD_DOCUMENT on padding); counted into ``stats`` when given."""
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on is {train_on!r}; expected one of {TRAIN_ON}")
-    n = len(prompts)
-    ids = np.full((n, seq_len), pad_id, dtype=np.int32)
-    target = np.zeros((n, seq_len), dtype=np.uint8)
-    docs = np.full((n, seq_len), PAD_DOCUMENT, dtype=np.int32)
+    stats = PackStats() if stats is None else stats
+    rows = []
     for r, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
         p, total = len(prompt), len(prompt) + len(answer)
         if total > seq_len:
             raise ValueError(f"row {start + r}: prompt {p} + answer {len(answer)} tokens > seq_len {seq_len}")
-        ids[r, :p] = prompt
-        ids[r, p:total] = answer
-        target[r, (p if train_on == "assistant" else 1):total] = 1
-        docs[r, :total] = start + r
+        first_target = p if train_on == "assistant" else 1
+        example = Example((*prompt, *answer), tuple(i >= first_target for i in range(total)))
+        rows.append(pack_row([(start + r, example)], seq_len, pad_id, stats))
+    if not rows:
+        empty = np.zeros((0, seq_len), dtype=np.int32)
+        return empty, empty.astype(np.uint8), empty.copy()
+    ids, target, docs = (np.stack(a) for a in zip(*rows))
     return ids, target, docs
 
 
@@ -364,10 +367,11 @@ def generate_unit(model, prompts: Prompts | Sequence[Sequence[int]], start: int,
         batches.append(generate_batch(model, chunk, config, seed=settings.batch_seed(b), first_index=b,
                                       check=check and b == start))
     answers = [a for batch in batches for a in batch.answers]
-    ids, target, docs = unit_rows(unit, answers, start, seq_len, config.pad_token_id, train_on)
+    packed = PackStats()
+    ids, target, docs = unit_rows(unit, answers, start, seq_len, config.pad_token_id, train_on, packed)
     stats = {"rows": len(unit), "answer_tokens": sum(len(a) for a in answers),
              "unfinished": sum(batch.unfinished for batch in batches),
-             "targets": int(target.sum()), "padding": int((docs == PAD_DOCUMENT).sum())}
+             "targets": packed.targets, "padding": packed.padding}
     return GeneratedUnit(start, ids, target, docs, stats, batches)
 
 

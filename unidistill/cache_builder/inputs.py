@@ -106,7 +106,7 @@ def _pack_examples(cfg: BuildConfig, tokenizer, log) -> tuple[PackedTokens, str,
         examples = text_examples(iter_documents(cfg.data, data_config=cfg.data_config, split=cfg.split,
                                                 text_field=cfg.text_field,
                                                 heldout_share=cfg.heldout_share), tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = _pad_id(tokenizer)
     stats = PackStats()
     rows = iter_packed_rows(examples, cfg.seq_len, cfg.resolved_packing, pad_id=pad_id, stats=stats,
                             window=cfg.pack_window, long_examples=settings["long_examples"],
@@ -118,6 +118,11 @@ def _pack_examples(cfg: BuildConfig, tokenizer, log) -> tuple[PackedTokens, str,
         f"{stats.dropped} dropped")
     return PackedTokens(tokens.input_ids, tokens.target_mask, tokens.document_ids,
                         settings["stats"]), fingerprint, settings
+
+
+def _pad_id(tokenizer) -> int:
+    """What fills a row after its last example: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _chat_settings(tokenizer, train_on: str) -> dict:
@@ -160,7 +165,7 @@ def _generation_prompts(cfg: BuildConfig, tokenizer, log) -> tuple[PackedTokens,
     if cfg.max_sequences is not None and len(prompts.ids) > cfg.max_sequences:
         prompts = Prompts(prompts.ids[:cfg.max_sequences], prompts.source_index[:cfg.max_sequences],
                           prompts.dropped)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = _pad_id(tokenizer)
     ids, target, docs = unit_rows(prompts.ids, [()] * len(prompts.ids), 0, cfg.seq_len, pad_id,
                                   cfg.resolved_train_on)
     digest = hashlib.sha256()

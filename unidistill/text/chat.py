@@ -252,6 +252,13 @@ def _check_turns(tokenizer, ids, turns, assistant: list[int], method: str) -> No
                 "block if it has one")
 
 
+def last_answer_index(messages: list[dict]) -> int:
+    """The index of the last assistant message: where a prompt ends (``len(messages)`` when there
+    is no assistant message)."""
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return answers[-1] if answers else len(messages)
+
+
 def render_prompt(tokenizer, messages) -> list[int]:
     """The ids of what a model answers: the messages before the last assistant message (all of
     them when there is none), with the generation prompt. When an assistant message follows,
@@ -259,13 +266,13 @@ def render_prompt(tokenizer, messages) -> list[int]:
     differ from the trained ones."""
     check_chat_tokenizer(tokenizer)
     messages = list(messages)
-    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    cut = answers[-1] if answers else len(messages)
+    cut = last_answer_index(messages)
+    answered = cut < len(messages)
     if cut == 0:
         raise DataError("the conversation starts with its only assistant message; a prompt needs "
                         "at least one message (a user question) before the answer")
     prompt, _ = _tokenize(tokenizer, render_text(tokenizer, messages[:cut], add_generation_prompt=True))
-    if answers:
+    if answered:
         whole, _ = _tokenize(tokenizer, render_text(tokenizer, messages[:cut + 1]))
         if whole[:len(prompt)] != prompt:
             raise ChatTemplateError(

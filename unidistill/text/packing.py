@@ -135,7 +135,9 @@ def _best_fit_decreasing(pieces: list[tuple[int, Example]], seq_len: int) -> lis
     return rows
 
 
-def _row(segments: list, seq_len: int, pad_id: int, stats: PackStats):
+def pack_row(segments: list, seq_len: int, pad_id: int, stats: PackStats):
+    """One row ``(input_ids, target_mask, document_ids)`` of ``seq_len`` tokens from its
+    ``(segment id, Example)`` pieces in order, right-padded; counted into ``stats``."""
     ids = np.full(seq_len, pad_id, dtype=np.int32)
     target = np.zeros(seq_len, dtype=np.uint8)
     docs = np.full(seq_len, PAD_DOCUMENT, dtype=np.int32)
@@ -180,7 +182,7 @@ def iter_packed_rows(examples: Iterable[Example], seq_len: int, packing: str, *,
         for segments in rows:
             if max_sequences is not None and stats.rows >= max_sequences:
                 return
-            yield _row(segments, seq_len, pad_id, stats)
+            yield pack_row(segments, seq_len, pad_id, stats)
 
 
 def pack_examples(examples: Iterable[Example], seq_len: int, packing: str, *, pad_id: int,
